@@ -1,0 +1,138 @@
+"""Reading published checkpoint files safely, and musev_lite's own weight format.
+
+Our format is one `<name>.safetensors` (the state dict, keys named like the module tree) plus one
+`<name>.json` (the config the module is built from) per component, side by side in a weights folder.
+Published files are read with `read_state_dict`: safetensors directly, pickled `.bin`/`.pt`/`.ckpt`
+only through `torch.load(weights_only=True)`, so a file that carries code is refused, not run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+class WeightsError(ValueError):
+    """A checkpoint file is missing, unreadable, unsafe, or does not fit the model."""
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a flat name -> tensor dict from a `.safetensors` or pickled checkpoint, on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise WeightsError(
+                f"{path}: not a readable safetensors file ({err}); it may be truncated: "
+                "download or convert it again"
+            ) from None
+    if path.suffix in PICKLE_SUFFIXES:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise WeightsError(
+                f"{path}: refused to unpickle: the file holds more than tensors (only plain weights "
+                f"are loaded, with torch.load(weights_only=True)): {str(err).splitlines()[0]}"
+            ) from None
+        except (RuntimeError, EOFError, OSError) as err:
+            raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
+        if not isinstance(state, dict):
+            raise WeightsError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+        return state
+    raise WeightsError(
+        f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors or one of "
+        f"{', '.join(PICKLE_SUFFIXES)}"
+    )
+
+
+def _name_list(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def check_state_dict(
+    expected: dict[str, torch.Size | tuple[int, ...]],
+    state_dict: dict[str, torch.Tensor],
+    source: str,
+    allow_missing: bool = False,
+    allow_unexpected: bool = False,
+) -> None:
+    """Raise WeightsError naming every missing, unexpected and mis-shaped key."""
+    missing = [] if allow_missing else [k for k in expected if k not in state_dict]
+    unexpected = [] if allow_unexpected else [k for k in state_dict if k not in expected]
+    misshaped = [
+        f"{k} (file {tuple(state_dict[k].shape)}, model {tuple(expected[k])})"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {_name_list(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {_name_list(unexpected)}")
+    if misshaped:
+        problems.append(f"{len(misshaped)} with wrong shape: {_name_list(misshaped, 6)}")
+    if problems:
+        raise WeightsError(f"{source}: weights do not fit the model; " + "; ".join(problems))
+
+
+def load_weights(
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    source: str,
+    allow_missing: bool = False,
+) -> None:
+    """Copy a checked state dict into `model` (dtype follows the model's parameters)."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_state_dict(expected, state_dict, source, allow_missing=allow_missing)
+    model.load_state_dict(state_dict, strict=not allow_missing)
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_component(
+    directory: str | os.PathLike, name: str, state_dict: dict[str, torch.Tensor], config: dict
+) -> Path:
+    """Write `<directory>/<name>.safetensors` and `<name>.json` atomically; return the weights path."""
+    directory = Path(directory)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    weights = directory / f"{name}.safetensors"
+    _atomic_write(weights, lambda tmp: save_file(tensors, tmp))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _atomic_write(directory / f"{name}.json", lambda tmp: Path(tmp).write_text(text))
+    return weights
+
+
+def load_component(directory: str | os.PathLike, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read `<directory>/<name>.safetensors` and its `<name>.json` config."""
+    directory = Path(directory)
+    config_path = directory / f"{name}.json"
+    if not config_path.is_file():
+        raise WeightsError(f"{config_path}: no such file (component {name!r} is not in {directory})")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{config_path}: not valid JSON ({err})") from None
+    return read_state_dict(directory / f"{name}.safetensors"), config
