@@ -1,0 +1,614 @@
+"""MuseV's video UNet: Stable Diffusion 1.5's UNet with temporal layers and visual conditioning.
+
+What it adds to SD1.5 (spec: model.md §3-§7):
+  * a TemporalConvLayer after every ResNet and a TransformerTemporalModel (attention across frames,
+    positions from a frame-index embedding) after every spatial transformer, each gated by |w|;
+  * "reference-only" spatial self-attention: every frame also attends to the clean condition frame's
+    tokens, which the pipeline puts at frame 0 of every window;
+  * for the referencenet models: ReferenceNet features fused by attention after conv_in, every down
+    layer and the mid block, and IP-Adapter image tokens in every cross-attention.
+With `temporal=False` every temporal layer is skipped and it is the SD1.5 UNet ("2D mode", used to
+draw a first frame from text). Module and parameter names are the published diffusers keys, so the
+released checkpoints load with no renaming.
+
+Left out, because the original computes them for nothing: the AdaIN "temporal cond" (returns its
+input, model.md §6.7), the unconditional attn1 recompute under CFG (overwritten, §4.4), the spatial
+position embedding (disabled in every release, §6.5), need_zero_vis_cond_temb (never read, §1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class UNet3DConfig:
+    """Sizes and switches of the UNet; SD1.5 sizes by default. `preset()` gives the released models."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    heads: int = 8  # diffusers calls this "attention_head_dim"; it is the number of heads
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 768
+    temporal_conv_groups: int = 32  # TemporalConvLayer's GroupNorm(32, C) is hard-coded in MuseV
+    transformer_in_groups: int = 32  # transformer_in is built with the default 32 groups
+    # MuseV passes its BasicTransformerBlock arguments by position into a newer diffusers signature,
+    # so norm1/norm3 get eps = 0.0 (norm2 keeps 1e-5); the released weights ran that way (§4.4).
+    transformer_norm_eps: float = 0.0
+    transformer_in: bool = True  # a temporal transformer right after conv_in (musev)
+    anivv1: bool = False  # SiLU after the time/frame MLPs; frame positions x motion_speed
+    skip_time_act: bool = False  # ResNets skip their SiLU on the time embedding (anivv1 did it)
+    zero_condition_temb: bool = False  # condition frames get a zero time embedding
+    refer_fusion: bool = False  # ReferenceNet feature fusion (refer_emb_attns)
+    ip_cross_attention: bool = False  # IP-Adapter to_k_ip / to_v_ip in every spatial attn2
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)
+
+    @classmethod
+    def preset(cls, name: str) -> UNet3DConfig:
+        """The released `musev`, `musev_referencenet` (= `musev_referencenet_pose`), or `tiny` for tests."""
+        referencenet = dict(
+            transformer_in=False, anivv1=True, skip_time_act=True, zero_condition_temb=True,
+            refer_fusion=True, ip_cross_attention=True,
+        )
+        tiny = dict(block_out_channels=(32, 32, 32, 32), heads=2, norm_num_groups=16, cross_attention_dim=32)
+        presets = {
+            "musev": {},
+            "musev_referencenet": referencenet,
+            "musev_referencenet_pose": referencenet,
+            "tiny": dict(tiny, **referencenet),
+        }
+        if name not in presets:
+            raise ValueError(f"UNet preset {name!r} is unknown; use one of {sorted(presets)}")
+        return cls(**presets[name])
+
+    @classmethod
+    def from_diffusers(cls, config: dict, preset: str) -> UNet3DConfig:
+        """Sizes from a published unet/config.json, MuseV's switches from the model name (§1)."""
+        heads = config.get("attention_head_dim", 8)
+        if not isinstance(heads, int):
+            heads = heads[0]
+        sizes = dict(
+            in_channels=config.get("in_channels", 4),
+            out_channels=config.get("out_channels", 4),
+            block_out_channels=tuple(config.get("block_out_channels", (320, 640, 1280, 1280))),
+            layers_per_block=config.get("layers_per_block", 2),
+            heads=heads,
+            norm_num_groups=config.get("norm_num_groups", 32),
+            norm_eps=config.get("norm_eps", 1e-5),
+            cross_attention_dim=config.get("cross_attention_dim", 768),
+        )
+        switches = {f.name: getattr(cls.preset(preset), f.name) for f in dataclasses.fields(cls) if f.name not in sizes}
+        switches.update({k: v for k, v in config.items() if k in {"temporal_conv_groups", "transformer_in_groups"}})
+        return cls(**sizes, **switches)
+
+
+class ReferenceFeatures(NamedTuple):
+    """ReferenceNet outputs the UNet fuses: 12 down-path maps (B,C,h',w') and the mid-block map."""
+
+    down: list[torch.Tensor]
+    mid: torch.Tensor
+
+
+@dataclass
+class FrameContext:
+    """What every block needs besides the hidden states, for one forward call."""
+
+    num_frames: int  # T, frames per sample (condition frames included)
+    condition_frames: int  # clean condition frames at the start of T that attn1 also attends to
+    text: torch.Tensor  # (B, L, D), one row per sample (not per frame)
+    frame_emb: torch.Tensor | None  # (T, 4*C0) frame-position embedding; None = temporal layers off
+    ip_tokens: torch.Tensor | None = None  # (B, n, D) IP-Adapter image tokens
+    ip_scale: float = 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """diffusers' Timesteps(dim, flip_sin_to_cos=True, freq_shift=0): [cos, sin] of t * 10000^(-i/half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Spatial (SD1.5) blocks
+
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, groups: int, eps: float, skip_time_act: bool):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_ch, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.skip_time_act = skip_time_act
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        temb = temb if self.skip_time_act else F.silu(temb)
+        h = h + self.time_emb_proj(temb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, size):
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+def attention(q, k, v, heads: int):
+    """Multi-head softmax attention: (N, Lq, C), (N, Lk, C), (N, Lk, C) -> (N, Lq, C)."""
+    n, lq, c = q.shape
+    q, k, v = (x.unflatten(-1, (heads, c // heads)).transpose(1, 2) for x in (q, k, v))  # n heads L d
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, lq, c)
+
+
+class Attention(nn.Module):
+    """diffusers-layout attention: to_q/to_k/to_v without bias, to_out.0 with bias (+ IP-Adapter K/V)."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, ip: bool = False):
+        super().__init__()
+        context_dim = context_dim or dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        if ip:
+            self.to_k_ip = nn.Linear(context_dim, dim, bias=False)
+            self.to_v_ip = nn.Linear(context_dim, dim, bias=False)
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        return self.to_out[0](attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+
+
+class SpatialSelfAttention(Attention):
+    """attn1 of the spatial transformers, with MuseV's reference-only attention (§4.5).
+
+    With condition frames in a window, frame t of sample b attends to its own tokens and to the
+    condition frames' tokens: K/V = [h[b, t]; h[b, :n_cond]].
+    """
+
+    def forward(self, x, ctx: FrameContext):
+        n_cond, t = ctx.condition_frames, ctx.num_frames
+        if n_cond == 0 or t == 1:
+            return super().forward(x)
+        bt, n, c = x.shape
+        cond = x.view(bt // t, t, n, c)[:, :n_cond].reshape(bt // t, 1, n_cond * n, c)  # b 1 (n_cond hw) c
+        k, v = self.to_k(x), self.to_v(x)
+        k_cond = self.to_k(cond).expand(-1, t, -1, -1).reshape(bt, n_cond * n, c)  # (b t) (n_cond hw) c
+        v_cond = self.to_v(cond).expand(-1, t, -1, -1).reshape(bt, n_cond * n, c)
+        out = attention(self.to_q(x), torch.cat([k, k_cond], 1), torch.cat([v, v_cond], 1), self.heads)
+        return self.to_out[0](out)
+
+
+class CrossAttention(Attention):
+    """attn2: text cross-attention, plus decoupled IP-Adapter attention to image tokens (§4.6)."""
+
+    def forward(self, x, ctx: FrameContext):
+        t = ctx.num_frames
+        q = self.to_q(x)
+        # K/V per sample, shared by its frames: (b L c) -> ((b t) L c)
+        k = self.to_k(ctx.text).repeat_interleave(t, 0)
+        v = self.to_v(ctx.text).repeat_interleave(t, 0)
+        out = attention(q, k, v, self.heads)
+        if hasattr(self, "to_k_ip") and ctx.ip_tokens is not None and ctx.ip_scale > 0:
+            k_ip = self.to_k_ip(ctx.ip_tokens).repeat_interleave(t, 0)
+            v_ip = self.to_v_ip(ctx.ip_tokens).repeat_interleave(t, 0)
+            out = out + ctx.ip_scale * attention(q, k_ip, v_ip, self.heads)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """x += attn1(LN1 x); x += attn2(LN2 x); x += FF(LN3 x). attn1/attn2 are given by the caller."""
+
+    def __init__(self, dim: int, attn1: nn.Module, attn2: nn.Module, eps13: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps13)
+        self.attn1 = attn1
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn2 = attn2
+        self.norm3 = nn.LayerNorm(dim, eps=eps13)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, *attn_args):
+        x = x + self.attn1(self.norm1(x), *attn_args)
+        x = x + self.attn2(self.norm2(x), *attn_args)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """SD1.5 spatial transformer: GroupNorm, 1x1 conv in, one block over the h*w tokens, 1x1 conv out."""
+
+    def __init__(self, ch: int, cfg: UNet3DConfig, ip: bool):
+        super().__init__()
+        self.norm = nn.GroupNorm(cfg.norm_num_groups, ch, eps=1e-6)
+        self.proj_in = nn.Conv2d(ch, ch, 1)
+        attn1 = SpatialSelfAttention(ch, cfg.heads)
+        attn2 = CrossAttention(ch, cfg.heads, cfg.cross_attention_dim, ip=ip)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(ch, attn1, attn2, cfg.transformer_norm_eps)])
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x, ctx: FrameContext):
+        bt, c, h, w = x.shape
+        y = self.proj_in(self.norm(x))
+        y = y.flatten(2).transpose(1, 2)  # (b t) (h w) c
+        y = self.transformer_blocks[0](y, ctx)
+        y = y.transpose(1, 2).reshape(bt, c, h, w)
+        return self.proj_out(y) + x
+
+
+# ---------------------------------------------------------------------------------------------
+# Temporal blocks (§5, §6.1)
+
+
+def to_video(x, t: int):
+    """(b t) c h w -> b c t h w"""
+    return x.unflatten(0, (-1, t)).transpose(1, 2)
+
+
+def to_frames(x):
+    """b c t h w -> (b t) c h w"""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+class TemporalConvLayer(nn.Module):
+    """Four GroupNorm-SiLU-Conv3d(3x1x1) stages over time; out = x + |w| * stages(x).
+
+    GroupNorm sees the whole 5-D window, so its statistics mix all frames, condition frame included.
+    """
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+
+        def stage(dropout: bool):
+            layers = [nn.GroupNorm(groups, ch), nn.SiLU()] + ([nn.Dropout(0.0)] if dropout else [])
+            return nn.Sequential(*layers, nn.Conv3d(ch, ch, (3, 1, 1), padding=(1, 0, 0)))
+
+        self.conv1, self.conv2, self.conv3, self.conv4 = stage(False), stage(True), stage(True), stage(True)
+        self.temporal_weight = nn.Parameter(torch.tensor([1e-5]))
+
+    def forward(self, x, ctx: FrameContext):
+        y = to_video(x, ctx.num_frames)
+        y = y + self.temporal_weight.abs() * self.conv4(self.conv3(self.conv2(self.conv1(y))))
+        return to_frames(y)
+
+
+class TemporalSelfAttention(Attention):
+    """Both attentions of a temporal block are self-attention over the frames (double self-attention)."""
+
+    def forward(self, x, ctx=None):
+        return super().forward(x)
+
+
+class TransformerTemporalModel(nn.Module):
+    """Attention across the frames of each pixel, with frame-position embeddings; out = x + |w| * y."""
+
+    def __init__(self, ch: int, cfg: UNet3DConfig, groups: int):
+        super().__init__()
+        temb_ch = 4 * cfg.block_out_channels[0]
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, ch)
+        self.frame_emb_proj = nn.Linear(temb_ch, ch)
+        attn1, attn2 = TemporalSelfAttention(ch, cfg.heads), TemporalSelfAttention(ch, cfg.heads)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(ch, attn1, attn2, cfg.transformer_norm_eps)])
+        self.proj_out = nn.Linear(ch, ch)
+        self.temporal_weight = nn.Parameter(torch.tensor([1e-5]))
+
+    def forward(self, x, ctx: FrameContext):
+        video = to_video(x, ctx.num_frames)  # b c t h w
+        b, c, t, h, w = video.shape
+        y = self.norm(video)  # statistics over all frames of the window
+        y = y.permute(0, 3, 4, 2, 1).reshape(b * h * w, t, c)  # (b h w) t c
+        y = self.proj_in(y) + self.frame_emb_proj(F.silu(ctx.frame_emb))  # + positions (t c)
+        y = self.proj_out(self.transformer_blocks[0](y))
+        y = y.reshape(b, h, w, t, c).permute(0, 4, 3, 1, 2)  # b c t h w
+        return to_frames(video + self.temporal_weight.abs() * y)
+
+
+class ReferEmbFuseAttention(Attention):
+    """Fuse a ReferenceNet feature map: frame tokens attend to [reference tokens; own tokens] (§6.2).
+
+    No input norm; residual. The same reference serves every frame of a sample.
+    """
+
+    def forward(self, x, reference, num_frames: int):
+        bt, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # (b t) (h w) c
+        ref = reference.flatten(2).transpose(1, 2)  # b (h' w') c
+        k_ref = self.to_k(ref).repeat_interleave(num_frames, 0)  # (b t) (h' w') c
+        v_ref = self.to_v(ref).repeat_interleave(num_frames, 0)
+        k = torch.cat([k_ref, self.to_k(tokens)], 1)
+        v = torch.cat([v_ref, self.to_v(tokens)], 1)
+        out = self.to_out[0](attention(self.to_q(tokens), k, v, self.heads))
+        return out.transpose(1, 2).reshape(bt, c, h, w) + x
+
+
+# ---------------------------------------------------------------------------------------------
+# UNet levels
+
+
+class DownBlock(nn.Module):
+    """One resolution of the down path: (ResNet, temporal conv, [spatial + temporal transformer],
+    [refer fusion]) per layer, then a downsampler (+ refer fusion), except at the last level."""
+
+    def __init__(self, in_ch, out_ch, cfg: UNet3DConfig, attention: bool, downsample: bool, temporal: bool,
+                 refer: bool, ip: bool, skip_time_act: bool):
+        super().__init__()
+        temb_ch = 4 * cfg.block_out_channels[0]
+        n = cfg.layers_per_block
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, temb_ch, cfg.norm_num_groups, cfg.norm_eps, skip_time_act)
+            for j in range(n)
+        )
+        if temporal:
+            self.temp_convs = nn.ModuleList(TemporalConvLayer(out_ch, cfg.temporal_conv_groups) for _ in range(n))
+        if attention:
+            self.attentions = nn.ModuleList(Transformer2DModel(out_ch, cfg, ip) for _ in range(n))
+            if temporal:
+                self.temp_attentions = nn.ModuleList(
+                    TransformerTemporalModel(out_ch, cfg, cfg.norm_num_groups) for _ in range(n)
+                )
+        if downsample:
+            self.downsamplers = nn.ModuleList([Downsample2D(out_ch)])
+        if refer:
+            self.refer_emb_attns = nn.ModuleList(ReferEmbFuseAttention(out_ch, cfg.heads) for _ in range(n + downsample))
+
+    def forward(self, x, temb, ctx: FrameContext, refer_features=None):
+        """Returns the output and the skip tensors (one per layer, one after the downsampler)."""
+        temporal = ctx.frame_emb is not None
+        fuse = refer_features is not None and hasattr(self, "refer_emb_attns")
+        skips = []
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if temporal and hasattr(self, "temp_convs"):
+                x = self.temp_convs[j](x, ctx)
+            if hasattr(self, "attentions"):
+                x = self.attentions[j](x, ctx)
+                if temporal and hasattr(self, "temp_attentions"):
+                    x = self.temp_attentions[j](x, ctx)
+            if fuse:
+                x = self.refer_emb_attns[j](x, refer_features[j], ctx.num_frames)
+            skips.append(x)
+        if hasattr(self, "downsamplers"):
+            x = self.downsamplers[0](x)
+            if fuse:
+                x = self.refer_emb_attns[-1](x, refer_features[-1], ctx.num_frames)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(nn.Module):
+    """ResNet, temporal conv, spatial + temporal transformer, ResNet, temporal conv."""
+
+    def __init__(self, ch, cfg: UNet3DConfig, temporal: bool, ip: bool, skip_time_act: bool):
+        super().__init__()
+        temb_ch = 4 * cfg.block_out_channels[0]
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(ch, ch, temb_ch, cfg.norm_num_groups, cfg.norm_eps, skip_time_act) for _ in range(2)
+        )
+        self.attentions = nn.ModuleList([Transformer2DModel(ch, cfg, ip)])
+        if temporal:
+            self.temp_convs = nn.ModuleList(TemporalConvLayer(ch, cfg.temporal_conv_groups) for _ in range(2))
+            self.temp_attentions = nn.ModuleList([TransformerTemporalModel(ch, cfg, cfg.norm_num_groups)])
+
+    def forward(self, x, temb, ctx: FrameContext):
+        temporal = ctx.frame_emb is not None and hasattr(self, "temp_convs")
+        x = self.resnets[0](x, temb)
+        if temporal:
+            x = self.temp_convs[0](x, ctx)
+        x = self.attentions[0](x, ctx)
+        if temporal:
+            x = self.temp_attentions[0](x, ctx)
+        x = self.resnets[1](x, temb)
+        if temporal:
+            x = self.temp_convs[1](x, ctx)
+        return x
+
+
+class UpBlock(nn.Module):
+    """One resolution of the up path: per layer, concat a skip, ResNet, temporal conv,
+    [spatial + temporal transformer]; then an upsampler, except at full resolution."""
+
+    def __init__(self, in_ch, out_ch, skip_chs, cfg: UNet3DConfig, attention: bool, upsample: bool, ip: bool):
+        super().__init__()
+        temb_ch = 4 * cfg.block_out_channels[0]
+        n = len(skip_chs)
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D((in_ch if j == 0 else out_ch) + skip_chs[j], out_ch, temb_ch, cfg.norm_num_groups,
+                          cfg.norm_eps, cfg.skip_time_act)
+            for j in range(n)
+        )
+        self.temp_convs = nn.ModuleList(TemporalConvLayer(out_ch, cfg.temporal_conv_groups) for _ in range(n))
+        if attention:
+            self.attentions = nn.ModuleList(Transformer2DModel(out_ch, cfg, ip) for _ in range(n))
+            self.temp_attentions = nn.ModuleList(
+                TransformerTemporalModel(out_ch, cfg, cfg.norm_num_groups) for _ in range(n)
+            )
+        if upsample:
+            self.upsamplers = nn.ModuleList([Upsample2D(out_ch)])
+
+    def forward(self, x, temb, ctx: FrameContext, skips: list):
+        """Consumes its skip tensors from the end of `skips`; upsamples to the size of the next one."""
+        temporal = ctx.frame_emb is not None
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            if temporal:
+                x = self.temp_convs[j](x, ctx)
+            if hasattr(self, "attentions"):
+                x = self.attentions[j](x, ctx)
+                if temporal:
+                    x = self.temp_attentions[j](x, ctx)
+        if hasattr(self, "upsamplers"):
+            x = self.upsamplers[0](x, skips[-1].shape[-2:])
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class UNet3D(nn.Module):
+    def __init__(self, cfg: UNet3DConfig):
+        super().__init__()
+        self.config = cfg
+        chs = cfg.block_out_channels
+        levels = len(chs)
+        temb_ch = 4 * chs[0]
+        self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(chs[0], temb_ch)
+        self.frame_embedding = TimestepEmbedding(chs[0], temb_ch)
+        if cfg.transformer_in:
+            self.transformer_in = TransformerTemporalModel(chs[0], cfg, cfg.transformer_in_groups)
+        if cfg.refer_fusion:
+            self.first_refer_emb_attns = ReferEmbFuseAttention(chs[0], cfg.heads)
+            self.mid_block_refer_emb_attns = ReferEmbFuseAttention(chs[-1], cfg.heads)
+        self.down_blocks = nn.ModuleList(
+            DownBlock(chs[max(i - 1, 0)], chs[i], cfg, attention=i < levels - 1, downsample=i < levels - 1,
+                      temporal=True, refer=cfg.refer_fusion, ip=cfg.ip_cross_attention, skip_time_act=cfg.skip_time_act)
+            for i in range(levels)
+        )
+        self.mid_block = MidBlock(chs[-1], cfg, temporal=True, ip=cfg.ip_cross_attention, skip_time_act=cfg.skip_time_act)
+        # skip channels in the order the up path pops them: conv_in, then each down layer/downsampler
+        skip_chs = [chs[0]] + [chs[i] for i in range(levels) for _ in range(cfg.layers_per_block + (i < levels - 1))]
+        up_blocks = []
+        for k in range(levels):
+            level = levels - 1 - k
+            n = cfg.layers_per_block + 1
+            mine, skip_chs = skip_chs[-n:][::-1], skip_chs[:-n]
+            up_blocks.append(
+                UpBlock(chs[min(level + 1, levels - 1)], chs[level], mine, cfg, attention=level < levels - 1,
+                        upsample=level > 0, ip=cfg.ip_cross_attention)
+            )
+        self.up_blocks = nn.ModuleList(up_blocks)
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chs[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        text: torch.Tensor,
+        *,
+        condition_frames: int = 1,
+        motion_speed: float = 8.0,
+        ip_tokens: torch.Tensor | None = None,
+        ip_scale: float = 1.0,
+        refer: ReferenceFeatures | None = None,
+        temporal: bool = True,
+    ) -> torch.Tensor:
+        """Noise prediction for `sample` (B,4,T,h,w), whose first `condition_frames` frames are clean
+        condition latents. `text` (B,L,D), `ip_tokens` (B,n,D) and `refer` have one row per sample."""
+        cfg = self.config
+        b, _, t, h, w = sample.shape
+        dtype = self.conv_in.weight.dtype
+        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
+
+        emb = self.time_embedding(sinusoidal_embedding(timestep, cfg.block_out_channels[0]).to(dtype))
+        if cfg.anivv1:
+            emb = F.silu(emb)
+        emb = emb.repeat_interleave(t, 0)  # (b t) d
+        if cfg.zero_condition_temb and t > 1 and condition_frames > 0:
+            emb = emb.unflatten(0, (b, t)).clone()
+            emb[:, :condition_frames] = 0
+            emb = emb.flatten(0, 1)
+
+        frame_emb = None
+        if temporal:
+            # window-local positions 0..T-1, the condition frame at 0 (x motion_speed for anivv1)
+            positions = torch.arange(t, device=sample.device)
+            if cfg.anivv1:
+                positions = (positions * motion_speed).long()
+            frame_emb = self.frame_embedding(sinusoidal_embedding(positions, cfg.block_out_channels[0]).to(dtype))
+            if cfg.anivv1:
+                frame_emb = F.silu(frame_emb)
+        ctx = FrameContext(t, condition_frames, text.to(dtype), frame_emb,
+                           None if ip_tokens is None else ip_tokens.to(dtype), ip_scale)
+        fuse = cfg.refer_fusion and refer is not None
+
+        x = self.conv_in(to_frames(sample.to(dtype)))  # (b t) c h w
+        if temporal and cfg.transformer_in:
+            x = self.transformer_in(x, ctx)
+        if fuse:
+            x = self.first_refer_emb_attns(x, refer.down[0], t)
+        skips = [x]
+        for i, block in enumerate(self.down_blocks):
+            features = None
+            if fuse:
+                # MuseV slices ReferenceNet features as [1 + n*i : 1 + n*i + n], n = layers (+1 with a
+                # downsampler). For the last block that starts at 7, not 10: it reuses the h/4 maps
+                # 7 and 8 instead of the h/8 maps 10, 11. Trained that way, so kept (model.md §7.3).
+                n = len(block.resnets) + hasattr(block, "downsamplers")
+                features = refer.down[1 + n * i : 1 + n * i + n]
+            x, block_skips = block(x, emb, ctx, features)
+            skips.extend(block_skips)
+        x = self.mid_block(x, emb, ctx)
+        if fuse:
+            x = self.mid_block_refer_emb_attns(x, refer.mid, t)
+        for block in self.up_blocks:
+            x = block(x, emb, ctx, skips)
+        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+        return to_video(x, t)  # b c t h w
