@@ -1,18 +1,19 @@
-"""MuseV's video UNet: the Stable Diffusion 1.5 UNet with temporal layers and visual conditioning.
+"""MuseV's video UNet: Stable Diffusion 1.5's UNet with temporal layers and visual conditioning.
 
-The spatial part is SD1.5's UNet2DConditionModel, key for key, so any SD1.5 UNet state dict loads
-into it. MuseV adds, per resolution level:
+What it adds to SD1.5 (spec: model.md §3-§7):
+  * a TemporalConvLayer after every ResNet and a TransformerTemporalModel (attention across frames,
+    positions from a frame-index embedding) after every spatial transformer, each gated by |w|;
+  * "reference-only" spatial self-attention: every frame also attends to the clean condition frame's
+    tokens, which the pipeline puts at frame 0 of every window;
+  * for the referencenet models: ReferenceNet features fused by attention after conv_in, every down
+    layer and the mid block, and IP-Adapter image tokens in every cross-attention.
+With `temporal=False` every temporal layer is skipped and it is the SD1.5 UNet ("2D mode", used to
+draw a first frame from text). Module and parameter names are the published diffusers keys, so the
+released checkpoints load with no renaming.
 
-* a TemporalConvLayer after every ResNet and a TransformerTemporalModel after every spatial
-  transformer (both gated by |temporal_weight|, both normalising over the whole window of frames);
-* "reference-only" self-attention: every frame's spatial attn1 also attends to the tokens of the
-  clean condition frame(s) placed at the start of the window (no parameters);
-* for the referencenet variants: a decoupled IP-Adapter branch in every spatial cross-attention
-  (to_k_ip/to_v_ip on CLIP image tokens), and ReferEmbFuseAttention layers that let the UNet attend
-  to ReferenceNet features of a reference image.
-
-Frames are flattened into the batch frame-major within each sample: row b*T + t, written "(b t)".
-Spec: ../shared/spec/model.md (sections quoted as §n below).
+Left out, because the original computes them for nothing: the AdaIN "temporal cond" (returns its
+input, model.md §6.7), the unconditional attn1 recompute under CFG (overwritten, §4.4), the spatial
+position embedding (disabled in every release, §6.5), need_zero_vis_cond_temb (never read, §1).
 """
 
 from __future__ import annotations
@@ -26,138 +27,105 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .weights import WeightsError
-
-SD_DOWN_BLOCKS = ("CrossAttnDownBlock", "CrossAttnDownBlock", "CrossAttnDownBlock", "DownBlock")
-SD_UP_BLOCKS = ("UpBlock", "CrossAttnUpBlock", "CrossAttnUpBlock", "CrossAttnUpBlock")
+# ---------------------------------------------------------------------------------------------
+# Config
 
 
 @dataclass
 class UNet3DConfig:
+    """Sizes and switches of the UNet; SD1.5 sizes by default. `preset()` gives the released models."""
+
     in_channels: int = 4
     out_channels: int = 4
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers_per_block: int = 2
-    # diffusers calls this "attention_head_dim", but SD1.5 uses it as the number of heads (§2)
-    num_heads: int = 8
+    heads: int = 8  # diffusers calls this "attention_head_dim"; it is the number of heads
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     cross_attention_dim: int = 768
-    # The original hard-codes GroupNorm(32, C) in TemporalConvLayer, and builds transformer_in with
-    # the TransformerTemporalModel default of 32 groups, whatever norm_num_groups says (§6.1, §3.1).
-    temporal_conv_norm_groups: int = 32
-    transformer_in_norm_groups: int = 32
-    # LayerNorm eps quirk of MuseV's BasicTransformerBlock (§4.4): a positional-argument mix-up gives
-    # norm1 and norm3 eps 0.0; norm2 keeps 1e-5. Plain SD1.5 uses 1e-5 for all three.
-    transformer_norm1_norm3_eps: float = 0.0
-    transformer_norm2_eps: float = 1e-5
-    # MuseV variant flags (§1); the defaults are a plain SD1.5 UNet plus temporal layers.
-    transformer_in: bool = False  # a temporal transformer right after conv_in (`musev` only)
-    anivv1_cfg: bool = False  # SiLU after the time and frame MLPs; frame index x motion_speed
-    skip_time_act: bool = False  # ResNets skip their SiLU before time_emb_proj
-    keep_vision_condition: bool = False  # condition frames get a zero time embedding
-    refer_fusion: bool = False  # ReferEmbFuseAttention layers fed by the ReferenceNet
-    ip_cross_attn: bool = False  # to_k_ip/to_v_ip (IP-Adapter) in every spatial cross-attention
+    temporal_conv_groups: int = 32  # TemporalConvLayer's GroupNorm(32, C) is hard-coded in MuseV
+    transformer_in_groups: int = 32  # transformer_in is built with the default 32 groups
+    # MuseV passes its BasicTransformerBlock arguments by position into a newer diffusers signature,
+    # so norm1/norm3 get eps = 0.0 (norm2 keeps 1e-5); the released weights ran that way (§4.4).
+    transformer_norm_eps: float = 0.0
+    transformer_in: bool = True  # a temporal transformer right after conv_in (musev)
+    anivv1: bool = False  # SiLU after the time/frame MLPs; frame positions x motion_speed
+    skip_time_act: bool = False  # ResNets skip their SiLU on the time embedding (anivv1 did it)
+    zero_condition_temb: bool = False  # condition frames get a zero time embedding
+    refer_fusion: bool = False  # ReferenceNet feature fusion (refer_emb_attns)
+    ip_cross_attention: bool = False  # IP-Adapter to_k_ip / to_v_ip in every spatial attn2
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)
 
     @classmethod
     def preset(cls, name: str) -> UNet3DConfig:
-        """The released `musev`, `musev_referencenet` (= `musev_referencenet_pose`) UNets, or tiny
-        test sizes of them: `tiny` (musev flags) and `tiny_referencenet`."""
-        musev = dict(transformer_in=True)
+        """The released `musev`, `musev_referencenet` (= `musev_referencenet_pose`), or `tiny` for tests."""
         referencenet = dict(
-            anivv1_cfg=True,
-            skip_time_act=True,
-            keep_vision_condition=True,
-            refer_fusion=True,
-            ip_cross_attn=True,
+            transformer_in=False, anivv1=True, skip_time_act=True, zero_condition_temb=True,
+            refer_fusion=True, ip_cross_attention=True,
         )
-        tiny = dict(block_out_channels=(32, 32, 32, 32), num_heads=2, norm_num_groups=16, cross_attention_dim=32)
+        tiny = dict(block_out_channels=(32, 32, 32, 32), heads=2, norm_num_groups=16, cross_attention_dim=32)
         presets = {
-            "musev": musev,
+            "musev": {},
             "musev_referencenet": referencenet,
             "musev_referencenet_pose": referencenet,
-            "tiny": {**tiny, **musev},
-            "tiny_referencenet": {**tiny, **referencenet},
+            "tiny": dict(tiny, **referencenet),
         }
         if name not in presets:
-            raise ValueError(f"unknown UNet preset {name!r}; choose one of {', '.join(presets)}")
+            raise ValueError(f"UNet preset {name!r} is unknown; use one of {sorted(presets)}")
         return cls(**presets[name])
 
     @classmethod
-    def from_diffusers(cls, config: dict, variant: str) -> UNet3DConfig:
-        """Structure from a diffusers `unet/config.json` (UNet3DConditionModel or SD1.5's
-        UNet2DConditionModel), MuseV flags from `variant`: the original loader passes the flags
-        explicitly, overriding whatever the checkpoint's config.json says (§1)."""
-        flags = {f.name: getattr(cls.preset(variant), f.name) for f in dataclasses.fields(cls)}
-        return cls(**{**flags, **sd_structure_from_diffusers(config)})
-
-
-def sd_structure_from_diffusers(config: dict) -> dict:
-    """SD1.5-layout structural values of a diffusers UNet config.json (shared with ReferenceNet)."""
-    down = tuple(t.replace("2D", "").replace("3D", "") for t in config.get("down_block_types", SD_DOWN_BLOCKS))
-    up = tuple(t.replace("2D", "").replace("3D", "") for t in config.get("up_block_types", SD_UP_BLOCKS))
-    if down != SD_DOWN_BLOCKS or up != SD_UP_BLOCKS:
-        raise WeightsError(
-            f"unet config.json: block types {down} / {up} are not the SD1.5 layout {SD_DOWN_BLOCKS} / "
-            f"{SD_UP_BLOCKS}; only SD1.5-style UNets are supported"
+    def from_diffusers(cls, config: dict, preset: str) -> UNet3DConfig:
+        """Sizes from a published unet/config.json, MuseV's switches from the model name (§1)."""
+        heads = config.get("attention_head_dim", 8)
+        if not isinstance(heads, int):
+            heads = heads[0]
+        sizes = dict(
+            in_channels=config.get("in_channels", 4),
+            out_channels=config.get("out_channels", 4),
+            block_out_channels=tuple(config.get("block_out_channels", (320, 640, 1280, 1280))),
+            layers_per_block=config.get("layers_per_block", 2),
+            heads=heads,
+            norm_num_groups=config.get("norm_num_groups", 32),
+            norm_eps=config.get("norm_eps", 1e-5),
+            cross_attention_dim=config.get("cross_attention_dim", 768),
         )
-    heads = config.get("attention_head_dim", 8)
-    if isinstance(heads, (list, tuple)):
-        if len(set(heads)) != 1:
-            raise WeightsError(f"unet config.json: attention_head_dim {heads} differs per block; expected one value")
-        heads = heads[0]
-    return dict(
-        in_channels=config.get("in_channels", 4),
-        out_channels=config.get("out_channels", 4),
-        block_out_channels=tuple(config.get("block_out_channels", (320, 640, 1280, 1280))),
-        layers_per_block=config.get("layers_per_block", 2),
-        num_heads=heads,
-        norm_num_groups=config.get("norm_num_groups", 32),
-        norm_eps=config.get("norm_eps", 1e-5),
-        cross_attention_dim=config.get("cross_attention_dim", 768),
-    )
+        switches = {f.name: getattr(cls.preset(preset), f.name) for f in dataclasses.fields(cls) if f.name not in sizes}
+        switches.update({k: v for k, v in config.items() if k in {"temporal_conv_groups", "transformer_in_groups"}})
+        return cls(**sizes, **switches)
 
 
 class ReferenceFeatures(NamedTuple):
-    """ReferenceNet outputs for the UNet: 12 down-path tensors (B,C,h',w') and the mid block (§7.2)."""
+    """ReferenceNet outputs the UNet fuses: 12 down-path maps (B,C,h',w') and the mid-block map."""
 
     down: list[torch.Tensor]
     mid: torch.Tensor
 
 
 @dataclass
-class FrameConditioning:
-    """Everything the blocks need besides the hidden states, prepared once per forward."""
+class FrameContext:
+    """What every block needs besides the hidden states, for one forward call."""
 
-    num_frames: int  # T
-    temb: torch.Tensor  # (b t) d: time embedding per frame row
-    text: torch.Tensor  # b l d: cross-attention context
-    femb: torch.Tensor | None  # t d: frame-position embedding, None when temporal layers are off
-    condition_frames: int  # clean condition frames at the start of the window (0 = none)
-    temporal: bool  # run the temporal layers (False = the plain 2D UNet)
-    ip_tokens: torch.Tensor | None = None  # b n d: IP-Adapter image tokens
+    num_frames: int  # T, frames per sample (condition frames included)
+    condition_frames: int  # clean condition frames at the start of T that attn1 also attends to
+    text: torch.Tensor  # (B, L, D), one row per sample (not per frame)
+    frame_emb: torch.Tensor | None  # (T, 4*C0) frame-position embedding; None = temporal layers off
+    ip_tokens: torch.Tensor | None = None  # (B, n, D) IP-Adapter image tokens
     ip_scale: float = 1.0
 
 
-def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding (N,) -> (N, dim), [cos | sin] (diffusers flip_sin_to_cos=True, shift 0).
-    Timesteps may be fractional."""
-    half = dim // 2
-    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
-    args = timesteps[:, None].float() * torch.exp(exponent)[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(q k^T / sqrt(head_dim)) v per head: q (N,Lq,C), k/v (N,Lk,C) -> (N,Lq,C)."""
-    n, length, channels = q.shape
-    q, k, v = (x.unflatten(-1, (heads, -1)).transpose(1, 2) for x in (q, k, v))  # n heads l d
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(n, length, channels)
-
-
 # ---------------------------------------------------------------------------------------------
-# SD1.5 building blocks
+# Embeddings
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """diffusers' Timesteps(dim, flip_sin_to_cos=True, freq_shift=0): [cos, sin] of t * 10000^(-i/half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class TimestepEmbedding(nn.Module):
@@ -166,105 +134,121 @@ class TimestepEmbedding(nn.Module):
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-class ResnetBlock2D(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, temb_dim: int, cfg: UNet3DConfig):
-        super().__init__()
-        self.skip_time_act = cfg.skip_time_act
-        self.norm1 = nn.GroupNorm(cfg.norm_num_groups, in_channels, eps=cfg.norm_eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_dim, out_channels)
-        self.norm2 = nn.GroupNorm(cfg.norm_num_groups, out_channels, eps=cfg.norm_eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+# ---------------------------------------------------------------------------------------------
+# Spatial (SD1.5) blocks
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, groups: int, eps: float, skip_time_act: bool):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_ch, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.skip_time_act = skip_time_act
+
+    def forward(self, x, temb):
         h = self.conv1(F.silu(self.norm1(x)))
-        # skip_time_act models applied the SiLU once to the whole embedding already (§4.1)
         temb = temb if self.skip_time_act else F.silu(temb)
         h = h + self.time_emb_proj(temb)[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return shortcut + h
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
 class Downsample2D(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         return self.conv(x)
 
 
 class Upsample2D(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        # nearest to the size of the skip it meets (= x2 when the latent size is a multiple of 8)
+    def forward(self, x, size):
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
-class Attention(nn.Module):
-    """Multi-head attention with diffusers' key names (Q/K/V without bias, to_out.0 with bias)."""
+def attention(q, k, v, heads: int):
+    """Multi-head softmax attention: (N, Lq, C), (N, Lk, C), (N, Lk, C) -> (N, Lq, C)."""
+    n, lq, c = q.shape
+    q, k, v = (x.unflatten(-1, (heads, c // heads)).transpose(1, 2) for x in (q, k, v))  # n heads L d
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, lq, c)
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None, ip_dim: int | None = None):
+
+class Attention(nn.Module):
+    """diffusers-layout attention: to_q/to_k/to_v without bias, to_out.0 with bias (+ IP-Adapter K/V)."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, ip: bool = False):
         super().__init__()
+        context_dim = context_dim or dim
         self.heads = heads
         self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
-        if ip_dim is not None:  # decoupled IP-Adapter keys/values (§4.6)
-            self.to_k_ip = nn.Linear(ip_dim, dim, bias=False)
-            self.to_v_ip = nn.Linear(ip_dim, dim, bias=False)
+        if ip:
+            self.to_k_ip = nn.Linear(context_dim, dim, bias=False)
+            self.to_v_ip = nn.Linear(context_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Plain self-attention over the token axis: (N, L, C) -> (N, L, C)."""
-        return self.to_out[0](multihead_attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads))
-
-    def self_attention_with_condition_frames(self, x: torch.Tensor, ctx: FrameConditioning) -> torch.Tensor:
-        """Spatial attn1 (§4.5): frame t of sample b attends to its own hw tokens plus the tokens
-        of the condition frames of sample b. x: (b t) hw c."""
-        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
-        t, n_cond = ctx.num_frames, ctx.condition_frames
-        if n_cond > 0 and t > 1:
-            k, v = (_append_condition_tokens(z, t, n_cond) for z in (k, v))
-        return self.to_out[0](multihead_attention(q, k, v, self.heads))
-
-    def cross_attention(self, x: torch.Tensor, ctx: FrameConditioning) -> torch.Tensor:
-        """Spatial attn2: text cross-attention, plus ip_scale x attention to the IP-Adapter tokens
-        (§4.6). Every frame of sample b sees the same context, so queries are grouped per sample.
-        x: (b t) hw c."""
-        bt, tokens, channels = x.shape
-        q = self.to_q(x).reshape(bt // ctx.num_frames, ctx.num_frames * tokens, channels)  # b (t hw) c
-        out = multihead_attention(q, self.to_k(ctx.text), self.to_v(ctx.text), self.heads)
-        if ctx.ip_tokens is not None and ctx.ip_scale > 0:
-            ip = ctx.ip_tokens
-            out = out + ctx.ip_scale * multihead_attention(q, self.to_k_ip(ip), self.to_v_ip(ip), self.heads)
-        return self.to_out[0](out.reshape(bt, tokens, channels))
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        return self.to_out[0](attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
 
 
-def _append_condition_tokens(z: torch.Tensor, num_frames: int, n_cond: int) -> torch.Tensor:
-    """(b t) n c -> (b t) (n + n_cond n) c: each frame's tokens followed by its sample's
-    condition-frame tokens."""
-    bt, n, c = z.shape
-    z = z.view(bt // num_frames, num_frames, n, c)  # b t n c
-    cond = z[:, :n_cond].reshape(-1, 1, n_cond * n, c).expand(-1, num_frames, -1, -1)  # b t (k n) c
-    return torch.cat([z, cond], dim=2).flatten(0, 1)
+class SpatialSelfAttention(Attention):
+    """attn1 of the spatial transformers, with MuseV's reference-only attention (§4.5).
+
+    With condition frames in a window, frame t of sample b attends to its own tokens and to the
+    condition frames' tokens: K/V = [h[b, t]; h[b, :n_cond]].
+    """
+
+    def forward(self, x, ctx: FrameContext):
+        n_cond, t = ctx.condition_frames, ctx.num_frames
+        if n_cond == 0 or t == 1:
+            return super().forward(x)
+        bt, n, c = x.shape
+        cond = x.view(bt // t, t, n, c)[:, :n_cond].reshape(bt // t, 1, n_cond * n, c)  # b 1 (n_cond hw) c
+        k, v = self.to_k(x), self.to_v(x)
+        k_cond = self.to_k(cond).expand(-1, t, -1, -1).reshape(bt, n_cond * n, c)  # (b t) (n_cond hw) c
+        v_cond = self.to_v(cond).expand(-1, t, -1, -1).reshape(bt, n_cond * n, c)
+        out = attention(self.to_q(x), torch.cat([k, k_cond], 1), torch.cat([v, v_cond], 1), self.heads)
+        return self.to_out[0](out)
+
+
+class CrossAttention(Attention):
+    """attn2: text cross-attention, plus decoupled IP-Adapter attention to image tokens (§4.6)."""
+
+    def forward(self, x, ctx: FrameContext):
+        t = ctx.num_frames
+        q = self.to_q(x)
+        # K/V per sample, shared by its frames: (b L c) -> ((b t) L c)
+        k = self.to_k(ctx.text).repeat_interleave(t, 0)
+        v = self.to_v(ctx.text).repeat_interleave(t, 0)
+        out = attention(q, k, v, self.heads)
+        if hasattr(self, "to_k_ip") and ctx.ip_tokens is not None and ctx.ip_scale > 0:
+            k_ip = self.to_k_ip(ctx.ip_tokens).repeat_interleave(t, 0)
+            v_ip = self.to_v_ip(ctx.ip_tokens).repeat_interleave(t, 0)
+            out = out + ctx.ip_scale * attention(q, k_ip, v_ip, self.heads)
+        return self.to_out[0](out)
 
 
 class GEGLU(nn.Module):
-    def __init__(self, dim: int, inner_dim: int):
+    def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner_dim)
+        self.proj = nn.Linear(dim, inner * 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         value, gate = self.proj(x).chunk(2, dim=-1)
         return value * F.gelu(gate)
 
@@ -272,244 +256,254 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        # net.1 is a dropout in diffusers (identity at inference); kept so net.2 keeps its key
-        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
+    def forward(self, x):
+        return self.net(x)
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm self-attention, second attention, GEGLU feed-forward, each with a residual.
+    """x += attn1(LN1 x); x += attn2(LN2 x); x += FF(LN3 x). attn1/attn2 are given by the caller."""
 
-    Spatial blocks (context_dim given): attn1 with condition-frame tokens, attn2 on the text (+IP).
-    Temporal blocks (context_dim None): attn1 and attn2 are both self-attention over frames."""
-
-    def __init__(self, dim: int, heads: int, cfg: UNet3DConfig, context_dim: int | None = None, ip_dim: int | None = None):
+    def __init__(self, dim: int, attn1: nn.Module, attn2: nn.Module, eps13: float):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=cfg.transformer_norm1_norm3_eps)
-        self.attn1 = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=cfg.transformer_norm2_eps)
-        self.attn2 = Attention(dim, heads, context_dim, ip_dim)
-        self.norm3 = nn.LayerNorm(dim, eps=cfg.transformer_norm1_norm3_eps)
+        self.norm1 = nn.LayerNorm(dim, eps=eps13)
+        self.attn1 = attn1
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn2 = attn2
+        self.norm3 = nn.LayerNorm(dim, eps=eps13)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, ctx: FrameConditioning | None = None) -> torch.Tensor:
-        # The original recomputes attn1 for the unconditional CFG half and then discards the result
-        # (§4.4); that dead branch is left out.
-        if ctx is None:
-            x = x + self.attn1(self.norm1(x))
-            x = x + self.attn2(self.norm2(x))
-        else:
-            x = x + self.attn1.self_attention_with_condition_frames(self.norm1(x), ctx)
-            x = x + self.attn2.cross_attention(self.norm2(x), ctx)
+    def forward(self, x, *attn_args):
+        x = x + self.attn1(self.norm1(x), *attn_args)
+        x = x + self.attn2(self.norm2(x), *attn_args)
         return x + self.ff(self.norm3(x))
 
 
 class Transformer2DModel(nn.Module):
-    """SD1.5 spatial transformer: GroupNorm, 1x1 conv in, one block over the h*w tokens of every
-    frame, 1x1 conv out, residual (§4.3)."""
+    """SD1.5 spatial transformer: GroupNorm, 1x1 conv in, one block over the h*w tokens, 1x1 conv out."""
 
-    def __init__(self, dim: int, cfg: UNet3DConfig):
+    def __init__(self, ch: int, cfg: UNet3DConfig, ip: bool):
         super().__init__()
-        self.norm = nn.GroupNorm(cfg.norm_num_groups, dim, eps=1e-6)
-        self.proj_in = nn.Conv2d(dim, dim, 1)
-        ip_dim = cfg.cross_attention_dim if cfg.ip_cross_attn else None
-        self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(dim, cfg.num_heads, cfg, cfg.cross_attention_dim, ip_dim)]
-        )
-        self.proj_out = nn.Conv2d(dim, dim, 1)
+        self.norm = nn.GroupNorm(cfg.norm_num_groups, ch, eps=1e-6)
+        self.proj_in = nn.Conv2d(ch, ch, 1)
+        attn1 = SpatialSelfAttention(ch, cfg.heads)
+        attn2 = CrossAttention(ch, cfg.heads, cfg.cross_attention_dim, ip=ip)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(ch, attn1, attn2, cfg.transformer_norm_eps)])
+        self.proj_out = nn.Conv2d(ch, ch, 1)
 
-    def forward(self, x: torch.Tensor, ctx: FrameConditioning) -> torch.Tensor:
+    def forward(self, x, ctx: FrameContext):
         bt, c, h, w = x.shape
-        y = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(bt, h * w, c)  # (b t) (h w) c
+        y = self.proj_in(self.norm(x))
+        y = y.flatten(2).transpose(1, 2)  # (b t) (h w) c
         y = self.transformer_blocks[0](y, ctx)
-        y = y.reshape(bt, h, w, c).permute(0, 3, 1, 2)  # (b t) c h w
+        y = y.transpose(1, 2).reshape(bt, c, h, w)
         return self.proj_out(y) + x
 
 
 # ---------------------------------------------------------------------------------------------
-# MuseV's temporal and reference layers
+# Temporal blocks (§5, §6.1)
+
+
+def to_video(x, t: int):
+    """(b t) c h w -> b c t h w"""
+    return x.unflatten(0, (-1, t)).transpose(1, 2)
+
+
+def to_frames(x):
+    """b c t h w -> (b t) c h w"""
+    return x.transpose(1, 2).flatten(0, 1)
 
 
 class TemporalConvLayer(nn.Module):
-    """Four GroupNorm -> SiLU -> Conv3d(3,1,1) stages over time, gated residual (§6.1).
-    The GroupNorm statistics span all frames of the window, the condition frame included."""
+    """Four GroupNorm-SiLU-Conv3d(3x1x1) stages over time; out = x + |w| * stages(x).
 
-    def __init__(self, dim: int, groups: int):
+    GroupNorm sees the whole 5-D window, so its statistics mix all frames, condition frame included.
+    """
+
+    def __init__(self, ch: int, groups: int):
         super().__init__()
 
-        def stage(dropout_slot: bool) -> nn.Sequential:
-            # keys conv1.{0,2}, conv{2,3,4}.{0,3}: index 2 of conv2-4 is a dropout in the original
-            layers = [nn.GroupNorm(groups, dim), nn.SiLU(), nn.Conv3d(dim, dim, (3, 1, 1), padding=(1, 0, 0))]
-            return nn.Sequential(*layers[:2], nn.Identity(), layers[2]) if dropout_slot else nn.Sequential(*layers)
+        def stage(dropout: bool):
+            layers = [nn.GroupNorm(groups, ch), nn.SiLU()] + ([nn.Dropout(0.0)] if dropout else [])
+            return nn.Sequential(*layers, nn.Conv3d(ch, ch, (3, 1, 1), padding=(1, 0, 0)))
 
-        self.conv1 = stage(False)
-        self.conv2 = stage(True)
-        self.conv3 = stage(True)
-        self.conv4 = stage(True)
-        self.temporal_weight = nn.Parameter(torch.ones(1))
+        self.conv1, self.conv2, self.conv3, self.conv4 = stage(False), stage(True), stage(True), stage(True)
+        self.temporal_weight = nn.Parameter(torch.tensor([1e-5]))
 
-    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        bt, c, h, w = x.shape
-        x5 = x.view(bt // num_frames, num_frames, c, h, w).transpose(1, 2)  # b c t h w
-        y = self.conv4(self.conv3(self.conv2(self.conv1(x5))))
-        return (x5 + self.temporal_weight.abs() * y).transpose(1, 2).reshape(bt, c, h, w)
+    def forward(self, x, ctx: FrameContext):
+        y = to_video(x, ctx.num_frames)
+        y = y + self.temporal_weight.abs() * self.conv4(self.conv3(self.conv2(self.conv1(y))))
+        return to_frames(y)
+
+
+class TemporalSelfAttention(Attention):
+    """Both attentions of a temporal block are self-attention over the frames (double self-attention)."""
+
+    def forward(self, x, ctx=None):
+        return super().forward(x)
 
 
 class TransformerTemporalModel(nn.Module):
-    """Attention over the frames of every pixel (§5): 5-D GroupNorm (eps 1e-6) over the window,
-    linear in, + projected frame embedding, a block with two self-attentions over T, linear out,
-    gated residual."""
+    """Attention across the frames of each pixel, with frame-position embeddings; out = x + |w| * y."""
 
-    def __init__(self, dim: int, femb_dim: int, groups: int, cfg: UNet3DConfig):
+    def __init__(self, ch: int, cfg: UNet3DConfig, groups: int):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
-        self.proj_in = nn.Linear(dim, dim)
-        self.frame_emb_proj = nn.Linear(femb_dim, dim)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(dim, cfg.num_heads, cfg)])
-        self.proj_out = nn.Linear(dim, dim)
-        self.temporal_weight = nn.Parameter(torch.ones(1))
+        temb_ch = 4 * cfg.block_out_channels[0]
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, ch)
+        self.frame_emb_proj = nn.Linear(temb_ch, ch)
+        attn1, attn2 = TemporalSelfAttention(ch, cfg.heads), TemporalSelfAttention(ch, cfg.heads)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(ch, attn1, attn2, cfg.transformer_norm_eps)])
+        self.proj_out = nn.Linear(ch, ch)
+        self.temporal_weight = nn.Parameter(torch.tensor([1e-5]))
 
-    def forward(self, x: torch.Tensor, ctx: FrameConditioning) -> torch.Tensor:
-        bt, c, h, w = x.shape
-        t = ctx.num_frames
-        b = bt // t
-        x5 = x.view(b, t, c, h, w)
-        y = self.norm(x5.transpose(1, 2))  # b c t h w: statistics over the whole window
+    def forward(self, x, ctx: FrameContext):
+        video = to_video(x, ctx.num_frames)  # b c t h w
+        b, c, t, h, w = video.shape
+        y = self.norm(video)  # statistics over all frames of the window
         y = y.permute(0, 3, 4, 2, 1).reshape(b * h * w, t, c)  # (b h w) t c
-        # the frame embedding is the same for every sample and pixel: (t, c) broadcasts
-        y = self.proj_in(y) + self.frame_emb_proj(F.silu(ctx.femb))
-        y = self.transformer_blocks[0](y)
-        y = self.proj_out(y).view(b, h, w, t, c).permute(0, 3, 4, 1, 2)  # b t c h w
-        return (x5 + self.temporal_weight.abs() * y).reshape(bt, c, h, w)
+        y = self.proj_in(y) + self.frame_emb_proj(F.silu(ctx.frame_emb))  # + positions (t c)
+        y = self.proj_out(self.transformer_blocks[0](y))
+        y = y.reshape(b, h, w, t, c).permute(0, 4, 3, 1, 2)  # b c t h w
+        return to_frames(video + self.temporal_weight.abs() * y)
 
 
 class ReferEmbFuseAttention(Attention):
-    """Fuses ReferenceNet features (§6.2): queries = the UNet tokens of each frame (no norm),
-    keys/values = the reference tokens of that sample followed by the frame's own tokens; residual."""
+    """Fuse a ReferenceNet feature map: frame tokens attend to [reference tokens; own tokens] (§6.2).
 
-    def forward(self, x: torch.Tensor, refer: torch.Tensor, num_frames: int) -> torch.Tensor:
+    No input norm; residual. The same reference serves every frame of a sample.
+    """
+
+    def forward(self, x, reference, num_frames: int):
         bt, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # (b t) (h w) c
-        refer = refer.flatten(2).transpose(1, 2)  # b (h' w') c
-
-        def keys_values(proj: nn.Linear) -> torch.Tensor:
-            ref = proj(refer).repeat_interleave(num_frames, dim=0)  # (b t) (h' w') c
-            return torch.cat([ref, proj(tokens)], dim=1)
-
-        out = multihead_attention(self.to_q(tokens), keys_values(self.to_k), keys_values(self.to_v), self.heads)
-        return self.to_out[0](out).transpose(1, 2).reshape(bt, c, h, w) + x
+        ref = reference.flatten(2).transpose(1, 2)  # b (h' w') c
+        k_ref = self.to_k(ref).repeat_interleave(num_frames, 0)  # (b t) (h' w') c
+        v_ref = self.to_v(ref).repeat_interleave(num_frames, 0)
+        k = torch.cat([k_ref, self.to_k(tokens)], 1)
+        v = torch.cat([v_ref, self.to_v(tokens)], 1)
+        out = self.to_out[0](attention(self.to_q(tokens), k, v, self.heads))
+        return out.transpose(1, 2).reshape(bt, c, h, w) + x
 
 
 # ---------------------------------------------------------------------------------------------
-# UNet blocks. `temporal=False` builds them without temporal layers (the ReferenceNet).
-# The AdaIN "temporal cond" the original calls after every layer returns its input unchanged
-# (§6.7), so it is not here.
-
-
-def _temporal_convs(dim: int, n: int, cfg: UNet3DConfig, temporal: bool) -> nn.ModuleList | None:
-    return nn.ModuleList(TemporalConvLayer(dim, cfg.temporal_conv_norm_groups) for _ in range(n)) if temporal else None
-
-
-def _temporal_attentions(dim: int, n: int, cfg: UNet3DConfig, temporal: bool) -> nn.ModuleList | None:
-    femb_dim = 4 * cfg.block_out_channels[0]
-    layers = (TransformerTemporalModel(dim, femb_dim, cfg.norm_num_groups, cfg) for _ in range(n))
-    return nn.ModuleList(layers) if temporal else None
+# UNet levels
 
 
 class DownBlock(nn.Module):
-    """CrossAttnDownBlock3D / DownBlock3D: per layer resnet -> temp_conv -> [attention ->
-    temp_attention] -> refer fusion, then the downsampler -> refer fusion; every output is a skip."""
+    """One resolution of the down path: (ResNet, temporal conv, [spatial + temporal transformer],
+    [refer fusion]) per layer, then a downsampler (+ refer fusion), except at the last level."""
 
-    def __init__(self, cfg: UNet3DConfig, in_ch: int, out_ch: int, attention: bool, downsample: bool, temporal: bool):
+    def __init__(self, in_ch, out_ch, cfg: UNet3DConfig, attention: bool, downsample: bool, temporal: bool,
+                 refer: bool, ip: bool, skip_time_act: bool):
         super().__init__()
+        temb_ch = 4 * cfg.block_out_channels[0]
         n = cfg.layers_per_block
-        temb_dim = 4 * cfg.block_out_channels[0]
-        self.resnets = nn.ModuleList(ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, temb_dim, cfg) for j in range(n))
-        self.temp_convs = _temporal_convs(out_ch, n, cfg, temporal)
-        self.attentions = nn.ModuleList(Transformer2DModel(out_ch, cfg) for _ in range(n)) if attention else None
-        self.temp_attentions = _temporal_attentions(out_ch, n, cfg, temporal and attention)
-        self.downsamplers = nn.ModuleList([Downsample2D(out_ch)]) if downsample else None
-        n_fuse = n + int(downsample)
-        self.refer_emb_attns = (
-            nn.ModuleList(ReferEmbFuseAttention(out_ch, cfg.num_heads) for _ in range(n_fuse)) if cfg.refer_fusion else None
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, temb_ch, cfg.norm_num_groups, cfg.norm_eps, skip_time_act)
+            for j in range(n)
         )
+        if temporal:
+            self.temp_convs = nn.ModuleList(TemporalConvLayer(out_ch, cfg.temporal_conv_groups) for _ in range(n))
+        if attention:
+            self.attentions = nn.ModuleList(Transformer2DModel(out_ch, cfg, ip) for _ in range(n))
+            if temporal:
+                self.temp_attentions = nn.ModuleList(
+                    TransformerTemporalModel(out_ch, cfg, cfg.norm_num_groups) for _ in range(n)
+                )
+        if downsample:
+            self.downsamplers = nn.ModuleList([Downsample2D(out_ch)])
+        if refer:
+            self.refer_emb_attns = nn.ModuleList(ReferEmbFuseAttention(out_ch, cfg.heads) for _ in range(n + downsample))
 
-    def forward(self, x, ctx: FrameConditioning, refer: list[torch.Tensor] | None = None):
+    def forward(self, x, temb, ctx: FrameContext, refer_features=None):
+        """Returns the output and the skip tensors (one per layer, one after the downsampler)."""
+        temporal = ctx.frame_emb is not None
+        fuse = refer_features is not None and hasattr(self, "refer_emb_attns")
         skips = []
         for j, resnet in enumerate(self.resnets):
-            x = resnet(x, ctx.temb)
-            if ctx.temporal and self.temp_convs is not None:
-                x = self.temp_convs[j](x, ctx.num_frames)
-            if self.attentions is not None:
+            x = resnet(x, temb)
+            if temporal and hasattr(self, "temp_convs"):
+                x = self.temp_convs[j](x, ctx)
+            if hasattr(self, "attentions"):
                 x = self.attentions[j](x, ctx)
-                if ctx.temporal and self.temp_attentions is not None:
+                if temporal and hasattr(self, "temp_attentions"):
                     x = self.temp_attentions[j](x, ctx)
-            if refer is not None:
-                x = self.refer_emb_attns[j](x, refer[j], ctx.num_frames)
+            if fuse:
+                x = self.refer_emb_attns[j](x, refer_features[j], ctx.num_frames)
             skips.append(x)
-        if self.downsamplers is not None:
+        if hasattr(self, "downsamplers"):
             x = self.downsamplers[0](x)
-            if refer is not None:
-                x = self.refer_emb_attns[-1](x, refer[-1], ctx.num_frames)
+            if fuse:
+                x = self.refer_emb_attns[-1](x, refer_features[-1], ctx.num_frames)
             skips.append(x)
         return x, skips
 
 
 class MidBlock(nn.Module):
-    """UNetMidBlock3DCrossAttn: resnet -> temp_conv -> attention -> temp_attention -> resnet -> temp_conv."""
+    """ResNet, temporal conv, spatial + temporal transformer, ResNet, temporal conv."""
 
-    def __init__(self, cfg: UNet3DConfig, channels: int, temporal: bool):
+    def __init__(self, ch, cfg: UNet3DConfig, temporal: bool, ip: bool, skip_time_act: bool):
         super().__init__()
-        temb_dim = 4 * cfg.block_out_channels[0]
-        self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, temb_dim, cfg) for _ in range(2))
-        self.temp_convs = _temporal_convs(channels, 2, cfg, temporal)
-        self.attentions = nn.ModuleList([Transformer2DModel(channels, cfg)])
-        self.temp_attentions = _temporal_attentions(channels, 1, cfg, temporal)
+        temb_ch = 4 * cfg.block_out_channels[0]
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(ch, ch, temb_ch, cfg.norm_num_groups, cfg.norm_eps, skip_time_act) for _ in range(2)
+        )
+        self.attentions = nn.ModuleList([Transformer2DModel(ch, cfg, ip)])
+        if temporal:
+            self.temp_convs = nn.ModuleList(TemporalConvLayer(ch, cfg.temporal_conv_groups) for _ in range(2))
+            self.temp_attentions = nn.ModuleList([TransformerTemporalModel(ch, cfg, cfg.norm_num_groups)])
 
-    def forward(self, x: torch.Tensor, ctx: FrameConditioning) -> torch.Tensor:
-        run_temporal = ctx.temporal and self.temp_convs is not None
-        x = self.resnets[0](x, ctx.temb)
-        if run_temporal:
-            x = self.temp_convs[0](x, ctx.num_frames)
+    def forward(self, x, temb, ctx: FrameContext):
+        temporal = ctx.frame_emb is not None and hasattr(self, "temp_convs")
+        x = self.resnets[0](x, temb)
+        if temporal:
+            x = self.temp_convs[0](x, ctx)
         x = self.attentions[0](x, ctx)
-        if run_temporal:
+        if temporal:
             x = self.temp_attentions[0](x, ctx)
-        x = self.resnets[1](x, ctx.temb)
-        if run_temporal:
-            x = self.temp_convs[1](x, ctx.num_frames)
+        x = self.resnets[1](x, temb)
+        if temporal:
+            x = self.temp_convs[1](x, ctx)
         return x
 
 
 class UpBlock(nn.Module):
-    """UpBlock3D / CrossAttnUpBlock3D: per layer concat a skip -> resnet -> temp_conv ->
-    [attention -> temp_attention]; then the upsampler."""
+    """One resolution of the up path: per layer, concat a skip, ResNet, temporal conv,
+    [spatial + temporal transformer]; then an upsampler, except at full resolution."""
 
-    def __init__(self, cfg, in_ch: int, prev_ch: int, out_ch: int, attention: bool, upsample: bool, temporal: bool):
+    def __init__(self, in_ch, out_ch, skip_chs, cfg: UNet3DConfig, attention: bool, upsample: bool, ip: bool):
         super().__init__()
-        n = cfg.layers_per_block + 1
-        temb_dim = 4 * cfg.block_out_channels[0]
+        temb_ch = 4 * cfg.block_out_channels[0]
+        n = len(skip_chs)
         self.resnets = nn.ModuleList(
-            ResnetBlock2D((prev_ch if j == 0 else out_ch) + (in_ch if j == n - 1 else out_ch), out_ch, temb_dim, cfg)
+            ResnetBlock2D((in_ch if j == 0 else out_ch) + skip_chs[j], out_ch, temb_ch, cfg.norm_num_groups,
+                          cfg.norm_eps, cfg.skip_time_act)
             for j in range(n)
         )
-        self.temp_convs = _temporal_convs(out_ch, n, cfg, temporal)
-        self.attentions = nn.ModuleList(Transformer2DModel(out_ch, cfg) for _ in range(n)) if attention else None
-        self.temp_attentions = _temporal_attentions(out_ch, n, cfg, temporal and attention)
-        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
+        self.temp_convs = nn.ModuleList(TemporalConvLayer(out_ch, cfg.temporal_conv_groups) for _ in range(n))
+        if attention:
+            self.attentions = nn.ModuleList(Transformer2DModel(out_ch, cfg, ip) for _ in range(n))
+            self.temp_attentions = nn.ModuleList(
+                TransformerTemporalModel(out_ch, cfg, cfg.norm_num_groups) for _ in range(n)
+            )
+        if upsample:
+            self.upsamplers = nn.ModuleList([Upsample2D(out_ch)])
 
-    def forward(self, x, skips: list[torch.Tensor], ctx: FrameConditioning, upsample_size=None):
+    def forward(self, x, temb, ctx: FrameContext, skips: list):
+        """Consumes its skip tensors from the end of `skips`; upsamples to the size of the next one."""
+        temporal = ctx.frame_emb is not None
         for j, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips[-1 - j]], dim=1), ctx.temb)
-            if ctx.temporal and self.temp_convs is not None:
-                x = self.temp_convs[j](x, ctx.num_frames)
-            if self.attentions is not None:
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            if temporal:
+                x = self.temp_convs[j](x, ctx)
+            if hasattr(self, "attentions"):
                 x = self.attentions[j](x, ctx)
-                if ctx.temporal and self.temp_attentions is not None:
+                if temporal:
                     x = self.temp_attentions[j](x, ctx)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x, upsample_size)
+        if hasattr(self, "upsamplers"):
+            x = self.upsamplers[0](x, skips[-1].shape[-2:])
         return x
 
 
@@ -518,52 +512,40 @@ class UpBlock(nn.Module):
 
 
 class UNet3D(nn.Module):
-    """MuseV's UNet3DConditionModel for the released variants.
-
-    Not implemented because the released models compute nothing with them: the spatial position
-    embedding (§6.5), the AdaIN temporal cond (§6.7), the discarded CFG attn1 recompute (§4.4),
-    need_zero_vis_cond_temb (never read, §1), keep_content_condition masks and ReferenceNet
-    self-attention features (§5, §7.2)."""
-
-    def __init__(self, config: UNet3DConfig):
+    def __init__(self, cfg: UNet3DConfig):
         super().__init__()
-        self.config = cfg = config
-        ch = cfg.block_out_channels
-        temb_dim = 4 * ch[0]
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], temb_dim)
-        self.frame_embedding = TimestepEmbedding(ch[0], temb_dim)
-        self.transformer_in = (
-            TransformerTemporalModel(ch[0], temb_dim, cfg.transformer_in_norm_groups, cfg) if cfg.transformer_in else None
-        )
+        self.config = cfg
+        chs = cfg.block_out_channels
+        levels = len(chs)
+        temb_ch = 4 * chs[0]
+        self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(chs[0], temb_ch)
+        self.frame_embedding = TimestepEmbedding(chs[0], temb_ch)
+        if cfg.transformer_in:
+            self.transformer_in = TransformerTemporalModel(chs[0], cfg, cfg.transformer_in_groups)
         if cfg.refer_fusion:
-            self.first_refer_emb_attns = ReferEmbFuseAttention(ch[0], cfg.num_heads)
-            self.mid_block_refer_emb_attns = ReferEmbFuseAttention(ch[-1], cfg.num_heads)
-        last = len(ch) - 1
+            self.first_refer_emb_attns = ReferEmbFuseAttention(chs[0], cfg.heads)
+            self.mid_block_refer_emb_attns = ReferEmbFuseAttention(chs[-1], cfg.heads)
         self.down_blocks = nn.ModuleList(
-            DownBlock(cfg, ch[max(i - 1, 0)], ch[i], attention=i < last, downsample=i < last, temporal=True)
-            for i in range(len(ch))
+            DownBlock(chs[max(i - 1, 0)], chs[i], cfg, attention=i < levels - 1, downsample=i < levels - 1,
+                      temporal=True, refer=cfg.refer_fusion, ip=cfg.ip_cross_attention, skip_time_act=cfg.skip_time_act)
+            for i in range(levels)
         )
-        self.mid_block = MidBlock(cfg, ch[-1], temporal=True)
-        rev = ch[::-1]
-        self.up_blocks = nn.ModuleList(
-            UpBlock(cfg, rev[min(i + 1, last)], rev[max(i - 1, 0)], rev[i], attention=i > 0, upsample=i < last, temporal=True)
-            for i in range(len(ch))
-        )
-        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
-
-    def refer_features_for_block(self, refer: ReferenceFeatures, i: int) -> list[torch.Tensor]:
-        """ReferenceNet down features fused into down block i (§7.3).
-
-        Reproduces the original's slicing `start = 1 + n * i` with n = layers + 1 for blocks with a
-        downsampler but n = layers for the last block: with 2 layers per block, down_blocks.3 gets
-        features 7, 8 (down_blocks.2's layers, at twice its resolution) instead of 10, 11. The
-        released weights were trained this way, so it is kept."""
-        is_last = i == len(self.down_blocks) - 1
-        n = self.config.layers_per_block + (0 if is_last else 1)
-        start = 1 + n * i
-        return refer.down[start : start + n]
+        self.mid_block = MidBlock(chs[-1], cfg, temporal=True, ip=cfg.ip_cross_attention, skip_time_act=cfg.skip_time_act)
+        # skip channels in the order the up path pops them: conv_in, then each down layer/downsampler
+        skip_chs = [chs[0]] + [chs[i] for i in range(levels) for _ in range(cfg.layers_per_block + (i < levels - 1))]
+        up_blocks = []
+        for k in range(levels):
+            level = levels - 1 - k
+            n = cfg.layers_per_block + 1
+            mine, skip_chs = skip_chs[-n:][::-1], skip_chs[:-n]
+            up_blocks.append(
+                UpBlock(chs[min(level + 1, levels - 1)], chs[level], mine, cfg, attention=level < levels - 1,
+                        upsample=level > 0, ip=cfg.ip_cross_attention)
+            )
+        self.up_blocks = nn.ModuleList(up_blocks)
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chs[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
 
     def forward(
         self,
@@ -578,81 +560,55 @@ class UNet3D(nn.Module):
         refer: ReferenceFeatures | None = None,
         temporal: bool = True,
     ) -> torch.Tensor:
-        """Noise prediction (B,4,T,h,w) for sample (B,4,T,h,w) whose first `condition_frames` frames
-        are clean condition latents. `temporal=False` is the 2D (text-to-image) mode: every temporal
-        layer is skipped; reference-only attention and the zero condition-frame time embedding then
-        only act if T > 1 (as in the original); IP-Adapter and refer fusion stay active."""
-        self._check_inputs(sample, text, condition_frames, ip_tokens, refer)
-        b, c, t, h, w = sample.shape
-        ctx = self._conditioning(sample, timestep, text, condition_frames, motion_speed, ip_tokens, ip_scale, temporal)
+        """Noise prediction for `sample` (B,4,T,h,w), whose first `condition_frames` frames are clean
+        condition latents. `text` (B,L,D), `ip_tokens` (B,n,D) and `refer` have one row per sample."""
+        cfg = self.config
+        b, _, t, h, w = sample.shape
+        dtype = self.conv_in.weight.dtype
+        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
 
-        x = self.conv_in(sample.transpose(1, 2).reshape(b * t, c, h, w))  # (b t) c h w
-        if temporal and self.transformer_in is not None:
+        emb = self.time_embedding(sinusoidal_embedding(timestep, cfg.block_out_channels[0]).to(dtype))
+        if cfg.anivv1:
+            emb = F.silu(emb)
+        emb = emb.repeat_interleave(t, 0)  # (b t) d
+        if cfg.zero_condition_temb and t > 1 and condition_frames > 0:
+            emb = emb.unflatten(0, (b, t)).clone()
+            emb[:, :condition_frames] = 0
+            emb = emb.flatten(0, 1)
+
+        frame_emb = None
+        if temporal:
+            # window-local positions 0..T-1, the condition frame at 0 (x motion_speed for anivv1)
+            positions = torch.arange(t, device=sample.device)
+            if cfg.anivv1:
+                positions = (positions * motion_speed).long()
+            frame_emb = self.frame_embedding(sinusoidal_embedding(positions, cfg.block_out_channels[0]).to(dtype))
+            if cfg.anivv1:
+                frame_emb = F.silu(frame_emb)
+        ctx = FrameContext(t, condition_frames, text.to(dtype), frame_emb,
+                           None if ip_tokens is None else ip_tokens.to(dtype), ip_scale)
+        fuse = cfg.refer_fusion and refer is not None
+
+        x = self.conv_in(to_frames(sample.to(dtype)))  # (b t) c h w
+        if temporal and cfg.transformer_in:
             x = self.transformer_in(x, ctx)
-        if refer is not None:
+        if fuse:
             x = self.first_refer_emb_attns(x, refer.down[0], t)
         skips = [x]
         for i, block in enumerate(self.down_blocks):
-            x, states = block(x, ctx, None if refer is None else self.refer_features_for_block(refer, i))
-            skips += states
-        x = self.mid_block(x, ctx)
-        if refer is not None:
+            features = None
+            if fuse:
+                # MuseV slices ReferenceNet features as [1 + n*i : 1 + n*i + n], n = layers (+1 with a
+                # downsampler). For the last block that starts at 7, not 10: it reuses the h/4 maps
+                # 7 and 8 instead of the h/8 maps 10, 11. Trained that way, so kept (model.md §7.3).
+                n = len(block.resnets) + hasattr(block, "downsamplers")
+                features = refer.down[1 + n * i : 1 + n * i + n]
+            x, block_skips = block(x, emb, ctx, features)
+            skips.extend(block_skips)
+        x = self.mid_block(x, emb, ctx)
+        if fuse:
             x = self.mid_block_refer_emb_attns(x, refer.mid, t)
         for block in self.up_blocks:
-            n = len(block.resnets)
-            skips, block_skips = skips[:-n], skips[-n:]
-            x = block(x, block_skips, ctx, skips[-1].shape[-2:] if skips else None)
+            x = block(x, emb, ctx, skips)
         x = self.conv_out(F.silu(self.conv_norm_out(x)))
-        return x.reshape(b, t, -1, h, w).transpose(1, 2)  # b c t h w
-
-    def _conditioning(self, sample, timestep, text, condition_frames, motion_speed, ip_tokens, ip_scale, temporal):
-        cfg = self.config
-        b, _, t = sample.shape[:3]
-        dtype = self.conv_in.weight.dtype
-        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
-        temb = self.time_embedding(timestep_embedding(timesteps, cfg.block_out_channels[0]).to(dtype))
-        if cfg.anivv1_cfg:
-            temb = F.silu(temb)
-        temb = temb.repeat_interleave(t, dim=0)  # (b t) d
-        if cfg.keep_vision_condition and condition_frames > 0 and t > 1:
-            temb.view(b, t, -1)[:, :condition_frames] = 0
-
-        femb = None
-        if temporal:
-            frame_index = torch.arange(t, device=sample.device)  # window-local positions
-            if cfg.anivv1_cfg:
-                frame_index = (frame_index * motion_speed).long()
-            femb = self.frame_embedding(timestep_embedding(frame_index, cfg.block_out_channels[0]).to(dtype))
-            if cfg.anivv1_cfg:
-                femb = F.silu(femb)
-        return FrameConditioning(t, temb, text, femb, condition_frames, temporal, ip_tokens, ip_scale)
-
-    def _check_inputs(self, sample, text, condition_frames, ip_tokens, refer) -> None:
-        cfg = self.config
-        if sample.ndim != 5 or sample.shape[1] != cfg.in_channels:
-            raise ValueError(f"sample must be (B, {cfg.in_channels}, T, h, w); got {tuple(sample.shape)}")
-        b, t = sample.shape[0], sample.shape[2]
-        if text.ndim != 3 or text.shape[0] != b or text.shape[2] != cfg.cross_attention_dim:
-            raise ValueError(
-                f"text must be (B={b}, L, {cfg.cross_attention_dim}) to match the sample; got {tuple(text.shape)}"
-            )
-        if not 0 <= condition_frames <= t:
-            raise ValueError(f"condition_frames={condition_frames} must be between 0 and T={t}")
-        if ip_tokens is not None:
-            if not cfg.ip_cross_attn:
-                raise ValueError("this UNet has no IP-Adapter cross-attention (ip_cross_attn=False); pass ip_tokens=None")
-            if ip_tokens.ndim != 3 or ip_tokens.shape[0] != b or ip_tokens.shape[2] != cfg.cross_attention_dim:
-                raise ValueError(
-                    f"ip_tokens must be (B={b}, n, {cfg.cross_attention_dim}); got {tuple(ip_tokens.shape)}"
-                )
-        if refer is not None:
-            if not cfg.refer_fusion:
-                raise ValueError("this UNet has no ReferenceNet fusion (refer_fusion=False); pass refer=None")
-            levels = len(cfg.block_out_channels)
-            expected = 1 + levels * cfg.layers_per_block + levels - 1  # conv_in, every layer, every downsampler
-            if len(refer.down) != expected or any(f.ndim != 4 or f.shape[0] != b for f in (*refer.down, refer.mid)):
-                shapes = [tuple(f.shape) for f in refer.down]
-                raise ValueError(
-                    f"refer must hold {expected} down features and a mid feature, each (B={b}, C, h, w); "
-                    f"got down {shapes}, mid {tuple(refer.mid.shape)}"
-                )
+        return to_video(x, t)  # b c t h w

@@ -27,3 +27,24 @@ def max_abs_error(ours: torch.Tensor, reference: torch.Tensor, what: str) -> flo
     err = (ours.double() - reference.double()).abs().max().item() if ours.numel() else 0.0
     print(f"{what}: max abs error {err:.3g}")
     return err
+
+
+def original_fixture_models(shared_dir: Path, variant: str):
+    """Our UNet3D (and ReferenceNet) loaded with the original MuseV fixture weights (fp16 on disk -> fp32)."""
+    import json
+
+    from musev_lite.referencenet import ReferenceNet
+    from musev_lite.unet import UNet3D, UNet3DConfig
+    from musev_lite.weights import load_weights, read_state_dict
+
+    root = shared_dir / "reference/fixtures" / variant
+    config = UNet3DConfig.from_diffusers(json.loads((root / "unet/config.json").read_text()), variant)
+    unet = UNet3D(config).eval()
+    weights = root / "unet/diffusion_pytorch_model.safetensors"
+    load_weights(unet, {k: v.float() for k, v in read_state_dict(weights).items()}, str(weights))
+    referencenet = None
+    if (root / "referencenet").is_dir():
+        referencenet = ReferenceNet(config).eval()
+        weights = root / "referencenet/diffusion_pytorch_model.safetensors"
+        load_weights(referencenet, {k: v.float() for k, v in read_state_dict(weights).items()}, str(weights))
+    return unet, referencenet

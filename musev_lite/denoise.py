@@ -1,0 +1,214 @@
+"""Visual-conditioned parallel denoising, MuseV's way of making a long video in one pass.
+
+The video's latent frames are cut into overlapping windows. At every sampler step, every window is
+denoised at the same noise level, each with the clean latent of the condition image prefixed at its
+local frame 0, and the noise predictions of overlapping windows are averaged frame by frame. No window
+waits for a finished neighbour, so errors do not pile up along the video (MuseV paper, "parallel
+denoising" figure; spec: pipeline.md §3-§4).
+
+    windows = context_windows(...)                 # which frames each UNet call sees
+    latents = initial_latents(...)                 # VideoFusion noise, nudged toward the image
+    latents = parallel_denoise(unet, latents, ...) # the loop
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+CONTEXT_SCHEDULES = ("uniform_v2", "uniform")
+GUIDANCE_METHODS = ("linear", "two_stage", "three_stage", "fix_two_stage")
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows (pipeline.md §3.2)
+
+
+def uniform_v2_windows(num_frames: int, context_frames: int, overlap: int) -> list[list[int]]:
+    """Plain sliding windows starting every `context_frames - overlap` frames; the last may be short."""
+    stride = context_frames - overlap
+    return [
+        list(range(start, min(start + context_frames, num_frames)))
+        for start in range(0, num_frames, stride)
+    ]
+
+
+def uniform_windows(num_frames: int, context_frames: int, overlap: int) -> list[list[int]]:
+    """Full-length windows every `context_frames - overlap` frames; the tail wraps round to frame 0.
+
+    This is the original's "uniform" schedule at step 0 with context_stride 1, the only way it is
+    ever called; its ordered-halving shift and multi-stride levels are then inert.
+    """
+    if num_frames <= context_frames:
+        return [list(range(num_frames))]
+    stride = context_frames - overlap
+    return [
+        [frame % num_frames for frame in range(start, start + context_frames)]
+        for start in range(0, num_frames, stride)
+    ]
+
+
+def context_windows(
+    schedule: str, num_frames: int, context_frames: int = 12, overlap: int = 4
+) -> list[list[int]]:
+    """The windows a whole pipeline call iterates over, at every step."""
+    if schedule not in CONTEXT_SCHEDULES:
+        raise ValueError(f"context_schedule {schedule!r} is unknown; use one of {CONTEXT_SCHEDULES}")
+    if not 0 <= overlap < context_frames:
+        raise ValueError(
+            f"context_overlap ({overlap}) must be >= 0 and smaller than context_frames ({context_frames})"
+        )
+    make = uniform_v2_windows if schedule == "uniform_v2" else uniform_windows
+    windows = make(num_frames, context_frames, overlap)
+    # A last window ending on the same frame as the one before adds nothing: drop it (as the original).
+    if len(windows) >= 2 and windows[-1][-1] == windows[-2][-1]:
+        windows = windows[:-1]
+    return windows
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting noise (pipeline.md §4.2)
+
+
+def video_fusion_noise(
+    shape: Sequence[int], generator: torch.Generator | None, w_ind_noise: float = 0.5, **tensor_kw
+) -> torch.Tensor:
+    """VideoFusion noise: one draw shared by all frames plus an independent draw per frame.
+
+    Every pair of frames is correlated by `1 - w_ind_noise`. Draw order (common, then individual)
+    matches the original, so a seeded generator gives the same tensors.
+    """
+    b, c, t, h, w = shape
+    common = torch.randn((b, c, 1, h, w), generator=generator, **tensor_kw)
+    individual = torch.randn((b, c, t, h, w), generator=generator, **tensor_kw)
+    return math.sqrt(1 - w_ind_noise) * common + math.sqrt(w_ind_noise) * individual
+
+
+def initial_latents(
+    shape: Sequence[int],
+    generator: torch.Generator | None,
+    init_noise_sigma: float,
+    w_ind_noise: float = 0.5,
+    condition_latent: torch.Tensor | None = None,
+    img_weight: float = 1e-3,
+    **tensor_kw,
+) -> torch.Tensor:
+    """x_T for image/text-to-video: VideoFusion noise mixed with the condition latent, times sigma_max.
+
+    `condition_latent` (B,4,n,h,w): its mean over frames is mixed in with weight sqrt(img_weight);
+    this leaks a faint copy of the image into x_T, which MuseV does by default.
+    """
+    noise = video_fusion_noise(shape, generator, w_ind_noise, **tensor_kw)
+    if condition_latent is not None and img_weight > 0:
+        image = condition_latent.mean(dim=2, keepdim=True).to(noise)
+        noise = math.sqrt(img_weight) * image + math.sqrt(1 - img_weight) * noise
+    return noise * init_noise_sigma
+
+
+# ---------------------------------------------------------------------------------------------
+# Guidance schedule (pipeline.md §4.3)
+
+
+def guidance_scales(start: float, num_steps: int, end: float | None = None, method: str = "linear") -> list[float]:
+    """Classifier-free guidance scale per step: constant unless `end` is given."""
+    if method not in GUIDANCE_METHODS:
+        raise ValueError(f"guidance_method {method!r} is unknown; use one of {GUIDANCE_METHODS}")
+    if end is None or end == start:
+        return [float(start)] * num_steps
+    if method == "linear":
+        return [float(g) for g in np.linspace(start, end, num_steps)]
+    if method == "two_stage":
+        first = num_steps // 2
+        return [float(start)] * first + [float(end)] * (num_steps - first)
+    if method == "fix_two_stage":
+        first = min(3, num_steps)
+        return [float(start)] * first + [float(end)] * (num_steps - first)
+    third = num_steps // 3  # three_stage; the middle value uses floor division, as the original
+    return [float(start)] * third + [float((start + end) // 2)] * third + [float(end)] * (num_steps - 2 * third)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop (pipeline.md §3.3-§3.4, §4.4)
+
+
+def repeat_per_window(x, num_windows: int):
+    """[uncond; cond]-batched conditioning -> the same for `num_windows` windows stacked in one call.
+
+    Works on tensors and on (named) tuples/lists of them, e.g. ReferenceNet features. Layout of the
+    result: all uncond windows, then all cond windows, window-major inside each half.
+    """
+    if x is None or num_windows == 1:
+        return x
+    if isinstance(x, torch.Tensor):
+        uncond, cond = x.chunk(2)
+        reps = (num_windows,) + (1,) * (x.dim() - 1)
+        return torch.cat([uncond.repeat(reps), cond.repeat(reps)])
+    items = [repeat_per_window(item, num_windows) for item in x]
+    return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+
+
+def window_groups(windows: list[list[int]], window_batch: int) -> list[list[list[int]]]:
+    """Windows that go through the UNet together: same length, at most `window_batch` per call."""
+    if window_batch < 1:
+        raise ValueError(f"window_batch must be >= 1, got {window_batch}")
+    groups: list[list[list[int]]] = []
+    for window in windows:
+        last = groups[-1] if groups else None
+        if last is not None and len(last) < window_batch and len(last[0]) == len(window):
+            last.append(window)
+        else:
+            groups.append([window])
+    return groups
+
+
+def parallel_denoise(
+    unet: Callable[..., torch.Tensor],
+    latents: torch.Tensor,
+    condition_latent: torch.Tensor,
+    text: torch.Tensor,
+    sampler,
+    windows: list[list[int]],
+    guidance: Sequence[float],
+    window_batch: int = 1,
+    unet_kwargs: dict | None = None,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Denoise `latents` (B,4,T,h,w) window by window, every step, around a clean condition frame.
+
+    unet(sample, t, text, condition_frames=n, **unet_kwargs) -> noise prediction, same shape as sample.
+    `condition_latent` (B,4,n,h,w) is the clean latent of the condition image(s), put in front of every
+    window on both guidance halves. `text` and any tensors in `unet_kwargs` are batched
+    [uncond; cond] (2B). Windows of equal length are stacked along the batch, `window_batch` per call;
+    the result equals the one-window-at-a-time loop of the original.
+    """
+    unet_kwargs = unet_kwargs or {}
+    n_cond = condition_latent.shape[2]
+    groups = window_groups(windows, window_batch)
+    for i, t in enumerate(sampler.timesteps):
+        noise_sum = torch.zeros((2 * latents.shape[0], *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
+        count = torch.zeros(latents.shape[2], dtype=latents.dtype, device=latents.device)
+        for group in groups:
+            k = len(group)
+            x = torch.cat([latents[:, :, w] for w in group])  # (k b) 4 L h w, window-major
+            x = sampler.scale_model_input(torch.cat([x, x]), i)  # [uncond; cond]
+            condition = condition_latent.repeat(2 * k, 1, 1, 1, 1).to(x)  # clean, unscaled
+            sample = torch.cat([condition, x], dim=2)  # (2 k b) 4 (n+L) h w: condition at frame 0
+            kwargs = {name: repeat_per_window(v, k) for name, v in unet_kwargs.items()}
+            noise = unet(sample, t, repeat_per_window(text, k), condition_frames=n_cond, **kwargs)
+            noise = noise[:, :, n_cond:]  # the condition frame's prediction is not used
+            uncond, cond = noise.chunk(2)
+            for j, window in enumerate(group):
+                index = torch.tensor(window, device=latents.device)
+                rows = slice(j * latents.shape[0], (j + 1) * latents.shape[0])
+                noise_sum.index_add_(2, index, torch.cat([uncond[rows], cond[rows]]))
+                count[index] += 1
+        noise_pred = noise_sum / count.view(1, 1, -1, 1, 1)  # flat average over overlapping windows
+        uncond, cond = noise_pred.chunk(2)
+        noise_pred = uncond + guidance[i] * (cond - uncond)
+        latents = sampler.step(noise_pred, i, latents)
+        if callback is not None:
+            callback(i, latents)
+    return latents

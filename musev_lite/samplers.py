@@ -1,0 +1,256 @@
+"""Samplers: Euler (MuseV's default) and DDIM, as plain arithmetic over the noise schedule.
+
+    betas            -> alphas_cumprod[t] = prod_{s<=t} (1 - beta_s)     (the training noise schedule)
+    sigma(t)         =  sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])
+    Euler step       x <- x + (x - x0_hat) / sigma_i * (sigma_{i+1} - sigma_i)
+    DDIM step        x <- sqrt(a_prev) x0_hat + sqrt(1 - a_prev - s^2) eps_hat + s z
+
+Both match diffusers' EulerDiscreteScheduler / DDIMScheduler step for step (same float32 schedule
+arithmetic), read their settings from a checkpoint's `scheduler_config.json` the way diffusers'
+`from_config` does, and share one small interface used by the denoising loop: `timesteps`,
+`init_noise_sigma`, `scale_model_input(x, i)`, `step(model_output, i, x, generator)`,
+`add_noise(x0, noise, i)`, where `i` is the index of the step (0 = noisiest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from numbers import Integral, Real
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BETA_SCHEDULES = ("linear", "scaled_linear")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+SPACINGS = ("linspace", "leading", "trailing")
+SAMPLERS = ("euler", "ddim")
+
+# Settings of diffusers' schedulers that this module does not implement, with the value that turns
+# them off. A config that turns one on is refused instead of being sampled differently in silence.
+UNSUPPORTED = {
+    "trained_betas": None,
+    "rescale_betas_zero_snr": False,
+    "thresholding": False,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "interpolation_type": "linear",
+    "timestep_type": "discrete",
+    "final_sigmas_type": "zero",
+}
+
+
+@dataclass
+class SchedulerConfig:
+    """The training noise schedule and how to walk it. Defaults are diffusers' (Euler's = DDIM's), so a
+    `scheduler_config.json` that lacks a key means the same here as in diffusers' `from_config`.
+
+    `timestep_spacing=None` means "not in the file": each sampler then uses its own default, as
+    diffusers does (Euler: linspace, DDIM: leading). MuseV builds its Euler from SD1.5's PNDM config,
+    which lacks the key, so its runs use linspace spacing (pipeline.md §4.1).
+    `set_alpha_to_one`, `clip_sample` and `clip_sample_range` are used by DDIM only.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"
+    timestep_spacing: str | None = None
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+
+    def __post_init__(self):
+        for key, allowed in (
+            ("beta_schedule", BETA_SCHEDULES),
+            ("prediction_type", PREDICTION_TYPES),
+            ("timestep_spacing", SPACINGS + (None,)),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ValueError(
+                    f"scheduler config: {key}={getattr(self, key)!r} is not supported; use one of {allowed}"
+                )
+        for key, ok, what in (
+            ("num_train_timesteps", _is_int(self.num_train_timesteps) and self.num_train_timesteps >= 1,
+             "an integer >= 1"),
+            ("steps_offset", _is_int(self.steps_offset) and self.steps_offset >= 0, "an integer >= 0"),
+            ("beta_start", _is_real(self.beta_start) and 0 < self.beta_start < 1, "a number in (0, 1)"),
+            ("beta_end", _is_real(self.beta_end) and 0 < self.beta_end < 1, "a number in (0, 1)"),
+            ("clip_sample_range", _is_real(self.clip_sample_range) and self.clip_sample_range > 0,
+             "a number > 0"),
+            ("set_alpha_to_one", isinstance(self.set_alpha_to_one, bool), "true or false"),
+            ("clip_sample", isinstance(self.clip_sample, bool), "true or false"),
+        ):
+            if not ok:
+                raise ValueError(f"scheduler config: {key}={getattr(self, key)!r} must be {what}")
+
+    @classmethod
+    def from_dict(cls, config: dict) -> SchedulerConfig:
+        """Keep the keys we use; others (`_class_name`, `skip_prk_steps`, ...) do not change the math."""
+        if not isinstance(config, dict):
+            raise ValueError(f"scheduler config: expected a JSON object of settings, got {type(config).__name__}")
+        for key, off in UNSUPPORTED.items():
+            if config.get(key, off) != off:
+                raise ValueError(
+                    f"scheduler config: {key}={config[key]!r} is not supported by musev_lite's samplers; "
+                    f"remove the key or set it to {json.dumps(off)}"
+                )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in fields})
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> SchedulerConfig:
+        path = Path(path)
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: cannot read scheduler config ({err})") from None
+        try:
+            return cls.from_dict(config)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """Cumulative product of (1 - beta_t), in float32 as diffusers computes it."""
+        n = self.num_train_timesteps
+        if self.beta_schedule == "linear":
+            betas = torch.linspace(self.beta_start, self.beta_end, n, dtype=torch.float32)
+        else:  # scaled_linear: linear in sqrt(beta)
+            betas = torch.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=torch.float32) ** 2
+        return torch.cumprod(1.0 - betas, dim=0)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def spaced_timesteps(config: SchedulerConfig, num_steps: int, spacing: str) -> np.ndarray:
+    """The `num_steps` training timesteps to visit, noisiest first (float64; linspace's may be fractional).
+
+    Same numbers as diffusers. One difference: for some step counts (61, 103, ... of 1000) diffusers'
+    trailing `arange` yields one timestep too many (-1); we keep the first `num_steps`.
+    """
+    n = config.num_train_timesteps
+    if not _is_int(num_steps) or not 1 <= num_steps <= n:
+        raise ValueError(f"num_steps must be an integer in 1..{n} (num_train_timesteps), got {num_steps!r}")
+    if spacing == "linspace":
+        timesteps = np.linspace(0, n - 1, num_steps)[::-1].copy()
+    elif spacing == "leading":
+        timesteps = (np.arange(num_steps) * (n // num_steps)).round()[::-1] + config.steps_offset
+    else:  # trailing
+        timesteps = np.round(np.arange(n, 0, -n / num_steps))[:num_steps] - 1
+    if timesteps[0] > n - 1:
+        raise ValueError(
+            f"num_steps={num_steps} with steps_offset={config.steps_offset} starts at timestep "
+            f"{timesteps[0]:g}, past the last training timestep {n - 1}; use fewer steps or steps_offset=0"
+        )
+    return timesteps
+
+
+class EulerSampler:
+    """Deterministic Euler over sigmas (diffusers' EulerDiscreteScheduler with s_churn = 0).
+
+    MuseV's own Euler subclass also draws a noise tensor from the pipeline's generator at every step
+    and never uses it (gamma = 0, pipeline.md §4.1). That only advances the generator, so it is left
+    out here: the latents are the same, the generator's state afterwards is not.
+    """
+
+    def __init__(self, config: SchedulerConfig, num_steps: int):
+        self.config = config
+        spacing = config.timestep_spacing or "linspace"
+        timesteps = spaced_timesteps(config, num_steps, spacing).astype(np.float32)
+        alphas_cumprod = config.alphas_cumprod()
+        train_sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
+        sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)  # fractional t: linear
+        self.timesteps = torch.from_numpy(timesteps)
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))  # (N+1,), last 0
+        sigma_max = self.sigmas.max()
+        self.init_noise_sigma = float(sigma_max if spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5)
+
+    def scale_model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return x / ((self.sigmas[i] ** 2 + 1) ** 0.5)
+
+    def step(self, model_output: torch.Tensor, i: int, x: torch.Tensor, generator=None) -> torch.Tensor:
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        x = x.float()
+        if self.config.prediction_type == "epsilon":
+            x0 = x - sigma * model_output
+        else:  # v_prediction
+            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+        derivative = (x - x0) / sigma
+        return (x + derivative * (sigma_next - sigma)).to(model_output.dtype)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        return x0 + noise * self.sigmas[i].to(x0.dtype)
+
+
+class DDIMSampler:
+    """DDIM (diffusers' DDIMScheduler): deterministic at eta = 0, adds fresh noise for eta > 0."""
+
+    init_noise_sigma = 1.0
+
+    def __init__(self, config: SchedulerConfig, num_steps: int, eta: float = 0.0):
+        if not _is_real(eta) or eta < 0:
+            raise ValueError(f"eta must be a number >= 0 (0 = deterministic DDIM), got {eta!r}")
+        self.config, self.eta = config, eta
+        spacing = config.timestep_spacing or "leading"
+        timesteps = spaced_timesteps(config, num_steps, spacing)
+        self.timesteps = torch.from_numpy(timesteps.round().astype(np.int64))
+        self.alphas_cumprod = config.alphas_cumprod()
+        self.final_alpha_cumprod = torch.tensor(1.0) if config.set_alpha_to_one else self.alphas_cumprod[0]
+        # diffusers steps back by this fixed stride whatever the spacing (so with linspace/trailing the
+        # previous timestep is not always the next one in `timesteps`); kept for equal results
+        self.stride = config.num_train_timesteps // num_steps
+
+    def scale_model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return x
+
+    def step(self, model_output: torch.Tensor, i: int, x: torch.Tensor, generator=None) -> torch.Tensor:
+        """For eta > 0 the variance noise is drawn from `generator` (the global RNG when None) with the
+        model output's shape and dtype, on the generator's device, as diffusers does."""
+        t = int(self.timesteps[i])
+        prev = t - self.stride
+        a_t = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
+        b_t = 1 - a_t
+        if self.config.prediction_type == "epsilon":
+            x0 = (x - b_t**0.5 * model_output) / a_t**0.5
+            eps = model_output
+        else:  # v_prediction
+            x0 = a_t**0.5 * x - b_t**0.5 * model_output
+            eps = a_t**0.5 * model_output + b_t**0.5 * x
+        if self.config.clip_sample:
+            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        variance = ((1 - a_prev) / b_t) * (1 - a_t / a_prev)
+        std = self.eta * variance**0.5
+        x_prev = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+        if self.eta > 0:
+            device = generator.device if generator is not None else model_output.device
+            noise = torch.randn(model_output.shape, generator=generator, dtype=model_output.dtype, device=device)
+            x_prev = x_prev + std * noise.to(model_output.device)
+        return x_prev
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        a = self.alphas_cumprod[int(self.timesteps[i])].to(x0.dtype)
+        return a**0.5 * x0 + (1 - a) ** 0.5 * noise
+
+
+def make_sampler(name: str, config: SchedulerConfig, num_steps: int, eta: float = 0.0):
+    """"euler" (MuseV's default; eta must stay 0) or "ddim"."""
+    if name == "euler":
+        if eta != 0:
+            raise ValueError(f"eta={eta!r} only applies to the 'ddim' sampler; Euler here is deterministic (eta 0)")
+        return EulerSampler(config, num_steps)
+    if name == "ddim":
+        return DDIMSampler(config, num_steps, eta)
+    raise ValueError(f"sampler {name!r} is unknown; use one of {SAMPLERS}")

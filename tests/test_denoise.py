@@ -1,0 +1,166 @@
+"""The parallel-denoising loop's parts: windows, starting noise, guidance, and batched windows."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import max_abs_error
+from musev_lite.denoise import (
+    context_windows,
+    guidance_scales,
+    initial_latents,
+    parallel_denoise,
+    repeat_per_window,
+    window_groups,
+)
+
+
+def test_windows_equal_the_original(shared):
+    records = json.loads((shared / "reference/fixtures/windows.json").read_text())["records"]
+    assert len(records) >= 24
+    for r in records:
+        ours = context_windows(r["context_schedule"], r["num_frames"], r["context_frames"], r["context_overlap"])
+        assert ours == r["windows"], (r["context_schedule"], r["num_frames"])
+
+
+def test_window_arguments_are_checked():
+    with pytest.raises(ValueError, match="context_schedule 'sliding' is unknown"):
+        context_windows("sliding", 20)
+    with pytest.raises(ValueError, match=r"context_overlap \(12\) must be"):
+        context_windows("uniform_v2", 20, 12, 12)
+
+
+@pytest.mark.parametrize("variant", ["musev", "musev_referencenet"])
+@pytest.mark.parametrize("run", ["t20_linspace", "t20_leading", "t13_linspace3"])
+def test_initial_latents_equal_the_original(shared, variant, run):
+    fixtures = shared / "reference/fixtures"
+    tensors = load_file(fixtures / variant / f"{run}.safetensors")
+    manifest = json.loads((fixtures / "manifest.json").read_text())
+    init_sigma = manifest["variants"][variant]["runs"][run]["init_noise_sigma"]
+    assert manifest["seed_offsets"]["generator"] == 1000
+    generator = torch.Generator("cpu").manual_seed(1000)
+    x_t = initial_latents(
+        tensors["latents.x_T"].shape, generator, init_sigma, 0.5, tensors["cond.condition_latents"], 1e-3
+    )
+    replay = torch.Generator("cpu").manual_seed(1000)
+    assert torch.equal(torch.randn(tensors["noise.draw0"].shape, generator=replay), tensors["noise.draw0"])
+    assert torch.equal(torch.randn(tensors["noise.draw1"].shape, generator=replay), tensors["noise.draw1"])
+    assert max_abs_error(x_t, tensors["latents.x_T"], f"{variant}/{run} x_T") <= 1e-5
+
+
+def test_guidance_schedules():
+    assert guidance_scales(3.5, 4) == [3.5] * 4
+    assert guidance_scales(7.0, 5, 3.0, "linear") == pytest.approx([7.0, 6.0, 5.0, 4.0, 3.0])
+    assert guidance_scales(7.0, 5, 3.0, "two_stage") == [7.0, 7.0, 3.0, 3.0, 3.0]
+    assert guidance_scales(7.0, 7, 3.0, "three_stage") == [7.0, 7.0, 5.0, 5.0, 3.0, 3.0, 3.0]
+    assert guidance_scales(7.0, 5, 3.0, "fix_two_stage") == [7.0, 7.0, 7.0, 3.0, 3.0]
+    with pytest.raises(ValueError, match="guidance_method 'cosine'"):
+        guidance_scales(7.0, 5, 3.0, "cosine")
+
+
+def test_window_groups_keep_lengths_apart():
+    windows = context_windows("uniform_v2", 25, 12, 4)  # 12, 12, 9 frames
+    assert [len(g) for g in window_groups(windows, 4)] == [2, 1]
+    assert [len(g) for g in window_groups(windows, 1)] == [1, 1, 1]
+    with pytest.raises(ValueError, match="window_batch must be >= 1"):
+        window_groups(windows, 0)
+
+
+def test_repeat_per_window_layout():
+    x = torch.tensor([[0.0], [1.0]])  # [uncond; cond]
+    assert repeat_per_window(x, 3).flatten().tolist() == [0, 0, 0, 1, 1, 1]
+    pair = repeat_per_window((x, [x]), 2)
+    assert pair[0].flatten().tolist() == [0, 0, 1, 1] and pair[1][0].flatten().tolist() == [0, 0, 1, 1]
+
+
+class Recorder:
+    """A stand-in UNet: a fixed non-linear function of every input, recording what it saw."""
+
+    def __init__(self):
+        self.calls = []
+        torch.manual_seed(0)
+        self.mix = torch.randn(4, 4)
+
+    def __call__(self, sample, t, text, condition_frames, extra):
+        self.calls.append((sample.clone(), text.clone(), extra.clone()))
+        b, c, f, h, w = sample.shape
+        frames = torch.arange(f, dtype=sample.dtype).view(1, 1, f, 1, 1)
+        out = torch.einsum("dc,bcfhw->bdfhw", self.mix, sample).tanh()
+        window_mean = sample.mean(dim=(1, 2, 3, 4), keepdim=True)  # couples the frames of a window
+        text_term = 1e-3 * text.sum(dim=(1, 2)).view(b, 1, 1, 1, 1)
+        return out + 0.1 * frames + window_mean + text_term + extra.view(b, 1, 1, 1, 1)
+
+
+class HalfSampler:
+    """Stand-in sampler with the interface of musev_lite.samplers."""
+
+    timesteps = torch.tensor([900.0, 500.0, 100.0])
+
+    def scale_model_input(self, x, i):
+        return x / (i + 2.0)
+
+    def step(self, noise, i, x):
+        return x - 0.3 * noise
+
+
+def run_loop(window_batch):
+    torch.manual_seed(1)
+    latents = torch.randn(1, 4, 25, 2, 3)
+    condition = torch.randn(1, 4, 1, 2, 3)
+    text = torch.randn(2, 5, 8)
+    extra = torch.tensor([0.25, -0.5])
+    unet = Recorder()
+    windows = context_windows("uniform_v2", 25, 12, 4)
+    out = parallel_denoise(
+        unet, latents, condition, text, HalfSampler(), windows, [3.5, 3.0, 2.5],
+        window_batch=window_batch, unet_kwargs={"extra": extra},
+    )
+    return out, unet, latents, condition, text
+
+
+def test_batched_windows_equal_one_at_a_time():
+    one, unet_one, *_ = run_loop(1)
+    many, unet_many, *_ = run_loop(8)
+    assert len(unet_one.calls) == 3 * 3 and len(unet_many.calls) == 3 * 2
+    assert max_abs_error(many, one, "batched vs unbatched windows") <= 1e-6
+
+
+def test_every_window_sees_the_clean_condition_frame_first():
+    _, unet, latents, condition, text = run_loop(8)
+    sample, seen_text, extra = unet.calls[0]  # step 0, the two 12-frame windows together
+    assert sample.shape == (4, 4, 13, 2, 3)  # [uncond w0, uncond w1, cond w0, cond w1]
+    for row in range(4):
+        assert torch.equal(sample[row, :, :1], condition[0])  # unscaled, both halves
+    assert torch.equal(sample[0, :, 1:], latents[0, :, 0:12] / 2.0)  # scale_model_input(step 0)
+    assert torch.equal(sample[3, :, 1:], latents[0, :, 8:20] / 2.0)
+    assert torch.equal(seen_text[1], text[0]) and torch.equal(seen_text[2], text[1])
+    assert extra.tolist() == [0.25, 0.25, -0.5, -0.5]
+
+
+def test_overlap_is_a_flat_average():
+    """One step by hand: frames covered twice get the mean of both windows' predictions."""
+    torch.manual_seed(2)
+    latents = torch.randn(1, 4, 20, 2, 3)
+    condition = torch.randn(1, 4, 1, 2, 3)
+    text = torch.randn(2, 5, 8)
+    extra = torch.zeros(2)
+    unet = Recorder()
+
+    class OneStep(HalfSampler):
+        timesteps = torch.tensor([500.0])
+
+    windows = context_windows("uniform_v2", 20, 12, 4)  # [0..11], [8..19]
+    out = parallel_denoise(unet, latents, condition, text, OneStep(), windows, [2.0], unet_kwargs={"extra": extra})
+    preds = []
+    for window in windows:
+        x = latents[:, :, window] / 2.0
+        sample = torch.cat([torch.cat([condition, x], 2)] * 2)
+        preds.append(Recorder()(sample, 0, text, 1, extra)[:, :, 1:])
+    expected = torch.zeros(2, 4, 20, 2, 3)
+    expected[:, :, :8] = preds[0][:, :, :8]
+    expected[:, :, 8:12] = (preds[0][:, :, 8:] + preds[1][:, :, :4]) / 2
+    expected[:, :, 12:] = preds[1][:, :, 4:]
+    guided = expected[:1] + 2.0 * (expected[1:] - expected[:1])
+    assert max_abs_error(out, latents - 0.3 * guided, "one step by hand") <= 1e-6
