@@ -91,8 +91,44 @@ def make_samplers():
     (OUT / "samplers" / "cases.json").write_text(f"[\n{lines}\n]\n")
 
 
+def make_unet2d():
+    """A tiny random diffusers UNet2DConditionModel with SD1.5's structure (4 levels, 2 layers,
+    cross-attention in the first 3, widths changing so every conv_shortcut exists), its output for a
+    12x20 latent (not a multiple of 8: the up path meets odd sizes) at fractional and integer
+    timesteps. Weights are random (not diffusers' init, so every tensor matters) and rounded to fp16
+    before the run, stored fp16: exact when read back as fp32. Keeps the fixture under 1 MB."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(8, 16, 24, 24), layers_per_block=2, attention_head_dim=2,
+        norm_num_groups=4, cross_attention_dim=16,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ).eval()
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            if "norm" in name:
+                p.copy_(1 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(noise / p[0].numel() ** 0.5)  # N(0, 1/fan_in)
+            p.copy_(p.half().float())
+    sample = torch.randn((2, 4, 12, 20), generator=generator)
+    timestep = torch.tensor([499.5, 21.0])
+    text = torch.randn((2, 7, 16), generator=generator)
+    with torch.no_grad():
+        out = unet(sample, timestep, encoder_hidden_states=text).sample
+    save("unet2d", "weights", {k: v.half() for k, v in unet.state_dict().items()})
+    save("unet2d", "io", {"sample": sample, "timestep": timestep, "text": text, "out": out})
+    (OUT / "unet2d" / "config.json").write_text(json.dumps(dict(unet.config), indent=1, default=list) + "\n")
+
+
 PARTS = {
     "samplers": make_samplers,
+    "unet2d": make_unet2d,
 }
 
 if __name__ == "__main__":
