@@ -19,6 +19,18 @@ from safetensors.torch import save_file
 OUT = Path(__file__).resolve().parent / "fixtures"
 
 
+def round_to_fp16(model):
+    """Round every parameter to float16 (stored so), keep computing in float32: small, exact fixtures."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model
+
+
+def fp16_state(model) -> dict:
+    return {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+
+
 def save(part: str, name: str, tensors: dict) -> None:
     (OUT / part).mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, OUT / part / f"{name}.safetensors")
@@ -91,43 +103,103 @@ def make_samplers():
     (OUT / "samplers" / "cases.json").write_text(f"[\n{lines}\n]\n")
 
 
+def make_vae():
+    """A tiny random diffusers AutoencoderKL (SD structure), images, posterior means and decodes."""
+    from diffusers import AutoencoderKL
+
+    config = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=2, norm_num_groups=4, latent_channels=4,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    torch.manual_seed(1)
+    vae = round_to_fp16(AutoencoderKL(**config).eval())
+    generator = torch.Generator().manual_seed(2)
+    images = torch.rand((3, 3, 40, 56), generator=generator) * 2 - 1
+    latents = torch.randn((3, 4, 5, 7), generator=generator)
+    with torch.no_grad():
+        mean = vae.encode(images).latent_dist.mean
+        decoded = vae.decode(latents / vae.config.scaling_factor).sample
+    save("vae", "weights", fp16_state(vae))
+    save("vae", "io", {"images": images, "mean": mean, "latents": latents, "decoded": decoded})
+    (OUT / "vae" / "config.json").write_text(json.dumps(dict(vae.config), indent=1, default=list) + "\n")
+
+
+def make_clip_text():
+    """A tiny random transformers CLIPTextModel and its last hidden states for some token ids."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                            bos_token_id=98, eos_token_id=99, pad_token_id=99)
+    torch.manual_seed(3)
+    model = CLIPTextModel(config).eval()
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 98, (3, 77), generator=generator)
+    ids[:, 0] = 98
+    ids[0, 10:] = 99  # short prompt: EOS then EOS-padding
+    ids[1, 40] = 99  # an EOS in the middle, text after it
+    ids[2, 76] = 99
+    with torch.no_grad():
+        hidden = model(ids).last_hidden_state
+    # the published layout (transformers 4.x files, clip_text_sd15.json) has the text_model. prefix
+    state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in model.state_dict().items()}
+    save("clip_text", "weights", state)
+    save("clip_text", "io", {"input_ids": ids, "last_hidden_state": hidden})
+    (OUT / "clip_text" / "config.json").write_text(config.to_json_string())
+
+
+def make_clip_vision():
+    """A tiny CLIPVisionModelWithProjection, and CLIPImageProcessor() on small odd-sized images."""
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=224, patch_size=32, projection_dim=24, hidden_act="gelu")
+    torch.manual_seed(5)
+    model = round_to_fp16(CLIPVisionModelWithProjection(config).eval())
+    rng = np.random.default_rng(6)
+    images = {}
+    for name, (h, w) in {"portrait": (61, 37), "landscape": (30, 77), "tiny": (5, 9)}.items():
+        y, x = np.mgrid[0:h, 0:w]
+        smooth = np.stack([(x * 255 // w), (y * 255 // h), ((x + y) * 127 // (h + w))], -1)
+        images[name] = (smooth + rng.integers(0, 40, (h, w, 3))).clip(0, 255).astype(np.uint8)
+    processor = CLIPImageProcessor()
+    pixels = processor(images=[Image.fromarray(a) for a in images.values()], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        embeds = model(pixel_values=pixels).image_embeds  # from the float32 pixel values
+    save("clip_vision", "weights", fp16_state(model))
+    tensors = {f"image.{k}": torch.from_numpy(v) for k, v in images.items()}
+    # pixel values in float16: 1e-3 error, far below one uint8 level after normalisation (~0.015)
+    save("clip_vision", "io", dict(tensors, pixel_values_fp16=pixels.half(), image_embeds=embeds))
+    (OUT / "clip_vision" / "config.json").write_text(config.to_json_string())
+
+
 def make_unet2d():
-    """A tiny random diffusers UNet2DConditionModel with SD1.5's structure (4 levels, 2 layers,
-    cross-attention in the first 3, widths changing so every conv_shortcut exists), its output for a
-    12x20 latent (not a multiple of 8: the up path meets odd sizes) at fractional and integer
-    timesteps. Weights are random (not diffusers' init, so every tensor matters) and rounded to fp16
-    before the run, stored fp16: exact when read back as fp32. Keeps the fixture under 1 MB."""
+    """A tiny random diffusers UNet2DConditionModel (SD1.5 structure) and one output."""
     from diffusers import UNet2DConditionModel
 
+    torch.manual_seed(7)
     unet = UNet2DConditionModel(
-        sample_size=16, block_out_channels=(8, 16, 24, 24), layers_per_block=2, attention_head_dim=2,
+        sample_size=8, block_out_channels=(8, 16, 16, 16), layers_per_block=2, attention_head_dim=2,
         norm_num_groups=4, cross_attention_dim=16,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    ).eval()
-    generator = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            if "norm" in name:
-                p.copy_(1 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise / p[0].numel() ** 0.5)  # N(0, 1/fan_in)
-            p.copy_(p.half().float())
-    sample = torch.randn((2, 4, 12, 20), generator=generator)
-    timestep = torch.tensor([499.5, 21.0])
+    )
+    unet = round_to_fp16(unet.eval())
+    generator = torch.Generator().manual_seed(8)
+    sample = torch.randn((2, 4, 12, 10), generator=generator)  # 12x10 latent: not a multiple of 8
     text = torch.randn((2, 7, 16), generator=generator)
     with torch.no_grad():
-        out = unet(sample, timestep, encoder_hidden_states=text).sample
-    save("unet2d", "weights", {k: v.half() for k, v in unet.state_dict().items()})
-    save("unet2d", "io", {"sample": sample, "timestep": timestep, "text": text, "out": out})
+        out = unet(sample, torch.tensor([499.5, 20.0]), encoder_hidden_states=text).sample
+    save("unet2d", "weights", fp16_state(unet))
+    save("unet2d", "io", {"sample": sample, "timestep": torch.tensor([499.5, 20.0]), "text": text, "out": out})
     (OUT / "unet2d" / "config.json").write_text(json.dumps(dict(unet.config), indent=1, default=list) + "\n")
 
 
 PARTS = {
     "samplers": make_samplers,
+    "vae": make_vae,
+    "clip_text": make_clip_text,
+    "clip_vision": make_clip_vision,
     "unet2d": make_unet2d,
 }
 

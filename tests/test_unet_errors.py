@@ -1,64 +1,15 @@
-"""UNet3D in 2D mode against diffusers' UNet2DConditionModel (tests/fixtures/unet2d, made by
-tests/make_fixtures.py), and clear errors for bad inputs."""
+"""Bad inputs to the UNet3D and the ReferenceNet raise ValueErrors that say what is wrong."""
 
 import dataclasses
 import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import FIXTURES, max_abs_error
+from conftest import FIXTURES
 from musev_lite.referencenet import ReferenceNet
 from musev_lite.unet import ReferenceFeatures, UNet3D, UNet3DConfig
-from musev_lite.weights import WeightsError, load_weights
-
-TEMPORAL_KEYS = ("temp_convs.", "temp_attentions.", "transformer_in.", "frame_embedding.")
-
-
-def sd_unet_in_2d_mode():
-    """Our UNet3D with the SD1.5 weights of the fixture; its temporal layers stay random (unused)."""
-    config = json.loads((FIXTURES / "unet2d/config.json").read_text())
-    cfg = UNet3DConfig.from_diffusers(config, "musev")
-    # plain SD: LayerNorm eps 1e-5 everywhere; the temporal layers only need groups that fit 8 channels
-    cfg = dataclasses.replace(cfg, transformer_norm_eps=1e-5, temporal_conv_groups=4, transformer_in_groups=4)
-    unet = UNet3D(cfg).eval()
-    state = {k: v.float() for k, v in load_file(FIXTURES / "unet2d/weights.safetensors").items()}
-    missing = set(unet.state_dict()) - set(state)
-    assert missing and all(any(part in k for part in TEMPORAL_KEYS) for k in missing)
-    load_weights(unet, state, "unet2d fixture", allow_missing=True)  # unexpected / mis-shaped keys still fail
-    return unet
-
-
-def test_2d_mode_is_the_sd_unet():
-    """Tolerance 1e-5 (fp32, a single SD module). Fractional timestep 499.5 and a 12x20 latent."""
-    unet = sd_unet_in_2d_mode()
-    io = load_file(FIXTURES / "unet2d/io.safetensors")
-    with torch.no_grad():
-        for condition_frames in (0, 1):  # with one frame there is nothing to attend to: same result
-            out = unet(io["sample"][:, :, None], io["timestep"], io["text"], condition_frames=condition_frames,
-                       temporal=False)
-            what = f"2D mode vs diffusers UNet2DConditionModel, condition_frames={condition_frames}"
-            assert max_abs_error(out[:, :, 0], io["out"], what) <= 1e-5
-        # a scalar timestep is the same for the whole batch
-        out = unet(io["sample"][:1, :, None], io["timestep"][0], io["text"][:1], temporal=False)
-        assert max_abs_error(out[:, :, 0], io["out"][:1], "scalar timestep") <= 1e-5
-
-
-def test_temporal_layers_are_skipped_in_2d_mode():
-    """The random temporal layers change the output when they run, and not in 2D mode."""
-    unet = sd_unet_in_2d_mode()
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if name.endswith("temporal_weight"):
-                p.fill_(0.5)  # open the gates (initialised near 0)
-    io = load_file(FIXTURES / "unet2d/io.safetensors")
-    sample = io["sample"][:, :, None]
-    with torch.no_grad():
-        video = unet(sample, io["timestep"], io["text"], condition_frames=0)
-        image = unet(sample, io["timestep"], io["text"], condition_frames=0, temporal=False)
-    assert (video[:, :, 0] - io["out"]).abs().max() > 1e-2
-    assert max_abs_error(image[:, :, 0], io["out"], "2D mode with open temporal gates") <= 1e-5
+from musev_lite.weights import WeightsError
 
 
 def tiny_models():

@@ -1,0 +1,61 @@
+"""VAE against diffusers' AutoencoderKL (tiny random weights, fixtures from tests/make_fixtures.py).
+
+Tolerance: 1e-5 max abs error, fp32.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FIXTURES, max_abs_error
+from musev_lite.vae import AutoencoderKL, VAEConfig
+from musev_lite.weights import WeightsError, load_weights, read_state_dict
+
+IO = load_file(FIXTURES / "vae/io.safetensors")
+
+
+@pytest.fixture(scope="module")
+def vae():
+    config = json.loads((FIXTURES / "vae/config.json").read_text())
+    model = AutoencoderKL(VAEConfig(block_out_channels=config["block_out_channels"], norm_num_groups=config["norm_num_groups"],
+                                    layers_per_block=config["layers_per_block"])).eval()
+    weights = FIXTURES / "vae/weights.safetensors"
+    load_weights(model, {k: v.float() for k, v in read_state_dict(weights).items()}, str(weights))
+    return model
+
+
+def test_encode_is_the_posterior_mean_times_scaling(vae):
+    with torch.no_grad():
+        latents = vae.encode(IO["images"])
+    assert max_abs_error(latents, IO["mean"] * 0.18215, "VAE encode") <= 1e-5
+
+
+def test_decode(vae):
+    with torch.no_grad():
+        images = vae.decode(IO["latents"])
+    assert max_abs_error(images, IO["decoded"], "VAE decode") <= 1e-5
+
+
+def test_chunked_decode_equals_whole(vae):
+    with torch.no_grad():
+        whole, chunked = vae.decode(IO["latents"], chunk_size=8), vae.decode(IO["latents"], chunk_size=1)
+    assert max_abs_error(chunked, whole, "chunk_size 1 vs 8") <= 1e-5  # batch size changes conv kernels
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        vae.decode(IO["latents"], chunk_size=0)
+
+
+def test_sampling_adds_seeded_noise(vae):
+    with torch.no_grad():
+        mean = vae.encode(IO["images"])
+        a = vae.encode(IO["images"], sample=True, generator=torch.Generator().manual_seed(0))
+        b = vae.encode(IO["images"], sample=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and not torch.allclose(a, mean)
+
+
+def test_wrong_shape_names_the_key(vae):
+    state = {k: v.clone() for k, v in vae.state_dict().items()}
+    state["decoder.conv_in.weight"] = torch.zeros(3, 3, 3, 3)
+    with pytest.raises(WeightsError, match=r"decoder.conv_in.weight \(file \(3, 3, 3, 3\)"):
+        load_weights(AutoencoderKL(vae.config), state, "vae")
