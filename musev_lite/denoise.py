@@ -137,10 +137,11 @@ def guidance_scales(start: float, num_steps: int, end: float | None = None, meth
 def repeat_per_window(x, num_windows: int):
     """[uncond; cond]-batched conditioning -> the same for `num_windows` windows stacked in one call.
 
-    Works on tensors and on (named) tuples/lists of them, e.g. ReferenceNet features. Layout of the
-    result: all uncond windows, then all cond windows, window-major inside each half.
+    Works on tensors and on (named) tuples/lists of them, e.g. ReferenceNet features; anything else
+    (a scale, a flag) is passed through. Layout of the result: all uncond windows, then all cond
+    windows, window-major inside each half.
     """
-    if x is None or num_windows == 1:
+    if num_windows == 1 or not isinstance(x, (torch.Tensor, tuple, list)):
         return x
     if isinstance(x, torch.Tensor):
         uncond, cond = x.chunk(2)

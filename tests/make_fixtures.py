@@ -195,12 +195,83 @@ def make_unet2d():
     (OUT / "unet2d" / "config.json").write_text(json.dumps(dict(unet.config), indent=1, default=list) + "\n")
 
 
+PROMPTS = [
+    "", " ", "a photo of a cat", "A Photo Of A CAT",
+    "(masterpiece, best quality, highres:1), (1boy, solo:1), (eye blinks:1.8), (head wave:1.3)",
+    "(((nsfw)))", "[[low quality]]", "(worst quality:2), (low quality:2)", "an (important) word",
+    "(unbalanced", "unbalanced)", "[unbalanced", "a ]stray bracket", "\\(literal\\]", "\\\\ backslash",
+    "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).", "(a:-0.5) negative weight", "(a:+1.5) plus sign",
+    "(word:1.2.3)", "(word:abc)", "colon: inside text", "(nested (deeper (deepest:2)) x)",
+    "caf\u00e9 na\u00efve \u00c9COLE", "emoji \U0001f600\U0001f680 rocket", "\u732b\u732b cat \u6c34\u58a8\u753b",
+    "\u65e5\u672c\u8a9e\u3068\u304b\u306a", "tabs\tand\nnewlines\r\nhere", "many     spaces   here",
+    "zero\u200bwidth and\x00null", "numbers 1234567 and 3.14159", "don't can't we're you've I'm we'll he'd",
+    "punctuation!!! ??? ... ,,, ;;", "a-b_c/d\\e|f", "<|startoftext|> literal specials <|endoftext|>",
+    "UPPER lower MiXeD", "badhandv4, ng_deepnegative_v1_75t, EasyNegativeV2", "long " * 90, "(long:1.2) " * 60,
+    "peaceful beautiful waterfall, an endless waterfall",
+    "(best quality), ((masterpiece)), (highres), illustration, original, extremely detailed wallpaper",
+    "(masterpiece, best quality, highres:1) , a girl is dancing, wearing a dress made of stars, animation",
+    "(1man, solo:1),(eye blinks:1.8),(head wave:1.3),Chinese ink painting style",
+]
+
+
+def _original_definitions(source: Path, names: set[str]) -> dict:
+    """Top-level definitions `names` of an original MuseV source file, run at generation time only."""
+    import ast
+    import re
+
+    tree = ast.parse(source.read_text())
+    keep = [n for n in tree.body if getattr(n, "name", None) in names
+            or (isinstance(n, ast.Assign) and any(getattr(t, "id", None) in names for t in n.targets))]
+    namespace = {"re": re}
+    exec(compile(ast.Module(keep, type_ignores=[]), str(source), "exec"), namespace)
+    return namespace
+
+
+def make_tokenizer():
+    """MuseV's tokenizer ids (transformers 4.33's slow CLIPTokenizer, no ftfy: MuseV's pin; 5.x has only the
+    fast one, which treats CJK and control characters differently), the original's weighted-prompt parse,
+    and its negative-prompt presets. Needs, at generation time only: transformers==4.33.*, the CLIP vocab in
+    $CLIP_TOKENIZER (default ../shared/reference/clip_tokenizer), and a MuseV checkout's files in $MUSEV_SRC
+    (musev/utils/text_emb_util.py and configs/model/negative_prompt.py, or both flat in that folder).
+    Writes prompts, ids, parses and preset texts only; the vocabulary is not copied."""
+    import os
+
+    import transformers
+    from transformers import CLIPTokenizer
+
+    assert transformers.__version__.startswith("4.33"), "run this part with transformers 4.33 (MuseV's pin)"
+    vocab = Path(os.environ.get("CLIP_TOKENIZER", Path(__file__).resolve().parents[2] / "shared/reference/clip_tokenizer"))
+    src = Path(os.environ["MUSEV_SRC"])
+    find = lambda name, nested: src / name if (src / name).is_file() else src / nested  # noqa: E731
+    parse = _original_definitions(find("text_emb_util.py", "musev/utils/text_emb_util.py"),
+                                  {"re_attention", "parse_prompt_attention"})["parse_prompt_attention"]
+    presets = _original_definitions(find("negative_prompt.py", "configs/model/negative_prompt.py"),
+                                    {"Negative_Prompt_CFG"})["Negative_Prompt_CFG"]
+    tokenizer = CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"))
+    preset_texts = {name: entry["prompt"] for name, entry in presets.items()}
+    prompts = PROMPTS + list(preset_texts.values())
+    def parsed(prompt):
+        try:
+            return parse(prompt)
+        except ValueError as err:  # the original fails on weights such as "1.2.3"
+            return {"error": type(err).__name__}
+
+    data = {
+        "source": f"transformers {transformers.__version__} CLIPTokenizer (slow, no ftfy); MuseV parse_prompt_attention",
+        "negative_presets": preset_texts,
+        "cases": [{"prompt": p, "ids": tokenizer(p).input_ids, "parse": parsed(p)} for p in prompts],
+    }
+    (OUT / "tokenizer").mkdir(parents=True, exist_ok=True)
+    (OUT / "tokenizer" / "cases.json").write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+
+
 PARTS = {
     "samplers": make_samplers,
     "vae": make_vae,
     "clip_text": make_clip_text,
     "clip_vision": make_clip_vision,
     "unet2d": make_unet2d,
+    "tokenizer": make_tokenizer,
 }
 
 if __name__ == "__main__":

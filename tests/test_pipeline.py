@@ -1,0 +1,111 @@
+"""MuseVPipeline end to end at tiny size (the `tiny` preset at seeded random weights)."""
+
+import numpy as np
+import pytest
+import torch
+
+from musev_lite.pipeline import MuseVPipeline
+
+pytestmark = pytest.mark.filterwarnings("ignore:prompt truncated")  # the byte tokenizer makes V2 long
+IMAGE = np.random.default_rng(0).integers(0, 255, (40, 72, 3)).astype(np.uint8)
+FAST = dict(steps=2, first_frame_steps=2, context_frames=4, context_overlap=2)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return MuseVPipeline.demo(seed=0)
+
+
+def test_frame_counts_and_size(pipe):
+    with_image = pipe("a face", image=IMAGE, num_frames=5, n_batch=2, seed=1, **FAST)
+    assert with_image.frames.shape == (2 * 5 + 1, 40, 72, 3) and with_image.frames.dtype == np.uint8
+    assert with_image.latents.shape == (1, 4, 11, 5, 9)
+    drawn = pipe("a face", num_frames=5, n_batch=2, height=32, width=48, seed=1, **FAST)
+    assert drawn.frames.shape == (2 * 5, 32, 48, 3)
+    rounded = pipe("a face", image=IMAGE, num_frames=2, size_multiple=64, height=130, width=72, seed=1, **FAST)
+    assert rounded.frames.shape[1:3] == (128, 64)
+
+
+def test_same_seed_same_video(pipe):
+    a = pipe("a face", image=IMAGE, num_frames=6, seed=7, **FAST)
+    b = pipe("a face", image=IMAGE, num_frames=6, seed=7, **FAST)
+    c = pipe("a face", image=IMAGE, num_frames=6, seed=8, **FAST)
+    assert np.array_equal(a.frames, b.frames) and a.seed == 7
+    assert not np.array_equal(a.frames, c.frames)
+
+
+def test_batched_windows_give_the_same_video(pipe):
+    one = pipe("a face", image=IMAGE, num_frames=9, seed=3, window_batch=1, **FAST)
+    many = pipe("a face", image=IMAGE, num_frames=9, seed=3, window_batch=8, **FAST)
+    assert (one.latents - many.latents).abs().max() <= 1e-4 * one.latents.abs().max()
+    assert np.abs(one.frames.astype(int) - many.frames.astype(int)).max() <= 1
+
+
+def test_shots_continue_from_the_last_latent(pipe, monkeypatch):
+    seen = []
+    original = pipe._unet
+
+    def recording(sample, t, text, condition_frames, **kwargs):
+        seen.append((sample.shape[2], sample[:1, :, :condition_frames].clone()))
+        return original(sample, t, text, condition_frames, **kwargs)
+
+    monkeypatch.setattr(pipe, "_unet", recording)
+    result = pipe("a face", image=IMAGE, num_frames=3, n_batch=2, seed=2, **FAST)
+    first_shot, second_shot = seen[: len(seen) // 2], seen[len(seen) // 2 :]
+    assert torch.equal(first_shot[0][1], result.latents[:, :, :1])  # the image's latent
+    assert torch.equal(second_shot[0][1], result.latents[:, :, 3:4])  # shot 1's last frame
+
+
+def test_first_frame_is_drawn_in_2d_mode(pipe, monkeypatch):
+    calls = []
+    original = pipe._unet
+
+    def recording(sample, t, text, condition_frames, **kwargs):
+        calls.append((sample.shape[2], condition_frames, kwargs.get("temporal", True)))
+        return original(sample, t, text, condition_frames, **kwargs)
+
+    monkeypatch.setattr(pipe, "_unet", recording)
+    pipe("a face", num_frames=3, height=32, width=32, seed=2, **FAST)
+    assert calls[:2] == [(1, 0, False), (1, 0, False)]  # 2 first-frame steps: one frame, temporal off
+    assert all(c == (3, 1, True) for c in calls[2:])  # then the condition + 2 new frames
+
+
+def test_callback_reports_every_step(pipe):
+    events = []
+    pipe("a face", image=IMAGE, num_frames=3, n_batch=2, seed=2, callback=events.append, **FAST)
+    video = [(e.shot, e.step, e.steps) for e in events if e.stage == "video"]
+    assert video == [(0, 1, 2), (0, 2, 2), (1, 1, 2), (1, 2, 2)]
+    assert events[-1].stage == "decode" and events[-1].step == events[-1].steps == 7
+
+
+def test_explicit_latents_replace_the_noise(pipe):
+    latents = torch.randn(1, 4, 4, 5, 9, generator=torch.Generator().manual_seed(0))
+    a = pipe("a face", image=IMAGE, num_frames=4, seed=1, latents=latents, **FAST)
+    b = pipe("a face", image=IMAGE, num_frames=4, seed=2, latents=latents, **FAST)
+    assert np.array_equal(a.frames, b.frames)
+    with pytest.raises(ValueError, match=r"latents have shape \(1, 4, 4, 5, 9\); this call needs \(1, 4, 3, 5, 9\)"):
+        pipe("a face", image=IMAGE, num_frames=3, latents=latents, **FAST)
+
+
+def test_redraw_and_pil_output(pipe):
+    result = pipe("a face", image=IMAGE, num_frames=2, seed=1, redraw_condition_image=True, output_type="pil", **FAST)
+    assert len(result.frames) == 3 and result.frames[0].size == (72, 40)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_frames=0), "num_frames = 0"),
+        (dict(guidance_scale=0.5), "must be >= 1"),
+        (dict(steps=0), "steps"),
+        (dict(context_overlap=4), "context_overlap"),
+        (dict(sampler="heun"), "sampler 'heun' is unknown"),
+        (dict(output_type="tensor"), "output_type"),
+        (dict(height=4), "too small"),
+    ],
+)
+def test_bad_arguments(pipe, kwargs, message):
+    args = dict(FAST, num_frames=3, seed=1)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        pipe("a face", image=IMAGE, **args)

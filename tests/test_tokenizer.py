@@ -1,0 +1,61 @@
+"""The CLIP tokenizer against MuseV's (transformers 4.33 slow CLIPTokenizer), on the real vocabulary."""
+
+import json
+
+import pytest
+
+from conftest import FIXTURES
+from musev_lite.tokenizer import ByteTokenizer, CLIPTokenizer, TokenizerError
+
+CASES = json.loads((FIXTURES / "tokenizer/cases.json").read_text())["cases"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from conftest import SHARED
+
+    folder = SHARED / "reference/clip_tokenizer"
+    if not folder.is_dir():
+        pytest.skip(f"the CLIP vocabulary is not committed; it is read from {folder}, absent here")
+    return CLIPTokenizer.from_folder(folder)
+
+
+def test_ids_equal_transformers(tokenizer):
+    assert len(CASES) >= 40
+    for case in CASES:
+        ids = [tokenizer.bos_token_id] + tokenizer.encode(case["prompt"]) + [tokenizer.eos_token_id]
+        assert ids == case["ids"], case["prompt"]
+
+
+def test_padded_call(tokenizer):
+    short = tokenizer("a photo of a cat")
+    assert len(short) == 77 and short[:7] == [49406, 320, 1125, 539, 320, 2368, 49407] and set(short[7:]) == {49407}
+    long = tokenizer("long " * 100)
+    assert len(long) == 77 and long[0] == 49406 and long[-1] == 49407 and long[1:76] == [tokenizer.encode("long")[0]] * 75
+
+
+def test_added_word_is_case_sensitive_and_expands(tokenizer):
+    ids = tokenizer.encode("EasyNegativeV2, bad")
+    fresh = CLIPTokenizer(dict(tokenizer.vocab), [], "<|endoftext|>")  # no merges needed for this check
+    new = fresh.add_word("EasyNegativeV2", 3)
+    assert new == [49408, 49409, 49410] and fresh.vocab_size == 49411
+    assert fresh.encode("x EasyNegativeV2, y")[1:4] == new
+    assert fresh.encode("easynegativev2")[:1] != new[:1]  # lower case is plain text
+    assert ids != fresh.encode("EasyNegativeV2, bad")
+    with pytest.raises(TokenizerError, match="already in the vocabulary"):
+        fresh.add_word("EasyNegativeV2")
+
+
+def test_bad_folders(tmp_path):
+    with pytest.raises(TokenizerError, match="missing vocab.json"):
+        CLIPTokenizer.from_folder(tmp_path)
+    (tmp_path / "vocab.json").write_text('{"a": 0}')
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(TokenizerError, match="no '<|startoftext|>' token"):
+        CLIPTokenizer.from_folder(tmp_path)
+
+
+def test_byte_tokenizer():
+    tok = ByteTokenizer()
+    ids = tok("Hé")
+    assert ids[:4] == [256, ord("h"), 0xC3, 0xA9] and ids[4] == 257 and len(ids) == 77
