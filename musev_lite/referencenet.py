@@ -19,6 +19,7 @@ from .unet import (
     ReferenceFeatures,
     TimestepEmbedding,
     UNet3DConfig,
+    check_context,
     sinusoidal_embedding,
 )
 
@@ -42,6 +43,9 @@ class ReferenceNet(nn.Module):
 
     def forward(self, latent: torch.Tensor, timestep, context: torch.Tensor) -> ReferenceFeatures:
         """latent (B,4,h,w), context (B,n,D) -> 12 down-path maps and the mid-block map, batch B."""
+        if latent.ndim != 4 or latent.shape[1] != self.config.in_channels:
+            raise ValueError(f"latent must be (B, {self.config.in_channels}, h, w); got shape {tuple(latent.shape)}")
+        check_context(context, latent.shape[0], self.config.cross_attention_dim, "context")
         dtype = self.conv_in.weight.dtype
         timestep = torch.as_tensor(timestep, device=latent.device).reshape(-1).expand(latent.shape[0])
         emb = self.time_embedding(sinusoidal_embedding(timestep, self.config.block_out_channels[0]).to(dtype))

@@ -27,6 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .weights import WeightsError
+
+SD15_DOWN = ("CrossAttnDownBlock", "CrossAttnDownBlock", "CrossAttnDownBlock", "DownBlock")
+SD15_UP = ("UpBlock", "CrossAttnUpBlock", "CrossAttnUpBlock", "CrossAttnUpBlock")
+
 # ---------------------------------------------------------------------------------------------
 # Config
 
@@ -79,8 +84,11 @@ class UNet3DConfig:
     @classmethod
     def from_diffusers(cls, config: dict, preset: str) -> UNet3DConfig:
         """Sizes from a published unet/config.json, MuseV's switches from the model name (§1)."""
+        check_sd15_layout(config)
         heads = config.get("attention_head_dim", 8)
         if not isinstance(heads, int):
+            if len(set(heads)) != 1:
+                raise WeightsError(f"unet config.json: attention_head_dim {heads} differs per level; expected one value")
             heads = heads[0]
         sizes = dict(
             in_channels=config.get("in_channels", 4),
@@ -95,6 +103,17 @@ class UNet3DConfig:
         switches = {f.name: getattr(cls.preset(preset), f.name) for f in dataclasses.fields(cls) if f.name not in sizes}
         switches.update({k: v for k, v in config.items() if k in {"temporal_conv_groups", "transformer_in_groups"}})
         return cls(**sizes, **switches)
+
+
+def check_sd15_layout(config: dict) -> None:
+    """The block types of a diffusers UNet config.json (2D or 3D names) must be SD1.5's."""
+    down = tuple(name.replace("2D", "").replace("3D", "") for name in config.get("down_block_types", SD15_DOWN))
+    up = tuple(name.replace("2D", "").replace("3D", "") for name in config.get("up_block_types", SD15_UP))
+    if down != SD15_DOWN or up != SD15_UP:
+        raise WeightsError(
+            f"unet config.json: down/up block types {down} / {up} are not the SD1.5 layout {SD15_DOWN} / {SD15_UP}; "
+            "only SD1.5-style UNets are supported"
+        )
 
 
 class ReferenceFeatures(NamedTuple):
@@ -562,6 +581,7 @@ class UNet3D(nn.Module):
     ) -> torch.Tensor:
         """Noise prediction for `sample` (B,4,T,h,w), whose first `condition_frames` frames are clean
         condition latents. `text` (B,L,D), `ip_tokens` (B,n,D) and `refer` have one row per sample."""
+        self._check_inputs(sample, text, condition_frames, ip_tokens, refer)
         cfg = self.config
         b, _, t, h, w = sample.shape
         dtype = self.conv_in.weight.dtype
@@ -612,3 +632,34 @@ class UNet3D(nn.Module):
             x = block(x, emb, ctx, skips)
         x = self.conv_out(F.silu(self.conv_norm_out(x)))
         return to_video(x, t)  # b c t h w
+
+    def _check_inputs(self, sample, text, condition_frames, ip_tokens, refer) -> None:
+        """Clear errors for inputs that would otherwise fail deep inside, or be silently ignored."""
+        cfg = self.config
+        if sample.ndim != 5 or sample.shape[1] != cfg.in_channels:
+            raise ValueError(f"sample must be (B, {cfg.in_channels}, T, h, w); got shape {tuple(sample.shape)}")
+        b, t = sample.shape[0], sample.shape[2]
+        check_context(text, b, cfg.cross_attention_dim, "text")
+        if not 0 <= condition_frames <= t:
+            raise ValueError(f"condition_frames={condition_frames} must be between 0 and the sample's T={t}")
+        if ip_tokens is not None:
+            if not cfg.ip_cross_attention:
+                raise ValueError("ip_tokens given, but this UNet has no IP-Adapter attention (ip_cross_attention=False)")
+            check_context(ip_tokens, b, cfg.cross_attention_dim, "ip_tokens")
+        if refer is not None:
+            if not cfg.refer_fusion:
+                raise ValueError("refer given, but this UNet has no ReferenceNet fusion (refer_fusion=False)")
+            levels = len(cfg.block_out_channels)
+            n_down = 1 + levels * cfg.layers_per_block + levels - 1  # conv_in, every layer, every downsampler
+            maps = [*refer.down, refer.mid]
+            if len(refer.down) != n_down or any(m.ndim != 4 or m.shape[0] != b for m in maps):
+                raise ValueError(
+                    f"refer must hold {n_down} down maps and a mid map, each (B={b}, C, h, w); got down "
+                    f"{[tuple(m.shape) for m in refer.down]}, mid {tuple(refer.mid.shape)}"
+                )
+
+
+def check_context(context: torch.Tensor, batch: int, dim: int, what: str) -> None:
+    """A cross-attention context must be (batch, tokens, dim)."""
+    if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != dim:
+        raise ValueError(f"{what} must be (B={batch}, tokens, {dim}) to match the sample; got {tuple(context.shape)}")

@@ -11,7 +11,8 @@ from musev_lite.unet import UNet3D, UNet3DConfig
 from musev_lite.weights import load_weights, read_state_dict
 
 
-def test_2d_mode_equals_diffusers_unet2d():
+def sd_unet():
+    """Our UNet3D with the fixture's SD1.5 weights; its temporal layers stay at their init."""
     config = json.loads((FIXTURES / "unet2d/config.json").read_text())
     # diffusers' transformer blocks use LayerNorm eps 1e-5 everywhere: set MuseV's quirk to that
     cfg = UNet3DConfig.from_diffusers(config, "musev")
@@ -24,7 +25,36 @@ def test_2d_mode_equals_diffusers_unet2d():
     load_weights(unet, sd_keys, str(weights), allow_missing=True)
     assert all(k.startswith(("transformer_in", "frame_embedding")) or "temp_" in k
                for k in set(unet.state_dict()) - set(sd_keys))
+    return unet
+
+
+def test_2d_mode_equals_diffusers_unet2d():
+    """Fractional timestep 499.5, a 12x10 latent (the up path meets odd sizes)."""
+    unet = sd_unet()
     io = load_file(FIXTURES / "unet2d/io.safetensors")
+    sample = io["sample"][:, :, None]  # b c 1 h w
     with torch.no_grad():
-        out = unet(io["sample"][:, :, None], io["timestep"], io["text"], condition_frames=0, temporal=False)
-    assert max_abs_error(out[:, :, 0], io["out"], "2D mode vs UNet2DConditionModel") <= 1e-5
+        out = unet(sample, io["timestep"], io["text"], condition_frames=0, temporal=False)
+        assert max_abs_error(out[:, :, 0], io["out"], "2D mode vs UNet2DConditionModel") <= 1e-5
+        # one frame has nothing to attend to besides itself: a condition frame changes nothing
+        out = unet(sample, io["timestep"], io["text"], condition_frames=1, temporal=False)
+        assert max_abs_error(out[:, :, 0], io["out"], "2D mode, condition_frames=1") <= 1e-5
+        # a scalar timestep serves the whole batch
+        out = unet(sample[:1], io["timestep"][0], io["text"][:1], condition_frames=0, temporal=False)
+        assert max_abs_error(out[:, :, 0], io["out"][:1], "2D mode, scalar timestep") <= 1e-5
+
+
+def test_2d_mode_skips_every_temporal_layer():
+    """With their gates opened the temporal layers change the output, except in 2D mode."""
+    unet = sd_unet()
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if name.endswith("temporal_weight"):
+                p.fill_(0.5)  # initialised at 1e-5
+    io = load_file(FIXTURES / "unet2d/io.safetensors")
+    sample = io["sample"][:, :, None]
+    with torch.no_grad():
+        video = unet(sample, io["timestep"], io["text"], condition_frames=0)
+        image = unet(sample, io["timestep"], io["text"], condition_frames=0, temporal=False)
+    assert (video[:, :, 0] - io["out"]).abs().max() > 1e-2
+    assert max_abs_error(image[:, :, 0], io["out"], "2D mode with the temporal gates open") <= 1e-5
