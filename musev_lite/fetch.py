@@ -1,0 +1,127 @@
+"""Download the published MuseV checkpoints and convert them into a musev_lite weights folder.
+
+    python -m musev_lite.fetch musev_referencenet --dest weights/musev_referencenet
+
+Files come from the Hugging Face repository TMElyralab/MuseV, laid out as MuseV's README clones it
+(`motion/`, `t2i/sd1.5/`, `vae/`, `IP-Adapter/`), into a downloads folder (default `checkpoints/`).
+Downloads resume from `.part` files (HTTP Range), show progress on stderr, and are checked against
+a size and sha256 when those are known. Then the converters write the weights folder. weights/README.md
+lists every file. Plain urllib, nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_BASE_URL = "https://huggingface.co/TMElyralab/MuseV/resolve/main"
+BASE_MODELS = ("majicmixRealv6Fp16", "fantasticmix_v10")
+MODELS = ("musev", "musev_referencenet", "musev_referencenet_pose")
+
+
+class FetchError(ValueError):
+    """A download failed or did not check out."""
+
+
+@dataclass
+class Remote:
+    """One published file; `alternatives` are tried in order (the release's exact names are not
+    certain: diffusers accepts .safetensors or .bin)."""
+
+    path: str
+    alternatives: tuple[str, ...] = ()
+    size: int | None = None
+    sha256: str | None = None
+
+
+def _weights(folder: str, stem: str = "diffusion_pytorch_model") -> list[Remote]:
+    return [Remote(f"{folder}/config.json"), Remote(f"{folder}/{stem}.safetensors", (f"{folder}/{stem}.bin",))]
+
+
+def plan(model: str, base: str = "majicmixRealv6Fp16") -> list[Remote]:
+    """Every file `model` needs, as paths in the release."""
+    if model not in MODELS:
+        raise FetchError(f"model {model!r} is unknown; use one of {', '.join(MODELS)}")
+    if base not in BASE_MODELS:
+        raise FetchError(f"base {base!r} is not in the release; use one of {', '.join(BASE_MODELS)}")
+    sd = f"t2i/sd1.5/{base}"
+    files = _weights(f"motion/{model}/unet") + _weights(f"{sd}/unet") + _weights(f"{sd}/text_encoder", "pytorch_model")
+    files += [Remote(f"{sd}/tokenizer/{name}") for name in ("vocab.json", "merges.txt", "special_tokens_map.json")]
+    files += [Remote(f"{sd}/scheduler/scheduler_config.json")] + _weights("vae/sd-vae-ft-mse")
+    if model != "musev":
+        # the pose model ships its own image projection but uses musev_referencenet's ReferenceNet (§1)
+        files += _weights("motion/musev_referencenet/referencenet")
+        files += [Remote(f"motion/{model}/ip_adapter_image_proj.bin")]
+        encoder = "IP-Adapter/models/image_encoder"
+        files += [Remote(f"{encoder}/config.json"), Remote(f"{encoder}/model.safetensors", (f"{encoder}/pytorch_model.bin",))]
+    return files
+
+
+def download(url: str, target: Path, size: int | None = None, sha256: str | None = None, quiet: bool = False) -> Path:
+    """Fetch `url` to `target`, resuming `target.part`; the target appears only when complete and checked."""
+    if target.is_file() and (size is None or target.stat().st_size == size):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    have = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and have:  # the .part is already whole
+            response = None
+        else:
+            raise FetchError(f"{url}: HTTP {err.code} {err.reason}") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise FetchError(f"{url}: cannot connect ({getattr(err, 'reason', err)}); check the network or --base-url") from None
+    if response is not None:
+        with response:
+            if have and response.status != 206:  # the server ignored Range: start over
+                have = 0
+            total = int(response.headers.get("Content-Length", 0)) + have or size
+            with open(part, "ab" if have else "wb") as out:
+                done, last = have, 0.0
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    done += len(chunk)
+                    if not quiet and time.monotonic() - last > 1:
+                        last = time.monotonic()
+                        share = f" ({100 * done / total:.0f}%)" if total else ""
+                        print(f"  {target.name}: {done / 1e6:.1f} MB{share}", file=sys.stderr, flush=True)
+    got = part.stat().st_size
+    if size is not None and got != size:
+        raise FetchError(f"{url}: got {got} bytes, expected {size}; run the command again to resume")
+    if sha256 is not None:
+        digest = hashlib.sha256()
+        with open(part, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        if digest.hexdigest() != sha256:
+            part.unlink()
+            raise FetchError(f"{url}: sha256 {digest.hexdigest()} does not match the expected {sha256}; "
+                             "the partial file was removed, run the command again")
+    os.replace(part, target)
+    return target
+
+
+def fetch_all(files: list[Remote], downloads: Path, base_url: str, quiet: bool = False) -> None:
+    for remote in files:
+        names = (remote.path, *remote.alternatives)
+        if any((downloads / name).is_file() for name in names):
+            continue
+        for n, name in enumerate(names):
+            if not quiet:
+                print(f"fetch {name}", file=sys.stderr, flush=True)
+            try:
+                download(f"{base_url.rstrip('/')}/{name}", downloads / name, remote.size, remote.sha256, quiet)
+                break
+            except FetchError as err:
+                if "HTTP 404" not in str(err) or n == len(names) - 1:
+                    raise

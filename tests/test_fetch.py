@@ -1,0 +1,111 @@
+"""Downloads against a local HTTP server on 127.0.0.1: whole files, resume, checks, clear errors."""
+
+import hashlib
+import http.server
+import threading
+from functools import partial
+
+import pytest
+
+from musev_lite.fetch import FetchError, Remote, download, fetch_all, plan
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; honours "Range: bytes=N-" (http.server does not) and counts requests."""
+
+    requests: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        RangeHandler.requests.append((self.path, self.headers.get("Range")))
+        path = self.translate_path(self.path)
+        try:
+            data = open(path, "rb").read()
+        except OSError:
+            self.send_error(404, "Not Found")
+            return
+        start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+        if start >= len(data) and start:
+            self.send_error(416)
+            return
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.wfile.write(data[start:])
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "remote"
+    (root / "motion/musev/unet").mkdir(parents=True)
+    (root / "motion/musev/unet/diffusion_pytorch_model.bin").write_bytes(bytes(range(256)) * 40)
+    (root / "motion/musev/unet/config.json").write_text('{"a": 1}')
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    RangeHandler.requests = []
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", root
+    httpd.shutdown()
+
+
+def test_whole_file_with_checks(server, tmp_path):
+    url, root = server
+    data = (root / "motion/musev/unet/diffusion_pytorch_model.bin").read_bytes()
+    target = download(f"{url}/motion/musev/unet/diffusion_pytorch_model.bin", tmp_path / "d/x.bin",
+                      size=len(data), sha256=hashlib.sha256(data).hexdigest(), quiet=True)
+    assert target.read_bytes() == data and not (tmp_path / "d/x.bin.part").exists()
+
+
+def test_resume_from_part(server, tmp_path):
+    url, root = server
+    data = (root / "motion/musev/unet/diffusion_pytorch_model.bin").read_bytes()
+    (tmp_path / "x.bin.part").write_bytes(data[:3000])
+    download(f"{url}/motion/musev/unet/diffusion_pytorch_model.bin", tmp_path / "x.bin", quiet=True)
+    assert (tmp_path / "x.bin").read_bytes() == data
+    assert RangeHandler.requests[-1][1] == "bytes=3000-"
+
+
+def test_checksum_mismatch_is_rejected(server, tmp_path):
+    url, _ = server
+    with pytest.raises(FetchError, match="sha256 .* does not match"):
+        download(f"{url}/motion/musev/unet/config.json", tmp_path / "c.json", sha256="0" * 64, quiet=True)
+    assert not (tmp_path / "c.json").exists() and not (tmp_path / "c.json.part").exists()
+
+
+def test_size_mismatch_is_rejected(server, tmp_path):
+    url, _ = server
+    with pytest.raises(FetchError, match="got 8 bytes, expected 9"):
+        download(f"{url}/motion/musev/unet/config.json", tmp_path / "c.json", size=9, quiet=True)
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_404_and_connection_refused_are_named(server, tmp_path):
+    url, _ = server
+    with pytest.raises(FetchError, match="nothing.bin: HTTP 404"):
+        download(f"{url}/nothing.bin", tmp_path / "n.bin", quiet=True)
+    with pytest.raises(FetchError, match="cannot connect"):
+        download("http://127.0.0.1:9/x.bin", tmp_path / "x.bin", quiet=True)
+
+
+def test_alternative_names_after_404(server, tmp_path):
+    url, root = server
+    files = [Remote("motion/musev/unet/config.json"),
+             Remote("motion/musev/unet/diffusion_pytorch_model.safetensors", ("motion/musev/unet/diffusion_pytorch_model.bin",))]
+    fetch_all(files, tmp_path / "dl", url, quiet=True)
+    assert (tmp_path / "dl/motion/musev/unet/diffusion_pytorch_model.bin").is_file()
+    count = len(RangeHandler.requests)
+    fetch_all(files, tmp_path / "dl", url, quiet=True)  # everything is there: no request
+    assert len(RangeHandler.requests) == count
+
+
+def test_plans():
+    musev = [r.path for r in plan("musev")]
+    assert "motion/musev/unet/config.json" in musev and not any("referencenet" in p for p in musev)
+    pose = [r.path for r in plan("musev_referencenet_pose", "fantasticmix_v10")]
+    assert "motion/musev_referencenet_pose/ip_adapter_image_proj.bin" in pose
+    assert "motion/musev_referencenet/referencenet/config.json" in pose
+    assert "t2i/sd1.5/fantasticmix_v10/unet/config.json" in pose
+    with pytest.raises(FetchError, match="model 'musev2' is unknown"):
+        plan("musev2")
