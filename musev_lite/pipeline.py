@@ -17,6 +17,7 @@ One call (spec: pipeline.md §2-§4, §7):
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,11 +33,11 @@ from .ip_adapter import ImageProjection, ImageProjectionConfig
 from .prompts import encode_prompt_pair
 from .referencenet import ReferenceNet
 from .samplers import SchedulerConfig, make_sampler
-from .tokenizer import ByteTokenizer, CLIPTokenizer
+from .tokenizer import CLIPTokenizer
 from .unet import UNet3D, UNet3DConfig
 from .vae import AutoencoderKL, VAEConfig
 from .video_io import as_pil, fit_image
-from .weights import WeightsError, load_component, load_weights
+from .weights import WeightsError, load_component, load_weights, save_component
 
 DEFAULT_SIZE = (512, 320)  # (height, width) without a condition image: MuseV's training size
 REQUIRED = ("unet", "vae", "text_encoder")
@@ -119,12 +120,22 @@ class MuseVPipeline:
         pipe.files = sorted(str(p) for p in weights_dir.glob("*.safetensors"))
         return pipe
 
+    def save_pretrained(self, weights_dir: str | Path) -> None:
+        """Write the folder `from_pretrained` reads: one safetensors + JSON config per component."""
+        weights_dir = Path(weights_dir)
+        for name in REQUIRED + REFERENCENET_PARTS:
+            model = getattr(self, name)
+            if model is not None:
+                save_component(weights_dir, name, model.state_dict(), dataclasses.asdict(model.config))
+        self.tokenizer.save(weights_dir / "tokenizer")
+        (weights_dir / "scheduler.json").write_text(json.dumps(dataclasses.asdict(self.scheduler), indent=2) + "\n")
+
     @classmethod
     def demo(cls, seed: int = 0, device="cpu") -> MuseVPipeline:
         """The `tiny` preset at seeded random weights with a byte-level tokenizer: exercises every part
         of the pipeline offline in seconds. A pipeline demo, not a trained model: its videos are noise."""
         torch.manual_seed(seed)
-        tokenizer = ByteTokenizer()
+        tokenizer = CLIPTokenizer.byte_level()
         unet_config = UNet3DConfig.preset("tiny")
         text_config = CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=unet_config.cross_attention_dim,
                                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)

@@ -1,5 +1,5 @@
-"""CLIP's byte-level BPE tokenizer (from a checkpoint's vocab.json + merges.txt), and a byte tokenizer
-for the offline demo.
+"""CLIP's byte-level BPE tokenizer, from a checkpoint's vocab.json + merges.txt (or, for the offline
+demo, made on the fly with one token per byte and no merges).
 
 `CLIPTokenizer` gives the ids of transformers' slow CLIPTokenizer as MuseV ran it (transformers 4.33,
 no ftfy): text clean-up as BERT's BasicTokenizer (control characters dropped, whitespace runs to one
@@ -19,6 +19,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+MAX_MERGES = 49152 - 256 - 2  # CLIP's vocabulary size minus bytes and specials: merges used
 WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
               (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
@@ -57,6 +58,7 @@ class CLIPTokenizer:
         for token in (BOS, EOS, pad_token):
             if token not in vocab:
                 raise TokenizerError(f"the vocabulary has no {token!r} token")
+        self._merges = list(merges)
         self.bpe = Tokenizer(models.BPE(vocab, merges, end_of_word_suffix="</w>", continuing_subword_prefix=""))
         self.bpe.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="removed", invert=True),
@@ -80,8 +82,27 @@ class CLIPTokenizer:
             lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise TokenizerError(f"{folder}: unreadable tokenizer files ({err})") from None
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-        return cls(vocab, merges, pad_token=_pad_token(folder))
+        # like transformers: the first line is a header, at most MAX_MERGES merges are used
+        lines = "\n".join(lines).strip().split("\n")[1 : MAX_MERGES + 1]
+        return cls(vocab, [tuple(line.split()) for line in lines], pad_token=_pad_token(folder))
+
+    @classmethod
+    def byte_level(cls) -> CLIPTokenizer:
+        """A tokenizer made on the fly: one token per UTF-8 byte (a `</w>` variant ends each word), no
+        merges, BOS/EOS. For the demo's tiny random text encoder; not a real vocabulary."""
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+        vocab = {ch: i for i, ch in enumerate(alphabet)}
+        vocab.update({f"{ch}</w>": len(alphabet) + i for i, ch in enumerate(alphabet)})
+        vocab.update({BOS: len(vocab), EOS: len(vocab) + 1})
+        return cls(vocab, [])
+
+    def save(self, folder: str | Path) -> None:
+        """vocab.json + merges.txt (+ added words in the vocabulary), readable by `from_folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
+        merges = "".join(f"{a} {b}\n" for a, b in self._merges)
+        (folder / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
 
     @property
     def vocab_size(self) -> int:
@@ -131,17 +152,3 @@ def _pad_token(folder: Path) -> str:
                 return pad
     return EOS
 
-
-class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255, plus BOS/EOS; for the demo's tiny random text encoder only."""
-
-    model_max_length = 77
-    bos_token_id, eos_token_id, pad_token_id = 256, 257, 257
-    vocab_size = 258
-
-    def encode(self, text: str) -> list[int]:
-        return list(clean_text(text).encode("utf-8"))
-
-    def __call__(self, text: str) -> list[int]:
-        ids = [self.bos_token_id] + self.encode(text)[: self.model_max_length - 2] + [self.eos_token_id]
-        return ids + [self.pad_token_id] * (self.model_max_length - len(ids))

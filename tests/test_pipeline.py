@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from musev_lite.pipeline import MuseVPipeline
+from musev_lite.weights import WeightsError
 
 pytestmark = pytest.mark.filterwarnings("ignore:prompt truncated")  # the byte tokenizer makes V2 long
 IMAGE = np.random.default_rng(0).integers(0, 255, (40, 72, 3)).astype(np.uint8)
@@ -109,3 +110,17 @@ def test_bad_arguments(pipe, kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         pipe("a face", image=IMAGE, **args)
+
+
+def test_save_and_load_a_weights_folder(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    loaded = MuseVPipeline.from_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        "image_encoder.safetensors", "image_proj.safetensors", "referencenet.safetensors", "text_encoder.safetensors",
+        "unet.safetensors", "vae.safetensors"]
+    a = pipe("a face", image=IMAGE, num_frames=3, seed=5, **FAST)
+    b = loaded("a face", image=IMAGE, num_frames=3, seed=5, **FAST)
+    assert np.array_equal(a.frames, b.frames)
+    (tmp_path / "vae.safetensors").unlink()
+    with pytest.raises(WeightsError, match=r"missing vae.safetensors; see weights/README.md"):
+        MuseVPipeline.from_pretrained(tmp_path)

@@ -15,7 +15,7 @@ from musev_lite.prompts import (
     load_textual_inversion,
     parse_weights,
 )
-from musev_lite.tokenizer import ByteTokenizer, CLIPTokenizer
+from musev_lite.tokenizer import CLIPTokenizer
 from musev_lite.weights import WeightsError
 
 DATA = json.loads((FIXTURES / "tokenizer/cases.json").read_text())
@@ -76,7 +76,7 @@ def test_chunk_ids_equal_the_original(shared, clip_tokenizer):
 
 
 def test_weighting_math():
-    tok = ByteTokenizer()
+    tok = CLIPTokenizer.byte_level()
     torch.manual_seed(0)
     encoder = RecordingEncoder(tok.vocab_size).eval()
     plain = encode_prompt_pair(tok, encoder, "a cat", "a dog")
@@ -89,7 +89,7 @@ def test_weighting_math():
     with torch.no_grad():
         direct = encoder(torch.tensor([tok("a dog"), runs + [tok.pad_token_id] * (77 - len(runs))]))
     assert torch.allclose(weighted.mean(dim=(1, 2)), direct.mean(dim=(1, 2)), atol=1e-6)  # mean kept
-    # the byte tokenizer drops the space: BOS, "a", then "cat" at positions 2..4
+    # byte-level ids: BOS, "a", then "cat" (3 bytes) at positions 2..4
     c = (weighted[1, 0] @ direct[1, 0]) / (direct[1, 0] @ direct[1, 0])  # the global rescale factor
     expected = direct[1] * c
     expected[2:5] *= 1.5
@@ -97,7 +97,7 @@ def test_weighting_math():
 
 
 def test_long_prompts_chunk_and_truncate():
-    tok = ByteTokenizer()
+    tok = CLIPTokenizer.byte_level()
     encoder = RecordingEncoder(tok.vocab_size)
     assert encode_prompt_pair(tok, encoder, "x" * 80, "").shape == (2, 154, 8)
     with pytest.warns(UserWarning, match="prompt truncated to 225 tokens"):
@@ -134,7 +134,7 @@ def test_textual_inversion_errors(tmp_path):
         def __reduce__(self):
             return (print, ("pwned",))
 
-    tok = ByteTokenizer()
+    tok = CLIPTokenizer.byte_level()
     encoder = RecordingEncoder(tok.vocab_size)
     torch.save({"string_to_param": {"*": torch.zeros(1, 8)}, "x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(WeightsError, match="refused to unpickle"):

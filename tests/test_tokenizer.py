@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import FIXTURES
-from musev_lite.tokenizer import ByteTokenizer, CLIPTokenizer, TokenizerError
+from musev_lite.tokenizer import MAX_MERGES, CLIPTokenizer, TokenizerError
 
 CASES = json.loads((FIXTURES / "tokenizer/cases.json").read_text())["cases"]
 
@@ -55,7 +55,20 @@ def test_bad_folders(tmp_path):
         CLIPTokenizer.from_folder(tmp_path)
 
 
-def test_byte_tokenizer():
-    tok = ByteTokenizer()
-    ids = tok("Hé")
-    assert ids[:4] == [256, ord("h"), 0xC3, 0xA9] and ids[4] == 257 and len(ids) == 77
+def test_byte_level_tokenizer_round_trips(tmp_path):
+    tok = CLIPTokenizer.byte_level()
+    ids = tok.encode("Hé, x")
+    assert len(ids) == len("Hé,x".encode()) and tok.vocab_size == 514  # one id per byte, spaces dropped
+    assert tok("Hé")[0] == tok.bos_token_id and len(tok("Hé")) == 77
+    tok.save(tmp_path)
+    assert CLIPTokenizer.from_folder(tmp_path).encode("Hé, x") == ids
+
+
+def test_merges_are_capped_like_transformers(tmp_path, tokenizer):
+    """transformers reads at most 48894 merges after the header line; extra lines are ignored."""
+    tokenizer.save(tmp_path)
+    with open(tmp_path / "merges.txt", "a") as f:
+        f.write("c at</w>\n")
+    capped = CLIPTokenizer.from_folder(tmp_path)
+    assert len(capped._merges) == MAX_MERGES == len(tokenizer._merges)
+    assert capped._merges[-1] == tokenizer._merges[-1]
