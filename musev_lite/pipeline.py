@@ -219,7 +219,7 @@ class MuseVPipeline:
         context_frames: int = 12,
         context_overlap: int = 4,
         context_schedule: str = "uniform_v2",
-        window_batch: int = 4,
+        window_batch: int = 1,
         motion_speed: float = 8.0,
         w_ind_noise: float = 0.5,
         img_weight: float = 1e-3,

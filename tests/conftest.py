@@ -1,5 +1,7 @@
 """Shared test helpers: where the reference material lives, and skipping cleanly without it."""
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -48,3 +50,47 @@ def original_fixture_models(shared_dir: Path, variant: str):
         weights = root / "referencenet/diffusion_pytorch_model.safetensors"
         load_weights(referencenet, {k: v.float() for k, v in read_state_dict(weights).items()}, str(weights))
     return unet, referencenet
+
+
+def old_vae_names(state):
+    """diffusers' VAE files from before its attention rewrite: query/key/value/proj_attn, 1x1-conv shapes."""
+    names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    out = {}
+    for key, value in state.items():
+        for new, old in names.items():
+            if f".attentions.0.{new}." in key:
+                key = key.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+                value = value[:, :, None, None] if value.ndim == 2 else value
+        out[key] = value
+    return out
+
+
+def make_sd15_folder(root, sd_unet: dict, unet_config: dict, cross_dim: int):
+    """A diffusers SD1.5 folder as published (tiny sizes): unet/, vae/ (old attention names),
+    text_encoder/ (.bin with position_ids), tokenizer/ (byte-level), scheduler/."""
+    from safetensors.torch import save_file
+
+    from musev_lite.clip import CLIPTextConfig, CLIPTextModel
+    from musev_lite.convert.sd15 import SD15_SCHEDULER
+    from musev_lite.tokenizer import CLIPTokenizer
+    from musev_lite.vae import AutoencoderKL, VAEConfig
+
+    torch.manual_seed(0)
+    (root / "unet").mkdir(parents=True)
+    save_file(sd_unet, root / "unet/diffusion_pytorch_model.safetensors")
+    (root / "unet/config.json").write_text(json.dumps(unet_config))
+    vae_config = VAEConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1)
+    (root / "vae").mkdir()
+    torch.save(old_vae_names(AutoencoderKL(vae_config).state_dict()), root / "vae/diffusion_pytorch_model.bin")
+    (root / "vae/config.json").write_text(json.dumps(dataclasses.asdict(vae_config)))
+    tokenizer = CLIPTokenizer.byte_level()
+    text_config = CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=cross_dim, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2)
+    (root / "text_encoder").mkdir()
+    text_state = dict(CLIPTextModel(text_config).state_dict(), **{"text_model.embeddings.position_ids": torch.arange(77)[None]})
+    torch.save(text_state, root / "text_encoder/pytorch_model.bin")
+    (root / "text_encoder/config.json").write_text(json.dumps(dataclasses.asdict(text_config)))
+    tokenizer.save(root / "tokenizer")
+    (root / "scheduler").mkdir()
+    (root / "scheduler/scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
+    return root

@@ -265,6 +265,40 @@ def make_tokenizer():
     (OUT / "tokenizer" / "cases.json").write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
+def make_single_file():
+    """An A1111 single-file checkpoint made from the vae/clip_text/unet2d fixtures by diffusers' own
+    converter to the original layout (scripts/convert_diffusers_to_original_stable_diffusion.py of a
+    diffusers checkout in $DIFFUSERS_SRC, run at generation time only). Its inverse, diffusers'
+    single-file loader, is checked here to give the fixtures' weights back, so the file is a faithful
+    LDM-named copy of them; the test then converts it with our tables and compares."""
+    import importlib.util
+    import os
+
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint)
+    from safetensors.torch import load_file
+
+    script = Path(os.environ["DIFFUSERS_SRC"]) / "scripts/convert_diffusers_to_original_stable_diffusion.py"
+    spec = importlib.util.spec_from_file_location("to_original", script)
+    to_original = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(to_original)
+    unet = load_file(OUT / "unet2d/weights.safetensors")
+    vae = load_file(OUT / "vae/weights.safetensors")
+    text = load_file(OUT / "clip_text/weights.safetensors")
+    ldm = {f"model.diffusion_model.{k}": v for k, v in to_original.convert_unet_state_dict(unet).items()}
+    ldm.update({f"first_stage_model.{k}": v for k, v in to_original.convert_vae_state_dict(vae).items()})
+    ldm.update({f"cond_stage_model.transformer.{k}": v for k, v in to_original.convert_text_enc_state_dict(text).items()})
+    ldm["model_ema.decay"] = torch.tensor(0.9999)  # files carry such extras; a converter skips them
+    ldm["alphas_cumprod"] = torch.linspace(1, 0, 10)
+    # diffusers' loader maps it back to exactly the fixtures' weights
+    unet_config = json.loads((OUT / "unet2d/config.json").read_text())
+    back = convert_ldm_unet_checkpoint(ldm, unet_config)
+    assert back.keys() == unet.keys() and all(torch.equal(back[k], unet[k]) for k in unet)
+    back = convert_ldm_vae_checkpoint(ldm, json.loads((OUT / "vae/config.json").read_text()))
+    assert back.keys() == vae.keys() and all(torch.equal(back[k].reshape(vae[k].shape), vae[k]) for k in vae)
+    save("single_file", "sd15_tiny", ldm)
+
+
 PARTS = {
     "samplers": make_samplers,
     "vae": make_vae,
@@ -272,6 +306,7 @@ PARTS = {
     "clip_vision": make_clip_vision,
     "unet2d": make_unet2d,
     "tokenizer": make_tokenizer,
+    "single_file": make_single_file,
 }
 
 if __name__ == "__main__":

@@ -1,0 +1,131 @@
+"""A released MuseV model -> one musev_lite weights folder (what `MuseVPipeline.from_pretrained` reads).
+
+As the original loads it (spec: model.md §1.1):
+  * unet: the motion checkpoint `motion/<model>/unet/` (temporal layers, frame embedding, IP-Adapter
+    K/V, ReferenceNet fusion; it may or may not carry SD1.5 weights), with the SD1.5 base model's UNet
+    laid over it: the base's spatial weights win, and it may bring no key the 3D UNet lacks;
+  * referencenet: `motion/musev_referencenet/referencenet/` (SD1.5 names; an up path, if saved, is dropped);
+  * image_proj: `motion/<model>/ip_adapter_image_proj.bin` (`{"image_proj": {proj.*, norm.*}}`);
+  * image_encoder: IP-Adapter's CLIP ViT-H/14 (`IP-Adapter/models/image_encoder/`, transformers layout);
+  * vae: `vae/sd-vae-ft-mse` (MuseV replaces the base's VAE), text encoder / tokenizer / scheduler: the base.
+
+    python -m musev_lite.convert.musev --motion checkpoints/motion/musev_referencenet \\
+        --base checkpoints/t2i/sd1.5/majicmixRealv6Fp16 --vae checkpoints/vae/sd-vae-ft-mse \\
+        --image-encoder checkpoints/IP-Adapter/models/image_encoder weights/musev_referencenet
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from musev_lite.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
+from musev_lite.ip_adapter import ImageProjection, ImageProjectionConfig
+from musev_lite.referencenet import ReferenceNet
+from musev_lite.unet import UNet3D, UNet3DConfig
+from musev_lite.weights import WeightsError, check_state_dict, read_state_dict
+
+from .sd15 import checked, expected_keys, find_weights, read_base, read_json, read_vae_folder, text_side, write_folder
+
+MODELS = ("musev", "musev_referencenet", "musev_referencenet_pose")
+REFERENCENET_UNUSED = ("up_blocks.", "conv_norm_out.", "conv_out.")  # deleted in the released ReferenceNet (§7.1)
+
+
+def motion_unet(motion_dir: Path, base_unet: dict | None, preset: str) -> tuple[dict, UNet3DConfig]:
+    """The 3D UNet's weights: the motion checkpoint, then the base's SD1.5 weights over it."""
+    folder = motion_dir / "unet"
+    weights = find_weights(folder, ("diffusion_pytorch_model",))
+    config = UNet3DConfig.from_diffusers(read_json(folder / "config.json"), preset)
+    state = read_state_dict(weights)
+    expected = expected_keys(UNet3D, config)
+    if base_unet is not None:
+        foreign = [k for k in base_unet if k not in expected]
+        if foreign:
+            raise WeightsError(f"the base UNet has {len(foreign)} keys the 3D UNet lacks "
+                               f"(e.g. {', '.join(foreign[:5])}); is it an SD1.5 model?")
+        state = {**state, **base_unet}
+    try:
+        check_state_dict(expected, state, str(weights))
+    except WeightsError as err:
+        hint = "" if base_unet is not None else " (a motion checkpoint without SD1.5 weights needs --base)"
+        raise WeightsError(f"{err}{hint}") from None
+    return state, config
+
+
+def referencenet(folder: Path, preset: str) -> tuple[dict, UNet3DConfig]:
+    weights = find_weights(folder, ("diffusion_pytorch_model",))
+    config = UNet3DConfig.from_diffusers(read_json(folder / "config.json"), preset)
+    state = {k: v for k, v in read_state_dict(weights).items() if not k.startswith(REFERENCENET_UNUSED)}
+    return state, config
+
+
+def image_proj(path: Path) -> tuple[dict, ImageProjectionConfig]:
+    state = read_state_dict(path)
+    state = state.get("image_proj", state)
+    if not isinstance(state, dict) or "proj.weight" not in state or "norm.weight" not in state:
+        raise WeightsError(f"{path}: expected {{'image_proj': {{proj.*, norm.*}}}}, found keys {list(state)[:6]}")
+    width = state["norm.weight"].shape[0]
+    config = ImageProjectionConfig(state["proj.weight"].shape[1], width, state["proj.weight"].shape[0] // width)
+    return state, config
+
+
+def image_encoder(folder: Path) -> tuple[dict, CLIPVisionConfig]:
+    weights = find_weights(folder, ("model", "pytorch_model"))
+    config = read_json(folder / "config.json")
+    config = config.get("vision_config", config)
+    fields = {f.name for f in dataclasses.fields(CLIPVisionConfig)}
+    state = {k: v for k, v in read_state_dict(weights).items() if k != "vision_model.embeddings.position_ids"}
+    return state, CLIPVisionConfig(**{k: v for k, v in config.items() if k in fields})
+
+
+def convert(motion: Path, base: Path, dest: Path, preset: str | None = None, vae: Path | None = None,
+            image_encoder_dir: Path | None = None, referencenet_dir: Path | None = None,
+            tokenizer: Path | None = None, dtype: str = "keep") -> Path:
+    preset = preset or motion.name
+    if preset not in MODELS:
+        raise WeightsError(f"cannot tell the model from {motion.name!r}; pass --preset ({', '.join(MODELS)})")
+    sd = read_base(base, tokenizer)
+    unet_state, unet_config = motion_unet(motion, sd.unet, preset)
+    components = [checked("unet", unet_state, unet_config, UNet3D, str(motion / "unet"))]
+    components += text_side(sd, vae=read_vae_folder(vae) if vae is not None else None)
+    if preset != "musev":
+        # the pose model has no ReferenceNet of its own: it uses musev_referencenet's (model.md §1)
+        refer_dir = referencenet_dir or motion.parent / "musev_referencenet" / "referencenet"
+        if image_encoder_dir is None:
+            raise WeightsError(f"{preset} needs the IP-Adapter image encoder: pass --image-encoder")
+        components.append(checked("referencenet", *referencenet(refer_dir, preset), ReferenceNet, str(refer_dir)))
+        proj_path = motion / "ip_adapter_image_proj.bin"
+        components.append(checked("image_proj", *image_proj(proj_path), ImageProjection, str(proj_path)))
+        components.append(checked("image_encoder", *image_encoder(image_encoder_dir), CLIPVisionModelWithProjection,
+                                  str(image_encoder_dir)))
+    write_folder(dest, components, sd, dtype)  # only once everything fits
+    return dest
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m musev_lite.convert.musev",
+                                     description="Convert a released MuseV model into a musev_lite weights folder.")
+    parser.add_argument("dest", help="output folder (model.weights_dir)")
+    parser.add_argument("--motion", required=True, type=Path, help="checkpoints/motion/<model> of the release")
+    parser.add_argument("--base", required=True, type=Path, help="SD1.5 base: a diffusers folder or a single file")
+    parser.add_argument("--vae", type=Path, help="VAE folder (MuseV uses sd-vae-ft-mse); default: the base's")
+    parser.add_argument("--image-encoder", type=Path, help="IP-Adapter/models/image_encoder (referencenet models)")
+    parser.add_argument("--referencenet", type=Path, help="default: motion/musev_referencenet/referencenet")
+    parser.add_argument("--tokenizer", type=Path, help="CLIP tokenizer folder (a single-file base has none)")
+    parser.add_argument("--preset", choices=MODELS, help="default: the motion folder's name")
+    parser.add_argument("--dtype", choices=("keep", "fp16", "fp32"), default="keep")
+    args = parser.parse_args(argv)
+    try:
+        dest = convert(args.motion, args.base, Path(args.dest), args.preset, args.vae, args.image_encoder,
+                       args.referencenet, args.tokenizer, args.dtype)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(dest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

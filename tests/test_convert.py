@@ -1,0 +1,181 @@
+"""Converters: A1111 single files against diffusers' own conversion, old VAE names, and a whole MuseV
+release tree (published key names, tiny sizes) converted, loaded and checked against the original."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FIXTURES, SHARED, make_sd15_folder, max_abs_error, old_vae_names
+from musev_lite.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
+from musev_lite.convert import musev, sd15
+from musev_lite.pipeline import MuseVPipeline
+from musev_lite.tokenizer import CLIPTokenizer
+from musev_lite.vae import VAEConfig
+from musev_lite.weights import WeightsError, load_component
+
+SINGLE = FIXTURES / "single_file/sd15_tiny.safetensors"
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_single_file_equals_the_diffusers_weights(capsys):
+    """The file was written from the diffusers-layout fixtures by diffusers' own to-LDM converter."""
+    parts, skipped = sd15.split_single_file(load_file(SINGLE), "sd15_tiny")
+    assert same(parts["unet"], load_file(FIXTURES / "unet2d/weights.safetensors"))
+    assert same(parts["vae"], load_file(FIXTURES / "vae/weights.safetensors"))
+    assert same(parts["text_encoder"], load_file(FIXTURES / "clip_text/weights.safetensors"))
+    assert sorted(skipped) == ["alphas_cumprod", "model_ema.decay"]
+
+
+def test_single_file_problems_are_named():
+    state = load_file(SINGLE)
+    with pytest.raises(WeightsError, match=r"model.diffusion_model\): 1 keys have no mapping: extra_block.weight"):
+        sd15.split_single_file(dict(state, **{"model.diffusion_model.extra_block.weight": torch.zeros(1)}), "x")
+    no_vae = {k: v for k, v in state.items() if not k.startswith("first_stage_model.")}
+    with pytest.raises(WeightsError, match="no first_stage_model.\\* keys"):
+        sd15.split_single_file(no_vae, "x")
+
+
+def test_old_vae_attention_names():
+    vae = load_file(FIXTURES / "vae/weights.safetensors")
+    old = old_vae_names(vae)
+    assert "decoder.mid_block.attentions.0.query.weight" in old
+    assert same(sd15.vae_state(old, "old vae"), vae)
+
+
+def test_sd15_cli_on_a_single_file(tmp_path, capsys):
+    tokenizer = tmp_path / "tok"
+    CLIPTokenizer.byte_level().save(tokenizer)
+    assert sd15.main([str(SINGLE), str(tmp_path / "out")]) == 2
+    assert "a single-file checkpoint has none; pass --tokenizer" in capsys.readouterr().err
+    config = json.loads((FIXTURES / "vae/config.json").read_text())
+    assert sd15.main([str(SINGLE), str(tmp_path / "out"), "--tokenizer", str(tokenizer)]) == 2  # tiny VAE != SD1.5 sizes
+    assert "weights do not fit the model" in capsys.readouterr().err
+    assert config["block_out_channels"] != list(VAEConfig().block_out_channels)
+
+
+# ---------------------------------------------------------------------------------------------
+# A release tree with the published layout at tiny sizes
+
+
+def diffusers_unet_config(variant_config: dict) -> dict:
+    return {k: v for k, v in variant_config.items() if not k.startswith("_")}
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """motion/musev_referencenet from the original's fixture weights, a tiny base, an image encoder."""
+    if not (SHARED / "reference").is_dir():
+        pytest.skip(f"reference material not found at {SHARED} (it sits beside the checkout in CI)")
+    src = SHARED / "reference/fixtures/musev_referencenet"
+    root = tmp_path_factory.mktemp("checkpoints")
+    motion = root / "motion/musev_referencenet"
+    unet = {k: v for k, v in load_file(src / "unet/diffusion_pytorch_model.safetensors").items()}
+    sd_keys = set(json.loads((SHARED / "reference/keys/unet2d_sd15_diffusers.json").read_text()))
+    unet_config = diffusers_unet_config(json.loads((src / "unet/config.json").read_text()))
+    (motion / "unet").mkdir(parents=True)
+    # the motion file without the SD1.5 weights; the base brings them (the original overlays the base)
+    torch.save({k: v for k, v in unet.items() if k not in sd_keys}, motion / "unet/diffusion_pytorch_model.bin")
+    (motion / "unet/config.json").write_text(json.dumps(unet_config))
+    (motion / "referencenet").mkdir()
+    refer = load_file(src / "referencenet/diffusion_pytorch_model.safetensors")
+    refer["up_blocks.0.resnets.0.conv1.weight"] = torch.zeros(1)  # an unpruned save; must be dropped
+    torch.save(refer, motion / "referencenet/diffusion_pytorch_model.bin")
+    (motion / "referencenet/config.json").write_text((src / "referencenet/config.json").read_text())
+    proj = {k.removeprefix("image_proj."): v for k, v in load_file(src / "ip_adapter_image_proj.safetensors").items()}
+    torch.save({"image_proj": proj}, motion / "ip_adapter_image_proj.bin")
+    base = make_sd15_folder(root / "t2i/sd1.5/tiny", {k: v for k, v in unet.items() if k in sd_keys}, unet_config, 32)
+    encoder = root / "IP-Adapter/models/image_encoder"
+    encoder.mkdir(parents=True)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              patch_size=32, projection_dim=1024)
+    torch.save(CLIPVisionModelWithProjection(vision).state_dict(), encoder / "pytorch_model.bin")
+    (encoder / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", **dataclasses.asdict(vision)}))
+    return root, unet
+
+
+@pytest.fixture(scope="module")
+def converted(release, tmp_path_factory):
+    root, _ = release
+    dest = tmp_path_factory.mktemp("weights")
+    assert musev.main([str(dest), "--motion", str(root / "motion/musev_referencenet"), "--base",
+                       str(root / "t2i/sd1.5/tiny"), "--image-encoder", str(root / "IP-Adapter/models/image_encoder")]) == 0
+    return dest
+
+
+def test_release_converts_to_a_complete_folder(converted, release):
+    _, unet = release
+    names = sorted(p.name for p in converted.iterdir())
+    assert names == ["image_encoder.json", "image_encoder.safetensors", "image_proj.json", "image_proj.safetensors",
+                     "referencenet.json", "referencenet.safetensors", "scheduler.json", "text_encoder.json",
+                     "text_encoder.safetensors", "tokenizer", "unet.json", "unet.safetensors", "vae.json",
+                     "vae.safetensors"]
+    state, config = load_component(converted, "unet")
+    assert same(state, unet) and config["refer_fusion"] and config["anivv1"]
+    refer, _ = load_component(converted, "referencenet")
+    assert not any(k.startswith("up_blocks.") for k in refer)
+    vae, _ = load_component(converted, "vae")
+    assert "decoder.mid_block.attentions.0.to_q.weight" in vae and vae["decoder.mid_block.attentions.0.to_q.weight"].ndim == 2
+
+
+def test_converted_unet_reproduces_the_original(converted, shared):
+    """From the converted folder, the UNet gives the original's recorded output (<= 1e-4)."""
+    pipe = MuseVPipeline.from_pretrained(converted)
+    tensors = load_file(shared / "reference/fixtures/musev_referencenet/t20_linspace.safetensors")
+    down = [tensors[f"refnet.down_block_refer_embs.{i}"].squeeze(2) for i in range(12)]
+    from musev_lite.unet import ReferenceFeatures
+
+    with torch.no_grad():
+        out = pipe.unet(tensors["unet.step0.win0.sample"].float(), tensors["unet.step0.win0.timestep"],
+                        tensors["text.prompt_embeds"], ip_tokens=tensors["ip.image_emb"],
+                        refer=ReferenceFeatures(down, tensors["refnet.mid_block_refer_emb"].squeeze(2)))
+        features = pipe.referencenet(tensors["refnet.refer_image_vae_emb"], 0.0, tensors["ip.image_emb"])
+    assert max_abs_error(out, tensors["unet.step0.win0.out"], "converted UNet vs original") <= 1e-4
+    assert max_abs_error(features.mid, tensors["refnet.mid_block_refer_emb"].squeeze(2), "converted ReferenceNet") <= 1e-4
+
+
+def test_converted_folder_runs_the_pipeline(converted):
+    import numpy as np
+
+    pipe = MuseVPipeline.from_pretrained(converted)
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3)).astype(np.uint8)
+    video = pipe("a face", image=image, num_frames=2, steps=1, negative_prompt="Empty", seed=0)
+    assert video.frames.shape == (3, 64, 64, 3)
+
+
+def test_motion_without_base_names_the_missing_keys(release):
+    root, _ = release
+    with pytest.raises(WeightsError, match=r"missing: .*conv_in.weight.*needs --base"):
+        musev.motion_unet(root / "motion/musev_referencenet", None, "musev_referencenet")
+
+
+def test_base_weights_win_and_must_fit(release):
+    root, unet = release
+    motion = root / "motion/musev_referencenet"
+    base = {"conv_in.weight": torch.full_like(unet["conv_in.weight"], 7.0)}
+    state, _ = musev.motion_unet(motion, {**{k: v for k, v in unet.items() if "temp" not in k}, **base}, "musev_referencenet")
+    assert torch.equal(state["conv_in.weight"], base["conv_in.weight"])
+    with pytest.raises(WeightsError, match="the base UNet has 1 keys the 3D UNet lacks"):
+        musev.motion_unet(motion, {"add_embedding.weight": torch.zeros(1)}, "musev_referencenet")
+    wrong = dict(unet, **{"conv_in.weight": torch.zeros(5, 4, 3, 3)})
+    with pytest.raises(WeightsError, match=r"conv_in.weight \(file \(5, 4, 3, 3\), model \(32, 4, 3, 3\)\)"):
+        musev.motion_unet(motion, wrong, "musev_referencenet")
+
+
+def test_missing_component_and_bad_files(release, tmp_path, capsys):
+    root, _ = release
+    with pytest.raises(WeightsError, match=r"unet: missing folder \(the component 'unet' is needed\)"):
+        sd15.read_base(tmp_path)
+    (tmp_path / "proj.bin").write_bytes(b"")
+    torch.save({"image_proj": {"weight": torch.zeros(2)}}, tmp_path / "proj.bin")
+    with pytest.raises(WeightsError, match=r"expected \{'image_proj'"):
+        musev.image_proj(tmp_path / "proj.bin")
+    assert musev.main([str(tmp_path / "w"), "--motion", str(root / "motion/musev_referencenet"),
+                       "--base", str(root / "t2i/sd1.5/tiny")]) == 2
+    assert "needs the IP-Adapter image encoder: pass --image-encoder" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()  # nothing is written unless every component fits
