@@ -18,7 +18,7 @@ import torch
 
 from musev_lite.weights import WeightsError
 
-Rule = tuple[str, "str | Callable[[re.Match], str]"]
+Rule = tuple[str, str | Callable[[re.Match], str]]
 
 
 def rename(state: dict[str, torch.Tensor], rules: list[Rule], source: str) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from musev_lite.referencenet import ReferenceNet
 from musev_lite.unet import UNet3D, UNet3DConfig
 from musev_lite.weights import WeightsError, check_state_dict, read_state_dict
 
-from .sd15 import checked, expected_keys, find_weights, read_base, read_json, read_vae_folder, text_side, write_folder
+from .sd15 import checked, expected_keys, find_weights, read_base, read_json, text_side, write_folder
 
 MODELS = ("musev", "musev_referencenet", "musev_referencenet_pose")
 REFERENCENET_UNUSED = ("up_blocks.", "conv_norm_out.", "conv_out.")  # deleted in the released ReferenceNet (§7.1)
@@ -86,10 +86,10 @@ def convert(motion: Path, base: Path, dest: Path, preset: str | None = None, vae
     preset = preset or motion.name
     if preset not in MODELS:
         raise WeightsError(f"cannot tell the model from {motion.name!r}; pass --preset ({', '.join(MODELS)})")
-    sd = read_base(base, tokenizer)
+    sd = read_base(base, tokenizer, vae)
     unet_state, unet_config = motion_unet(motion, sd.unet, preset)
     components = [checked("unet", unet_state, unet_config, UNet3D, str(motion / "unet"))]
-    components += text_side(sd, vae=read_vae_folder(vae) if vae is not None else None)
+    components += text_side(sd)
     if preset != "musev":
         # the pose model has no ReferenceNet of its own: it uses musev_referencenet's (model.md §1)
         refer_dir = referencenet_dir or motion.parent / "musev_referencenet" / "referencenet"

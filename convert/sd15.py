@@ -11,7 +11,7 @@ old VAE files (e.g. sd-vae-ft-mse) name their attention `query/key/value/proj_at
 Each gets one pattern table below. Everything else in such a file (EMA copies, the noise schedule) is
 not needed and is reported as skipped.
 
-    python -m musev_lite.convert.sd15 SRC DEST [--tokenizer DIR] [--dtype keep|fp16|fp32]
+    python -m musev_lite.convert.sd15 SRC DEST [--tokenizer DIR] [--vae DIR] [--dtype keep|fp16|fp32]
 
 writes DEST/{vae,text_encoder,sd_unet}.{safetensors,json}, DEST/tokenizer/, DEST/scheduler.json
 (sd_unet: the base's SD1.5 UNet weights with diffusers names, and its config.json).
@@ -194,17 +194,19 @@ def read_vae_folder(folder: Path) -> tuple[dict, VAEConfig]:
     return vae_state(read_state_dict(weights), str(weights)), vae_config(read_json(folder / "config.json"))
 
 
-def read_base(path: str | Path, tokenizer: str | Path | None = None) -> SD15Base:
+def read_base(path: str | Path, tokenizer: str | Path | None = None, vae: str | Path | None = None) -> SD15Base:
     """A diffusers folder or a single-file checkpoint. A single file has no tokenizer: pass a folder
-    with the CLIP vocab.json + merges.txt (any SD1.5 diffusers folder's tokenizer/)."""
+    with the CLIP vocab.json + merges.txt (any SD1.5 diffusers folder's tokenizer/). A `vae` folder
+    replaces the base's VAE (then the base's own is not read)."""
     path = Path(path)
+    replacement = read_vae_folder(Path(vae)) if vae is not None else None
     if path.is_dir():
         unet_weights = find_weights(path / "unet", ("diffusion_pytorch_model",))
         text_weights = find_weights(path / "text_encoder", ("model", "pytorch_model"))
-        vae, vae_cfg = read_vae_folder(path / "vae")
+        vae_state_dict, vae_cfg = replacement or read_vae_folder(path / "vae")
         scheduler_json = path / "scheduler" / "scheduler_config.json"
         return SD15Base(
-            unet=read_state_dict(unet_weights), vae=vae,
+            unet=read_state_dict(unet_weights), vae=vae_state_dict,
             text_encoder=text_encoder_state(read_state_dict(text_weights)),
             unet_config=read_json(path / "unet" / "config.json"), vae_config=vae_cfg,
             text_config=text_config(read_json(path / "text_encoder" / "config.json")),
@@ -215,8 +217,9 @@ def read_base(path: str | Path, tokenizer: str | Path | None = None) -> SD15Base
     if skipped:
         print(f"{path.name}: skipped {len(skipped)} keys that are not UNet/VAE/text-encoder weights "
               f"(e.g. {', '.join(skipped[:3])})", file=sys.stderr)
-    return SD15Base(unet=parts["unet"], vae=parts["vae"], text_encoder=parts["text_encoder"], unet_config={},
-                    vae_config=VAEConfig(), text_config=CLIPTextConfig(),
+    vae_state_dict, vae_cfg = replacement or (parts["vae"], VAEConfig())
+    return SD15Base(unet=parts["unet"], vae=vae_state_dict, text_encoder=parts["text_encoder"], unet_config={},
+                    vae_config=vae_cfg, text_config=CLIPTextConfig(),
                     tokenizer=Path(tokenizer) if tokenizer else None, scheduler=dict(SD15_SCHEDULER))
 
 
@@ -241,13 +244,12 @@ def checked(name: str, state: dict, config, model_cls, source: str) -> tuple[str
     return name, state, config
 
 
-def text_side(base: SD15Base, vae=None) -> list[tuple[str, dict, object]]:
+def text_side(base: SD15Base) -> list[tuple[str, dict, object]]:
     """The vae and text_encoder components of a weights folder, checked."""
     if base.tokenizer is None or not (base.tokenizer / "vocab.json").is_file():
         raise WeightsError(f"no tokenizer at {base.tokenizer}: a single-file checkpoint has none; pass --tokenizer "
                            "with a folder holding the CLIP vocab.json and merges.txt (e.g. an SD1.5 tokenizer/)")
-    vae_state_dict, vae_cfg = vae if vae is not None else (base.vae, base.vae_config)
-    return [checked("vae", vae_state_dict, vae_cfg, AutoencoderKL, "vae"),
+    return [checked("vae", base.vae, base.vae_config, AutoencoderKL, "vae"),
             checked("text_encoder", base.text_encoder, base.text_config, CLIPTextModel, "text_encoder")]
 
 
@@ -270,10 +272,11 @@ def main(argv=None) -> int:
     parser.add_argument("src", help="a diffusers folder or a single-file .safetensors/.ckpt")
     parser.add_argument("dest", help="output folder")
     parser.add_argument("--tokenizer", help="CLIP tokenizer folder (needed for a single file)")
+    parser.add_argument("--vae", help="a diffusers VAE folder to use instead of the base's own")
     parser.add_argument("--dtype", choices=("keep", "fp16", "fp32"), default="keep")
     args = parser.parse_args(argv)
     try:
-        base = read_base(args.src, args.tokenizer)
+        base = read_base(args.src, args.tokenizer, args.vae)
         dest = Path(args.dest)
         write_folder(dest, text_side(base) + [("sd_unet", base.unet, base.unet_config)], base, args.dtype)
     except ValueError as err:

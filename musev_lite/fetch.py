@@ -21,6 +21,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .convert.musev import convert
+
 DEFAULT_BASE_URL = "https://huggingface.co/TMElyralab/MuseV/resolve/main"
 BASE_MODELS = ("majicmixRealv6Fp16", "fantasticmix_v10")
 MODELS = ("musev", "musev_referencenet", "musev_referencenet_pose")
@@ -39,10 +41,19 @@ class Remote:
     alternatives: tuple[str, ...] = ()
     size: int | None = None
     sha256: str | None = None
+    hint: str = ""  # said when no name is found
 
 
-def _weights(folder: str, stem: str = "diffusion_pytorch_model") -> list[Remote]:
-    return [Remote(f"{folder}/config.json"), Remote(f"{folder}/{stem}.safetensors", (f"{folder}/{stem}.bin",))]
+DIFFUSERS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+TRANSFORMERS = ("model.safetensors", "pytorch_model.bin")
+IMAGE_ENCODER = "IP-Adapter/models/image_encoder"
+IMAGE_ENCODER_HINT = (f"if your mirror lacks {IMAGE_ENCODER}/, put the files of "
+                      f"https://huggingface.co/h94/IP-Adapter/tree/main/models/image_encoder there and run again")
+
+
+def _weights(folder: str, names: tuple[str, ...] = DIFFUSERS, hint: str = "") -> list[Remote]:
+    first, *rest = (f"{folder}/{name}" for name in names)
+    return [Remote(f"{folder}/config.json", hint=hint), Remote(first, tuple(rest), hint=hint)]
 
 
 def plan(model: str, base: str = "majicmixRealv6Fp16") -> list[Remote]:
@@ -52,15 +63,14 @@ def plan(model: str, base: str = "majicmixRealv6Fp16") -> list[Remote]:
     if base not in BASE_MODELS:
         raise FetchError(f"base {base!r} is not in the release; use one of {', '.join(BASE_MODELS)}")
     sd = f"t2i/sd1.5/{base}"
-    files = _weights(f"motion/{model}/unet") + _weights(f"{sd}/unet") + _weights(f"{sd}/text_encoder", "pytorch_model")
-    files += [Remote(f"{sd}/tokenizer/{name}") for name in ("vocab.json", "merges.txt", "special_tokens_map.json")]
+    files = _weights(f"motion/{model}/unet") + _weights(f"{sd}/unet") + _weights(f"{sd}/text_encoder", TRANSFORMERS)
+    files += [Remote(f"{sd}/tokenizer/{name}") for name in ("vocab.json", "merges.txt")]
     files += [Remote(f"{sd}/scheduler/scheduler_config.json")] + _weights("vae/sd-vae-ft-mse")
     if model != "musev":
         # the pose model ships its own image projection but uses musev_referencenet's ReferenceNet (§1)
         files += _weights("motion/musev_referencenet/referencenet")
         files += [Remote(f"motion/{model}/ip_adapter_image_proj.bin")]
-        encoder = "IP-Adapter/models/image_encoder"
-        files += [Remote(f"{encoder}/config.json"), Remote(f"{encoder}/model.safetensors", (f"{encoder}/pytorch_model.bin",))]
+        files += _weights(IMAGE_ENCODER, TRANSFORMERS, IMAGE_ENCODER_HINT)
     return files
 
 
@@ -123,5 +133,42 @@ def fetch_all(files: list[Remote], downloads: Path, base_url: str, quiet: bool =
                 download(f"{base_url.rstrip('/')}/{name}", downloads / name, remote.size, remote.sha256, quiet)
                 break
             except FetchError as err:
-                if "HTTP 404" not in str(err) or n == len(names) - 1:
+                if "HTTP 404" not in str(err):
                     raise
+                if n == len(names) - 1:
+                    raise FetchError(f"{err}{'; ' + remote.hint if remote.hint else ''}") from None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m musev_lite.fetch",
+                                     description="Download a released MuseV model and convert it into a weights folder.")
+    parser.add_argument("model", choices=MODELS)
+    parser.add_argument("--dest", type=Path, help="weights folder to write (default: weights/<model>)")
+    parser.add_argument("--downloads", type=Path, default=Path("checkpoints"),
+                        help="where the release files go; kept, so a second run downloads nothing (default: checkpoints)")
+    parser.add_argument("--base", choices=BASE_MODELS, default="majicmixRealv6Fp16", help="the SD1.5 base model")
+    parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="the release, or a mirror of it")
+    parser.add_argument("--dtype", choices=("keep", "fp16", "fp32"), default="keep", help="of the written weights")
+    parser.add_argument("--download-only", action="store_true", help="fetch the files, do not convert")
+    args = parser.parse_args(argv)
+    downloads, dest = args.downloads, args.dest or Path("weights") / args.model
+    try:
+        fetch_all(plan(args.model, args.base), downloads, args.base_url)
+        if not args.download_only:
+            motion = downloads / "motion"
+            convert(motion / args.model, downloads / "t2i/sd1.5" / args.base, dest, preset=args.model,
+                    vae=downloads / "vae/sd-vae-ft-mse",
+                    image_encoder_dir=None if args.model == "musev" else downloads / IMAGE_ENCODER,
+                    referencenet_dir=motion / "musev_referencenet/referencenet", dtype=args.dtype)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume the download", file=sys.stderr)
+        return 130
+    print(downloads if args.download_only else dest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

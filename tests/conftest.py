@@ -94,3 +94,44 @@ def make_sd15_folder(root, sd_unet: dict, unet_config: dict, cross_dim: int):
     (root / "scheduler").mkdir()
     (root / "scheduler/scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
     return root
+
+
+def make_release(root, shared_dir: Path) -> dict:
+    """`checkpoints/` as the MuseV release lays it out, at tiny sizes with the published key names:
+    motion/musev_referencenet (the original's fixture weights; the motion file without the SD1.5 keys),
+    t2i/sd1.5/majicmixRealv6Fp16, vae/sd-vae-ft-mse, IP-Adapter/models/image_encoder.
+    Returns the full 3D UNet state the conversion must arrive at."""
+    from safetensors.torch import load_file
+
+    from musev_lite.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from musev_lite.vae import AutoencoderKL, VAEConfig
+
+    src = shared_dir / "reference/fixtures/musev_referencenet"
+    motion = root / "motion/musev_referencenet"
+    unet = load_file(src / "unet/diffusion_pytorch_model.safetensors")
+    sd_keys = set(json.loads((shared_dir / "reference/keys/unet2d_sd15_diffusers.json").read_text()))
+    unet_config = {k: v for k, v in json.loads((src / "unet/config.json").read_text()).items() if not k.startswith("_")}
+    (motion / "unet").mkdir(parents=True)
+    torch.save({k: v for k, v in unet.items() if k not in sd_keys}, motion / "unet/diffusion_pytorch_model.bin")
+    (motion / "unet/config.json").write_text(json.dumps(unet_config))
+    (motion / "referencenet").mkdir()
+    refer = load_file(src / "referencenet/diffusion_pytorch_model.safetensors")
+    refer["up_blocks.0.resnets.0.conv1.weight"] = torch.zeros(1)  # an unpruned save; must be dropped
+    torch.save(refer, motion / "referencenet/diffusion_pytorch_model.bin")
+    (motion / "referencenet/config.json").write_text((src / "referencenet/config.json").read_text())
+    proj = {k.removeprefix("image_proj."): v for k, v in load_file(src / "ip_adapter_image_proj.safetensors").items()}
+    torch.save({"image_proj": proj}, motion / "ip_adapter_image_proj.bin")
+    make_sd15_folder(root / "t2i/sd1.5/majicmixRealv6Fp16", {k: v for k, v in unet.items() if k in sd_keys}, unet_config, 32)
+    vae = root / "vae/sd-vae-ft-mse"
+    vae.mkdir(parents=True)
+    vae_config = VAEConfig(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1)
+    torch.manual_seed(1)  # not the base's VAE: the conversion must take this one
+    torch.save(old_vae_names(AutoencoderKL(vae_config).state_dict()), vae / "diffusion_pytorch_model.bin")
+    (vae / "config.json").write_text(json.dumps(dataclasses.asdict(vae_config)))
+    encoder = root / "IP-Adapter/models/image_encoder"
+    encoder.mkdir(parents=True)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              patch_size=32, projection_dim=1024)
+    torch.save(CLIPVisionModelWithProjection(vision).state_dict(), encoder / "pytorch_model.bin")
+    (encoder / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", **dataclasses.asdict(vision)}))
+    return unet

@@ -1,15 +1,13 @@
 """Converters: A1111 single files against diffusers' own conversion, old VAE names, and a whole MuseV
 release tree (published key names, tiny sizes) converted, loaded and checked against the original."""
 
-import dataclasses
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, SHARED, make_sd15_folder, max_abs_error, old_vae_names
-from musev_lite.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
+from conftest import FIXTURES, SHARED, make_release, max_abs_error, old_vae_names
 from musev_lite.convert import musev, sd15
 from musev_lite.pipeline import MuseVPipeline
 from musev_lite.tokenizer import CLIPTokenizer
@@ -63,40 +61,12 @@ def test_sd15_cli_on_a_single_file(tmp_path, capsys):
 # A release tree with the published layout at tiny sizes
 
 
-def diffusers_unet_config(variant_config: dict) -> dict:
-    return {k: v for k, v in variant_config.items() if not k.startswith("_")}
-
-
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    """motion/musev_referencenet from the original's fixture weights, a tiny base, an image encoder."""
     if not (SHARED / "reference").is_dir():
         pytest.skip(f"reference material not found at {SHARED} (it sits beside the checkout in CI)")
-    src = SHARED / "reference/fixtures/musev_referencenet"
     root = tmp_path_factory.mktemp("checkpoints")
-    motion = root / "motion/musev_referencenet"
-    unet = {k: v for k, v in load_file(src / "unet/diffusion_pytorch_model.safetensors").items()}
-    sd_keys = set(json.loads((SHARED / "reference/keys/unet2d_sd15_diffusers.json").read_text()))
-    unet_config = diffusers_unet_config(json.loads((src / "unet/config.json").read_text()))
-    (motion / "unet").mkdir(parents=True)
-    # the motion file without the SD1.5 weights; the base brings them (the original overlays the base)
-    torch.save({k: v for k, v in unet.items() if k not in sd_keys}, motion / "unet/diffusion_pytorch_model.bin")
-    (motion / "unet/config.json").write_text(json.dumps(unet_config))
-    (motion / "referencenet").mkdir()
-    refer = load_file(src / "referencenet/diffusion_pytorch_model.safetensors")
-    refer["up_blocks.0.resnets.0.conv1.weight"] = torch.zeros(1)  # an unpruned save; must be dropped
-    torch.save(refer, motion / "referencenet/diffusion_pytorch_model.bin")
-    (motion / "referencenet/config.json").write_text((src / "referencenet/config.json").read_text())
-    proj = {k.removeprefix("image_proj."): v for k, v in load_file(src / "ip_adapter_image_proj.safetensors").items()}
-    torch.save({"image_proj": proj}, motion / "ip_adapter_image_proj.bin")
-    base = make_sd15_folder(root / "t2i/sd1.5/tiny", {k: v for k, v in unet.items() if k in sd_keys}, unet_config, 32)
-    encoder = root / "IP-Adapter/models/image_encoder"
-    encoder.mkdir(parents=True)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              patch_size=32, projection_dim=1024)
-    torch.save(CLIPVisionModelWithProjection(vision).state_dict(), encoder / "pytorch_model.bin")
-    (encoder / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", **dataclasses.asdict(vision)}))
-    return root, unet
+    return root, make_release(root, SHARED)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +74,7 @@ def converted(release, tmp_path_factory):
     root, _ = release
     dest = tmp_path_factory.mktemp("weights")
     assert musev.main([str(dest), "--motion", str(root / "motion/musev_referencenet"), "--base",
-                       str(root / "t2i/sd1.5/tiny"), "--image-encoder", str(root / "IP-Adapter/models/image_encoder")]) == 0
+                       str(root / "t2i/sd1.5/majicmixRealv6Fp16"), "--image-encoder", str(root / "IP-Adapter/models/image_encoder")]) == 0
     return dest
 
 
@@ -176,6 +146,16 @@ def test_missing_component_and_bad_files(release, tmp_path, capsys):
     with pytest.raises(WeightsError, match=r"expected \{'image_proj'"):
         musev.image_proj(tmp_path / "proj.bin")
     assert musev.main([str(tmp_path / "w"), "--motion", str(root / "motion/musev_referencenet"),
-                       "--base", str(root / "t2i/sd1.5/tiny")]) == 2
+                       "--base", str(root / "t2i/sd1.5/majicmixRealv6Fp16")]) == 2
     assert "needs the IP-Adapter image encoder: pass --image-encoder" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()  # nothing is written unless every component fits
+
+
+def test_vae_folder_replaces_the_base_vae(tmp_path):
+    vae = old_vae_names(load_file(FIXTURES / "vae/weights.safetensors"))
+    torch.save({k: v + 1 for k, v in vae.items()}, tmp_path / "diffusion_pytorch_model.bin")
+    (tmp_path / "config.json").write_text((FIXTURES / "vae/config.json").read_text())
+    base = sd15.read_base(SINGLE, vae=tmp_path)
+    own = sd15.read_base(SINGLE).vae
+    assert base.vae.keys() == own.keys() and all(torch.equal(base.vae[k], own[k] + 1) for k in own)
+    assert tuple(base.vae_config.block_out_channels) != VAEConfig().block_out_channels  # the folder's config came along

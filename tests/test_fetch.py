@@ -2,12 +2,19 @@
 
 import hashlib
 import http.server
+import shutil
 import threading
+from contextlib import contextmanager
 from functools import partial
 
 import pytest
+import torch
 
-from musev_lite.fetch import FetchError, Remote, download, fetch_all, plan
+from conftest import SHARED, make_release
+from musev_lite.convert.sd15 import read_vae_folder
+from musev_lite.fetch import FetchError, Remote, download, fetch_all, main, plan
+from musev_lite.pipeline import MuseVPipeline
+from musev_lite.weights import load_component
 
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
@@ -36,18 +43,27 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         self.wfile.write(data[start:])
 
 
+@contextmanager
+def serving(root):
+    """An HTTP server on 127.0.0.1 serving `root`; yields its URL."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    RangeHandler.requests = []
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+
+
 @pytest.fixture
 def server(tmp_path):
     root = tmp_path / "remote"
     (root / "motion/musev/unet").mkdir(parents=True)
     (root / "motion/musev/unet/diffusion_pytorch_model.bin").write_bytes(bytes(range(256)) * 40)
     (root / "motion/musev/unet/config.json").write_text('{"a": 1}')
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(root)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    RangeHandler.requests = []
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", root
-    httpd.shutdown()
+    with serving(root) as url:
+        yield url, root
 
 
 def test_whole_file_with_checks(server, tmp_path):
@@ -109,3 +125,47 @@ def test_plans():
     assert "t2i/sd1.5/fantasticmix_v10/unet/config.json" in pose
     with pytest.raises(FetchError, match="model 'musev2' is unknown"):
         plan("musev2")
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole command: a tiny release (published layout and key names) served on 127.0.0.1
+
+
+@pytest.fixture
+def release(tmp_path):
+    if not (SHARED / "reference").is_dir():
+        pytest.skip(f"reference material not found at {SHARED} (it sits beside the checkout in CI)")
+    root = tmp_path / "release"
+    return root, make_release(root, SHARED)
+
+
+def test_fetch_downloads_and_converts(release, tmp_path, capsys):
+    root, unet = release
+    dest, downloads = tmp_path / "weights", tmp_path / "checkpoints"
+    with serving(root) as url:
+        assert main(["musev_referencenet", "--dest", str(dest), "--downloads", str(downloads), "--base-url", url]) == 0
+        fetched = [path for path, _ in RangeHandler.requests]
+        assert main(["musev_referencenet", "--dest", str(dest), "--downloads", str(downloads), "--base-url", url]) == 0
+        assert len(RangeHandler.requests) == len(fetched)  # the second run downloads nothing
+    assert capsys.readouterr().out.strip().splitlines() == [str(dest)] * 2
+    assert "/motion/musev_referencenet/unet/diffusion_pytorch_model.bin" in fetched  # after a 404 for .safetensors
+    assert "/motion/musev/unet/config.json" not in fetched and not list(downloads.rglob("*.part"))
+    state, _ = load_component(dest, "unet")
+    assert state.keys() == unet.keys() and all(torch.equal(state[k], unet[k]) for k in unet)
+    vae, _ = load_component(dest, "vae")
+    ft_mse, _ = read_vae_folder(root / "vae/sd-vae-ft-mse")  # MuseV's VAE, not the base model's
+    assert all(torch.equal(vae[k], ft_mse[k]) for k in ft_mse)
+    pipe = MuseVPipeline.from_pretrained(dest)
+    assert pipe.referencenet is not None and pipe.image_encoder is not None
+
+
+def test_fetch_names_what_the_mirror_lacks(release, tmp_path, capsys):
+    root, _ = release
+    shutil.rmtree(root / "IP-Adapter")
+    dest = tmp_path / "weights"
+    with serving(root) as url:
+        code = main(["musev_referencenet", "--dest", str(dest), "--downloads", str(tmp_path / "dl"), "--base-url", url])
+    err = capsys.readouterr().err
+    assert code == 2 and "IP-Adapter/models/image_encoder/config.json: HTTP 404" in err
+    assert "https://huggingface.co/h94/IP-Adapter/tree/main/models/image_encoder" in err
+    assert not dest.exists()
