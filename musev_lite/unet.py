@@ -236,12 +236,13 @@ class SpatialSelfAttention(Attention):
         n_cond, t = ctx.condition_frames, ctx.num_frames
         if n_cond == 0 or t == 1:
             return super().forward(x)
-        bt, n, c = x.shape
-        cond = x.view(bt // t, t, n, c)[:, :n_cond].reshape(bt // t, 1, n_cond * n, c)  # b 1 (n_cond hw) c
-        k, v = self.to_k(x), self.to_v(x)
-        k_cond = self.to_k(cond).expand(-1, t, -1, -1).reshape(bt, n_cond * n, c)  # (b t) (n_cond hw) c
-        v_cond = self.to_v(cond).expand(-1, t, -1, -1).reshape(bt, n_cond * n, c)
-        out = attention(self.to_q(x), torch.cat([k, k_cond], 1), torch.cat([v, v_cond], 1), self.heads)
+        bt, n, _ = x.shape
+
+        def with_condition(y):  # (b t) hw c -> (b t) ((1 + n_cond) hw) c: own tokens, then the condition frames'
+            cond = y.unflatten(0, (bt // t, t))[:, :n_cond].flatten(1, 2)  # b (n_cond hw) c
+            return torch.cat([y, cond.repeat_interleave(t, 0)], 1)
+
+        out = attention(self.to_q(x), with_condition(self.to_k(x)), with_condition(self.to_v(x)), self.heads)
         return self.to_out[0](out)
 
 
