@@ -62,7 +62,7 @@ class GenerationConfig:
     context_frames: int = 12  # window length of parallel denoising
     context_overlap: int = 4
     context_schedule: str = "uniform_v2"  # uniform_v2 | uniform
-    window_batch: int = 1  # windows per UNet call; >1 can be faster on a GPU (same result, more memory)
+    window_batch: int = 1  # windows per UNet call (same result, more memory)
     motion_speed: float = 8.0
     w_ind_noise: float = 0.5
     img_weight: float = 0.001
