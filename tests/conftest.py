@@ -31,6 +31,17 @@ def max_abs_error(ours: torch.Tensor, reference: torch.Tensor, what: str) -> flo
     return err
 
 
+@pytest.fixture(scope="module")
+def clip_tokenizer():
+    """The real CLIP vocabulary (not committed: a user's clone skips these tests)."""
+    from musev_lite.tokenizer import CLIPTokenizer
+
+    folder = SHARED / "reference/clip_tokenizer"
+    if not folder.is_dir():
+        pytest.skip(f"the CLIP vocabulary is not committed; it is read from {folder}, absent here")
+    return CLIPTokenizer.from_folder(folder)
+
+
 def original_fixture_models(shared_dir: Path, variant: str):
     """Our UNet3D (and ReferenceNet) loaded with the original MuseV fixture weights (fp16 on disk -> fp32)."""
     import json

@@ -41,16 +41,6 @@ def test_presets_are_the_originals():
     assert NEGATIVE_PROMPTS == DATA["negative_presets"]
 
 
-@pytest.fixture(scope="module")
-def clip_tokenizer():
-    from conftest import SHARED
-
-    folder = SHARED / "reference/clip_tokenizer"
-    if not folder.is_dir():
-        pytest.skip(f"the CLIP vocabulary is not committed; it is read from {folder}, absent here")
-    return CLIPTokenizer.from_folder(folder)
-
-
 class RecordingEncoder(CLIPTextModel):
     def __init__(self, vocab_size, width=8):
         super().__init__(CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=16,

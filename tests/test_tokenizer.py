@@ -10,33 +10,23 @@ from musev_lite.tokenizer import MAX_MERGES, CLIPTokenizer, TokenizerError
 CASES = json.loads((FIXTURES / "tokenizer/cases.json").read_text())["cases"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from conftest import SHARED
-
-    folder = SHARED / "reference/clip_tokenizer"
-    if not folder.is_dir():
-        pytest.skip(f"the CLIP vocabulary is not committed; it is read from {folder}, absent here")
-    return CLIPTokenizer.from_folder(folder)
-
-
-def test_ids_equal_transformers(tokenizer):
+def test_ids_equal_transformers(clip_tokenizer):
     assert len(CASES) >= 40
     for case in CASES:
-        ids = [tokenizer.bos_token_id] + tokenizer.encode(case["prompt"]) + [tokenizer.eos_token_id]
+        ids = [clip_tokenizer.bos_token_id] + clip_tokenizer.encode(case["prompt"]) + [clip_tokenizer.eos_token_id]
         assert ids == case["ids"], case["prompt"]
 
 
-def test_padded_call(tokenizer):
-    short = tokenizer("a photo of a cat")
+def test_padded_call(clip_tokenizer):
+    short = clip_tokenizer("a photo of a cat")
     assert len(short) == 77 and short[:7] == [49406, 320, 1125, 539, 320, 2368, 49407] and set(short[7:]) == {49407}
-    long = tokenizer("long " * 100)
-    assert len(long) == 77 and long[0] == 49406 and long[-1] == 49407 and long[1:76] == [tokenizer.encode("long")[0]] * 75
+    long = clip_tokenizer("long " * 100)
+    assert len(long) == 77 and long[0] == 49406 and long[-1] == 49407 and long[1:76] == [clip_tokenizer.encode("long")[0]] * 75
 
 
-def test_added_word_is_case_sensitive_and_expands(tokenizer):
-    ids = tokenizer.encode("EasyNegativeV2, bad")
-    fresh = CLIPTokenizer(dict(tokenizer.vocab), [], "<|endoftext|>")  # no merges needed for this check
+def test_added_word_is_case_sensitive_and_expands(clip_tokenizer):
+    ids = clip_tokenizer.encode("EasyNegativeV2, bad")
+    fresh = CLIPTokenizer(dict(clip_tokenizer.vocab), [], "<|endoftext|>")  # no merges needed for this check
     new = fresh.add_word("EasyNegativeV2", 3)
     assert new == [49408, 49409, 49410] and fresh.vocab_size == 49411
     assert fresh.encode("x EasyNegativeV2, y")[1:4] == new
@@ -64,11 +54,11 @@ def test_byte_level_tokenizer_round_trips(tmp_path):
     assert CLIPTokenizer.from_folder(tmp_path).encode("Hé, x") == ids
 
 
-def test_merges_are_capped_like_transformers(tmp_path, tokenizer):
+def test_merges_are_capped_like_transformers(tmp_path, clip_tokenizer):
     """transformers reads at most 48894 merges after the header line; extra lines are ignored."""
-    tokenizer.save(tmp_path)
+    clip_tokenizer.save(tmp_path)
     with open(tmp_path / "merges.txt", "a") as f:
         f.write("c at</w>\n")
     capped = CLIPTokenizer.from_folder(tmp_path)
-    assert len(capped._merges) == MAX_MERGES == len(tokenizer._merges)
-    assert capped._merges[-1] == tokenizer._merges[-1]
+    assert len(capped._merges) == MAX_MERGES == len(clip_tokenizer._merges)
+    assert capped._merges[-1] == clip_tokenizer._merges[-1]
