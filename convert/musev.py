@@ -7,7 +7,8 @@ As the original loads it (spec: model.md §1.1):
   * referencenet: `motion/musev_referencenet/referencenet/` (SD1.5 names; an up path, if saved, is dropped);
   * image_proj: `motion/<model>/ip_adapter_image_proj.bin` (`{"image_proj": {proj.*, norm.*}}`);
   * image_encoder: IP-Adapter's CLIP ViT-H/14 (`IP-Adapter/models/image_encoder/`, transformers layout);
-  * vae: `vae/sd-vae-ft-mse` (MuseV replaces the base's VAE), text encoder / tokenizer / scheduler: the base.
+  * vae: `vae/sd-vae-ft-mse` (MuseV replaces the base's VAE), text encoder / tokenizer / scheduler: the base;
+  * embeddings/: the textual inversions of `embedding/` that MuseV's negative prompt presets name.
 
     python -m musev_lite.convert.musev --motion checkpoints/motion/musev_referencenet \\
         --base checkpoints/t2i/sd1.5/majicmixRealv6Fp16 --vae checkpoints/vae/sd-vae-ft-mse \\
@@ -21,8 +22,12 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import torch
+
 from musev_lite.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
 from musev_lite.ip_adapter import ImageProjection, ImageProjectionConfig
+from musev_lite.pipeline import EMBEDDING_SUFFIXES, EMBEDDINGS
+from musev_lite.prompts import read_textual_inversion, save_textual_inversion
 from musev_lite.referencenet import ReferenceNet
 from musev_lite.unet import UNet3D, UNet3DConfig
 from musev_lite.weights import WeightsError, check_state_dict, read_state_dict
@@ -80,9 +85,17 @@ def image_encoder(folder: Path) -> tuple[dict, CLIPVisionConfig]:
     return state, CLIPVisionConfig(**{k: v for k, v in config.items() if k in fields})
 
 
+def textual_inversions(folder: Path, width: int) -> dict[str, torch.Tensor]:
+    """word -> vectors of every A1111 embedding in `folder` (MuseV's `checkpoints/embedding/`)."""
+    files = sorted(p for p in folder.glob("*") if p.suffix in EMBEDDING_SUFFIXES)
+    if not files:
+        raise WeightsError(f"{folder}: no textual-inversion files ({', '.join(EMBEDDING_SUFFIXES)})")
+    return {path.stem: read_textual_inversion(path, width) for path in files}
+
+
 def convert(motion: Path, base: Path, dest: Path, preset: str | None = None, vae: Path | None = None,
             image_encoder_dir: Path | None = None, referencenet_dir: Path | None = None,
-            tokenizer: Path | None = None, dtype: str = "keep") -> Path:
+            tokenizer: Path | None = None, dtype: str = "keep", embeddings: Path | None = None) -> Path:
     preset = preset or motion.name
     if preset not in MODELS:
         raise WeightsError(f"cannot tell the model from {motion.name!r}; pass --preset ({', '.join(MODELS)})")
@@ -100,7 +113,10 @@ def convert(motion: Path, base: Path, dest: Path, preset: str | None = None, vae
         components.append(checked("image_proj", *image_proj(proj_path), ImageProjection, str(proj_path)))
         components.append(checked("image_encoder", *image_encoder(image_encoder_dir), CLIPVisionModelWithProjection,
                                   str(image_encoder_dir)))
+    words = textual_inversions(embeddings, sd.text_config.hidden_size) if embeddings is not None else {}
     write_folder(dest, components, sd, dtype)  # only once everything fits
+    for word, vectors in words.items():
+        save_textual_inversion(dest / EMBEDDINGS / f"{word}.safetensors", vectors)
     return dest
 
 
@@ -114,12 +130,14 @@ def main(argv=None) -> int:
     parser.add_argument("--image-encoder", type=Path, help="IP-Adapter/models/image_encoder (referencenet models)")
     parser.add_argument("--referencenet", type=Path, help="default: motion/musev_referencenet/referencenet")
     parser.add_argument("--tokenizer", type=Path, help="CLIP tokenizer folder (a single-file base has none)")
+    parser.add_argument("--embeddings", type=Path, help="textual inversions for the negative presets "
+                        "(MuseV's checkpoints/embedding: badhandv4, ng_deepnegative_v1_75t, ...)")
     parser.add_argument("--preset", choices=MODELS, help="default: the motion folder's name")
     parser.add_argument("--dtype", choices=("keep", "fp16", "fp32"), default="keep")
     args = parser.parse_args(argv)
     try:
         dest = convert(args.motion, args.base, Path(args.dest), args.preset, args.vae, args.image_encoder,
-                       args.referencenet, args.tokenizer, args.dtype)
+                       args.referencenet, args.tokenizer, args.dtype, args.embeddings)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

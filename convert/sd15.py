@@ -30,8 +30,8 @@ import torch
 
 from musev_lite.clip import CLIPTextConfig, CLIPTextModel
 from musev_lite.vae import AutoencoderKL, VAEConfig
-from musev_lite.video_io import atomic_path, write_json
-from musev_lite.weights import WeightsError, check_state_dict, read_state_dict, save_component
+from musev_lite.video_io import write_json
+from musev_lite.weights import WeightsError, atomic_path, check_state_dict, read_state_dict, save_component
 
 from . import rename
 

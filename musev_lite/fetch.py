@@ -42,11 +42,15 @@ class Remote:
     size: int | None = None
     sha256: str | None = None
     hint: str = ""  # said when no name is found
+    optional: bool = False  # absent from the release: skipped with a note
 
 
 DIFFUSERS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 TRANSFORMERS = ("model.safetensors", "pytorch_model.bin")
 IMAGE_ENCODER = "IP-Adapter/models/image_encoder"
+# the textual inversions MuseV's negative presets name, as its scripts load them (text2video.py)
+NEGATIVE_EMBEDDINGS = ("embedding/badhandv4.pt", "embedding/ng_deepnegative_v1_75t.pt",
+                       "embedding/EasyNegativeV2.safetensors", "embedding/bad_prompt_version2-neg.pt")
 IMAGE_ENCODER_HINT = (f"if your mirror lacks {IMAGE_ENCODER}/, put the files of "
                       f"https://huggingface.co/h94/IP-Adapter/tree/main/models/image_encoder there and run again")
 
@@ -66,6 +70,7 @@ def plan(model: str, base: str = "majicmixRealv6Fp16") -> list[Remote]:
     files = _weights(f"motion/{model}/unet") + _weights(f"{sd}/unet") + _weights(f"{sd}/text_encoder", TRANSFORMERS)
     files += [Remote(f"{sd}/tokenizer/{name}") for name in ("vocab.json", "merges.txt")]
     files += [Remote(f"{sd}/scheduler/scheduler_config.json")] + _weights("vae/sd-vae-ft-mse")
+    files += [Remote(path, optional=True) for path in NEGATIVE_EMBEDDINGS]
     if model != "musev":
         # the pose model ships its own image projection but uses musev_referencenet's ReferenceNet (§1)
         files += _weights("motion/musev_referencenet/referencenet")
@@ -135,7 +140,10 @@ def fetch_all(files: list[Remote], downloads: Path, base_url: str, quiet: bool =
             except FetchError as err:
                 if "HTTP 404" not in str(err):
                     raise
-                if n == len(names) - 1:
+                if n == len(names) - 1 and remote.optional:
+                    if not quiet:
+                        print(f"skip {remote.path}: not in the release (optional)", file=sys.stderr, flush=True)
+                elif n == len(names) - 1:
                     raise FetchError(f"{err}{'; ' + remote.hint if remote.hint else ''}") from None
 
 
@@ -156,10 +164,12 @@ def main(argv=None) -> int:
         fetch_all(plan(args.model, args.base), downloads, args.base_url)
         if not args.download_only:
             motion = downloads / "motion"
+            embeddings = downloads / "embedding"
             convert(motion / args.model, downloads / "t2i/sd1.5" / args.base, dest, preset=args.model,
                     vae=downloads / "vae/sd-vae-ft-mse",
                     image_encoder_dir=None if args.model == "musev" else downloads / IMAGE_ENCODER,
-                    referencenet_dir=motion / "musev_referencenet/referencenet", dtype=args.dtype)
+                    referencenet_dir=motion / "musev_referencenet/referencenet", dtype=args.dtype,
+                    embeddings=embeddings if embeddings.is_dir() else None)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ from PIL import Image
 from .clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection, clip_image_preprocess
 from .denoise import context_windows, guidance_scales, initial_latents, parallel_denoise
 from .ip_adapter import ImageProjection, ImageProjectionConfig
-from .prompts import encode_prompt_pair
+from .prompts import encode_prompt_pair, load_textual_inversion, save_textual_inversion
 from .referencenet import ReferenceNet
 from .samplers import SchedulerConfig, make_sampler
 from .tokenizer import CLIPTokenizer
@@ -45,6 +45,10 @@ REQUIRED = ("unet", "vae", "text_encoder")
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                       set_alpha_to_one=False, clip_sample=False)
 REFERENCENET_PARTS = ("referencenet", "image_proj", "image_encoder")
+# textual-inversion files in a weights folder, each word named by its file (MuseV's negative presets
+# name badhandv4, ng_deepnegative_v1_75t, EasyNegativeV2, bad_prompt_version2-neg)
+EMBEDDINGS = "embeddings"
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 
 
 @dataclass
@@ -92,6 +96,7 @@ class MuseVPipeline:
         self.scheduler = scheduler
         self.referencenet, self.image_proj, self.image_encoder = referencenet, image_proj, image_encoder
         self.files: list[str] = []  # what was loaded, for the sidecar
+        self.textual_inversions: dict[str, torch.Tensor] = {}  # word -> its vectors
 
     @property
     def device(self) -> torch.device:
@@ -117,8 +122,20 @@ class MuseVPipeline:
                                     device, dtype),
             )
         pipe = cls(unet, vae, text_encoder, tokenizer, SchedulerConfig.from_json(weights_dir / "scheduler.json"), **extra)
-        pipe.files = sorted(str(p) for p in weights_dir.glob("*.safetensors"))
+        embeddings = sorted(p for p in (weights_dir / EMBEDDINGS).glob("*") if p.suffix in EMBEDDING_SUFFIXES)
+        for path in embeddings:
+            pipe.load_textual_inversion(path)
+        pipe.files = sorted(str(p) for p in weights_dir.glob("*.safetensors")) + [str(p) for p in embeddings]
         return pipe
+
+    def load_textual_inversion(self, path: str | Path, word: str | None = None) -> str:
+        """Add an A1111 textual-inversion embedding (.pt / .safetensors); its word (default: the file
+        name) can then be used in prompts. Returns the word."""
+        word = word or Path(path).stem
+        ids = load_textual_inversion(path, self.tokenizer, self.text_encoder, word)
+        table = self.text_encoder.text_model.embeddings.token_embedding.weight
+        self.textual_inversions[word] = table[ids[0] : ids[-1] + 1].detach().cpu().clone()
+        return word
 
     def save_pretrained(self, weights_dir: str | Path) -> None:
         """Write the folder `from_pretrained` reads: one safetensors + JSON config per component."""
@@ -126,7 +143,13 @@ class MuseVPipeline:
         for name in REQUIRED + REFERENCENET_PARTS:
             model = getattr(self, name)
             if model is not None:
-                save_component(weights_dir, name, model.state_dict(), dataclasses.asdict(model.config))
+                state = model.state_dict()
+                if name == "text_encoder":  # the base vocabulary; added words go to embeddings/
+                    key = "text_model.embeddings.token_embedding.weight"
+                    state[key] = state[key][: self.tokenizer.base_vocab_size]
+                save_component(weights_dir, name, state, dataclasses.asdict(model.config))
+        for word, vectors in self.textual_inversions.items():
+            save_textual_inversion(weights_dir / EMBEDDINGS / f"{word}.safetensors", vectors)
         self.tokenizer.save(weights_dir / "tokenizer")
         (weights_dir / "scheduler.json").write_text(json.dumps(dataclasses.asdict(self.scheduler), indent=2) + "\n")
 

@@ -17,9 +17,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from .weights import WeightsError, read_state_dict
+from .weights import WeightsError, atomic_path, read_state_dict
 
 CHUNK = 75  # tokens per chunk, between BOS and EOS
 
@@ -138,10 +139,9 @@ def encode_prompt_pair(tokenizer, text_encoder, prompt: str, negative_prompt: st
     return embeddings * (before / after)[:, None, None]
 
 
-def load_textual_inversion(path: str | Path, tokenizer, text_encoder, word: str | None = None) -> list[int]:
-    """Add an A1111 embedding (`.pt` with `string_to_param`, or `.safetensors` with `emb_params`) as `word`
-    (default: the file name). The word then stands for all its vectors. (MuseV's text encoding used only
-    the first vector of a multi-vector embedding, pipeline.md §5.1; all of them are used here.)"""
+def read_textual_inversion(path: str | Path, width: int) -> torch.Tensor:
+    """The (n, width) vectors of an A1111 embedding: `.pt` with `string_to_param`, or `.safetensors`
+    with `emb_params`."""
     path = Path(path)
     state = read_state_dict(path)
     if "string_to_param" in state and isinstance(state["string_to_param"], dict):
@@ -151,14 +151,28 @@ def load_textual_inversion(path: str | Path, tokenizer, text_encoder, word: str 
     else:
         raise WeightsError(f"{path}: not an A1111 textual-inversion file (no 'string_to_param' or 'emb_params')")
     vectors = vectors.detach().reshape(-1, vectors.shape[-1]) if torch.is_tensor(vectors) else None
-    table = text_encoder.text_model.embeddings.token_embedding
-    if vectors is None or vectors.shape[-1] != table.embedding_dim:
+    if vectors is None or vectors.shape[-1] != width:
         raise WeightsError(f"{path}: embedding vectors do not fit this text encoder "
-                           f"(width {None if vectors is None else vectors.shape[-1]}, expected {table.embedding_dim})")
+                           f"(width {None if vectors is None else vectors.shape[-1]}, expected {width})")
+    return vectors
+
+
+def save_textual_inversion(path: str | Path, vectors: torch.Tensor) -> None:
+    """Write (n, width) vectors as an A1111 `.safetensors` embedding (`emb_params`)."""
+    with atomic_path(Path(path)) as tmp:
+        save_file({"emb_params": vectors.detach().contiguous().cpu()}, tmp)
+
+
+def load_textual_inversion(path: str | Path, tokenizer, text_encoder, word: str | None = None) -> list[int]:
+    """Add an A1111 embedding as `word` (default: the file name). The word then stands for all its
+    vectors. (MuseV's text encoding used only the first vector of a multi-vector embedding,
+    pipeline.md §5.1; all of them are used here.)"""
+    table = text_encoder.text_model.embeddings.token_embedding
+    vectors = read_textual_inversion(path, table.embedding_dim)
     if tokenizer.vocab_size != table.num_embeddings:
         raise WeightsError(f"tokenizer ({tokenizer.vocab_size} ids) and text encoder ({table.num_embeddings} rows) "
                            "disagree; load textual inversions before anything else changes either")
-    ids = tokenizer.add_word(word or path.stem, len(vectors))
+    ids = tokenizer.add_word(word or Path(path).stem, len(vectors))
     grown = nn.Embedding(table.num_embeddings + len(vectors), table.embedding_dim,
                          device=table.weight.device, dtype=table.weight.dtype)
     with torch.no_grad():

@@ -66,6 +66,7 @@ class CLIPTokenizer:
         ])
         self.bpe.decoder = decoders.ByteLevel()
         self.vocab = dict(vocab)
+        self.base_vocab_size = len(self.vocab)
         self.bos_token_id, self.eos_token_id, self.pad_token_id = vocab[BOS], vocab[EOS], vocab[pad_token]
         self.added: dict[str, list[int]] = {BOS: [self.bos_token_id], EOS: [self.eos_token_id]}
         self._split = None
@@ -97,10 +98,12 @@ class CLIPTokenizer:
         return cls(vocab, [])
 
     def save(self, folder: str | Path) -> None:
-        """vocab.json + merges.txt (+ added words in the vocabulary), readable by `from_folder`."""
+        """vocab.json + merges.txt, readable by `from_folder`. Words added by `add_word` are not saved:
+        they belong with their embeddings (see MuseVPipeline.save_pretrained)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
+        vocab = {token: i for token, i in self.vocab.items() if i < self.base_vocab_size}
+        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         merges = "".join(f"{a} {b}\n" for a, b in self._merges)
         (folder / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
 

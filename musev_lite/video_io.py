@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .weights import atomic_path
 
 VIDEO_FORMATS = ("mp4", "gif", "webp", "png")
 
@@ -70,36 +69,6 @@ def fit_image(image: Image.Image, height: int, width: int) -> Image.Image:
         excess = (h - w * height / width) / 2
         box = (0, max(0, math.ceil(excess)), w - 1, min(math.ceil(h - excess), h - 1))
     return image.crop(box).resize((width, height), resample=Image.Resampling.LANCZOS)
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic writing
-
-
-@contextmanager
-def atomic_path(path: Path, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    else:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-        os.close(fd)
-        tmp = Path(name)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod((0o777 if is_dir else 0o666) & ~umask)  # mkstemp/mkdtemp make private files; use the usual mode
-    try:
-        yield tmp
-        if is_dir and path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        if is_dir:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_mp4(path: Path, chunks: Iterable[np.ndarray], fps: float) -> int:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -100,18 +103,30 @@ def load_weights(
     model.load_state_dict(state_dict, strict=not allow_missing)
 
 
-def _atomic_write(path: Path, write) -> None:
+@contextmanager
+def atomic_path(path: Path, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds, so an
+    interrupted write leaves no half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    else:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+        os.close(fd)
+        tmp = Path(name)
     umask = os.umask(0)
     os.umask(umask)
+    tmp.chmod((0o777 if is_dir else 0o666) & ~umask)  # mkstemp/mkdtemp make private files; use the usual mode
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes a private file; give it the usual mode
+        yield tmp
+        if is_dir and path.exists():
+            shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if is_dir:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -122,9 +137,10 @@ def save_component(
     directory = Path(directory)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     weights = directory / f"{name}.safetensors"
-    _atomic_write(weights, lambda tmp: save_file(tensors, tmp))
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / f"{name}.json", lambda tmp: Path(tmp).write_text(text))
+    with atomic_path(weights) as tmp:
+        save_file(tensors, tmp)
+    with atomic_path(directory / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return weights
 
 

@@ -110,7 +110,7 @@ def make_sd15_folder(root, sd_unet: dict, unet_config: dict, cross_dim: int):
 def make_release(root, shared_dir: Path) -> dict:
     """`checkpoints/` as the MuseV release lays it out, at tiny sizes with the published key names:
     motion/musev_referencenet (the original's fixture weights; the motion file without the SD1.5 keys),
-    t2i/sd1.5/majicmixRealv6Fp16, vae/sd-vae-ft-mse, IP-Adapter/models/image_encoder.
+    t2i/sd1.5/majicmixRealv6Fp16, vae/sd-vae-ft-mse, IP-Adapter/models/image_encoder, embedding/badhandv4.pt.
     Returns the full 3D UNet state the conversion must arrive at."""
     from safetensors.torch import load_file
 
@@ -145,4 +145,6 @@ def make_release(root, shared_dir: Path) -> dict:
                               patch_size=32, projection_dim=1024)
     torch.save(CLIPVisionModelWithProjection(vision).state_dict(), encoder / "pytorch_model.bin")
     (encoder / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", **dataclasses.asdict(vision)}))
+    (root / "embedding").mkdir()  # one of the four negative embeddings, A1111 .pt (two vectors)
+    torch.save({"string_to_param": {"*": torch.randn(2, 32)}, "name": "badhandv4"}, root / "embedding/badhandv4.pt")
     return unet

@@ -159,3 +159,18 @@ def test_vae_folder_replaces_the_base_vae(tmp_path):
     own = sd15.read_base(SINGLE).vae
     assert base.vae.keys() == own.keys() and all(torch.equal(base.vae[k], own[k] + 1) for k in own)
     assert tuple(base.vae_config.block_out_channels) != VAEConfig().block_out_channels  # the folder's config came along
+
+
+def test_embeddings_are_checked_and_converted(release, tmp_path, capsys):
+    root, _ = release
+    args = ["--motion", str(root / "motion/musev_referencenet"), "--base", str(root / "t2i/sd1.5/majicmixRealv6Fp16"),
+            "--image-encoder", str(root / "IP-Adapter/models/image_encoder")]
+    assert musev.main([str(tmp_path / "w"), *args, "--embeddings", str(root / "embedding")]) == 0
+    converted = load_file(tmp_path / "w/embeddings/badhandv4.safetensors")["emb_params"]
+    assert torch.equal(converted, torch.load(root / "embedding/badhandv4.pt", weights_only=True)["string_to_param"]["*"])
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    torch.save({"string_to_param": {"*": torch.zeros(2, 768)}}, wide / "EasyNegativeV2.pt")
+    assert musev.main([str(tmp_path / "w2"), *args, "--embeddings", str(wide)]) == 2
+    assert "EasyNegativeV2.pt: embedding vectors do not fit this text encoder (width 768, expected 32)" in capsys.readouterr().err
+    assert not (tmp_path / "w2").exists()

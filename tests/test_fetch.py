@@ -146,8 +146,12 @@ def test_fetch_downloads_and_converts(release, tmp_path, capsys):
         assert main(["musev_referencenet", "--dest", str(dest), "--downloads", str(downloads), "--base-url", url]) == 0
         fetched = [path for path, _ in RangeHandler.requests]
         assert main(["musev_referencenet", "--dest", str(dest), "--downloads", str(downloads), "--base-url", url]) == 0
-        assert len(RangeHandler.requests) == len(fetched)  # the second run downloads nothing
-    assert capsys.readouterr().out.strip().splitlines() == [str(dest)] * 2
+        again = [path for path, _ in RangeHandler.requests[len(fetched):]]
+        # the second run downloads nothing; it only asks again for the optional files the release lacks
+        assert again == ["/embedding/ng_deepnegative_v1_75t.pt", "/embedding/EasyNegativeV2.safetensors",
+                         "/embedding/bad_prompt_version2-neg.pt"]
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines() == [str(dest)] * 2
     assert "/motion/musev_referencenet/unet/diffusion_pytorch_model.bin" in fetched  # after a 404 for .safetensors
     assert "/motion/musev/unet/config.json" not in fetched and not list(downloads.rglob("*.part"))
     state, _ = load_component(dest, "unet")
@@ -157,6 +161,10 @@ def test_fetch_downloads_and_converts(release, tmp_path, capsys):
     assert all(torch.equal(vae[k], ft_mse[k]) for k in ft_mse)
     pipe = MuseVPipeline.from_pretrained(dest)
     assert pipe.referencenet is not None and pipe.image_encoder is not None
+    # the negative embeddings the release has are converted and loaded; the absent ones are skipped
+    badhand = torch.load(root / "embedding/badhandv4.pt", weights_only=True)["string_to_param"]["*"]
+    assert torch.equal(pipe.textual_inversions["badhandv4"], badhand) and len(pipe.tokenizer.encode("badhandv4")) == 2
+    assert "skip embedding/EasyNegativeV2.safetensors: not in the release" in err
 
 
 def test_fetch_names_what_the_mirror_lacks(release, tmp_path, capsys):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from musev_lite.pipeline import MuseVPipeline
-from musev_lite.weights import WeightsError
+from musev_lite.weights import WeightsError, load_component
 
 pytestmark = pytest.mark.filterwarnings("ignore:prompt truncated")  # the byte tokenizer makes V2 long
 IMAGE = np.random.default_rng(0).integers(0, 255, (40, 72, 3)).astype(np.uint8)
@@ -124,3 +124,25 @@ def test_save_and_load_a_weights_folder(pipe, tmp_path):
     (tmp_path / "vae.safetensors").unlink()
     with pytest.raises(WeightsError, match=r"missing vae.safetensors; see weights/README.md"):
         MuseVPipeline.from_pretrained(tmp_path)
+
+
+def test_textual_inversions_are_saved_beside_the_base_vocabulary(tmp_path):
+    """An embedding loaded into a pipeline travels as embeddings/<word>.safetensors; the text encoder and
+    tokenizer are saved without it, and loading the folder adds it back with all its vectors."""
+    pipe = MuseVPipeline.demo(seed=0)
+    base_rows = pipe.tokenizer.vocab_size
+    vectors = torch.randn(3, pipe.text_encoder.config.hidden_size)
+    torch.save({"string_to_param": {"*": vectors}, "name": "badhandv4"}, tmp_path / "badhandv4.pt")
+    assert pipe.load_textual_inversion(tmp_path / "badhandv4.pt") == "badhandv4"
+    pipe.save_pretrained(tmp_path / "w")
+    saved, _ = load_component(tmp_path / "w", "text_encoder")
+    assert saved["text_model.embeddings.token_embedding.weight"].shape[0] == base_rows
+    assert "badhandv4" not in (tmp_path / "w/tokenizer/vocab.json").read_text()
+    loaded = MuseVPipeline.from_pretrained(tmp_path / "w")
+    ids = loaded.tokenizer.encode("badhandv4")
+    assert ids == list(range(base_rows, base_rows + 3))
+    assert torch.equal(loaded.text_encoder.text_model.embeddings.token_embedding.weight[ids], vectors)
+    assert str(tmp_path / "w/embeddings/badhandv4.safetensors") in loaded.files
+    a = pipe("a face", image=IMAGE, num_frames=2, seed=5, negative_prompt="badhandv4, blurry", **FAST)
+    b = loaded("a face", image=IMAGE, num_frames=2, seed=5, negative_prompt="badhandv4, blurry", **FAST)
+    assert np.array_equal(a.frames, b.frames)

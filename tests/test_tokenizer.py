@@ -62,3 +62,12 @@ def test_merges_are_capped_like_transformers(tmp_path, clip_tokenizer):
     capped = CLIPTokenizer.from_folder(tmp_path)
     assert len(capped._merges) == MAX_MERGES == len(clip_tokenizer._merges)
     assert capped._merges[-1] == clip_tokenizer._merges[-1]
+
+
+def test_added_words_are_not_saved(tmp_path):
+    """They belong with their embeddings: a saved vocabulary stays the base one."""
+    tok = CLIPTokenizer.byte_level()
+    tok.add_word("badhandv4", 2)
+    tok.save(tmp_path)
+    again = CLIPTokenizer.from_folder(tmp_path)
+    assert again.vocab_size == tok.base_vocab_size == 514 and again.encode("badhandv4") != tok.encode("badhandv4")
