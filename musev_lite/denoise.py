@@ -176,6 +176,7 @@ def parallel_denoise(
     window_batch: int = 1,
     unet_kwargs: dict | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    unused_noise: Callable[[torch.Size], object] | None = None,
 ) -> torch.Tensor:
     """Denoise `latents` (B,4,T,h,w) window by window, every step, around a clean condition frame.
 
@@ -183,7 +184,9 @@ def parallel_denoise(
     `condition_latent` (B,4,n,h,w) is the clean latent of the condition image(s), put in front of every
     window on both guidance halves. `text` and any tensors in `unet_kwargs` are batched
     [uncond; cond] (2B). Windows of equal length are stacked along the batch, `window_batch` per call;
-    the result equals the one-window-at-a-time loop of the original.
+    the result equals the one-window-at-a-time loop of the original. `unused_noise(shape)` is called
+    after every step to draw, and drop, the noise MuseV's Euler step draws without using it (γ = 0,
+    pipeline.md §4.1), so that a seeded generator continues as in the original (next shot's noise).
     """
     unet_kwargs = unet_kwargs or {}
     n_cond = condition_latent.shape[2]
@@ -210,6 +213,8 @@ def parallel_denoise(
         uncond, cond = noise_pred.chunk(2)
         noise_pred = uncond + guidance[i] * (cond - uncond)
         latents = sampler.step(noise_pred, i, latents)
+        if unused_noise is not None:
+            unused_noise(latents.shape)
         if callback is not None:
             callback(i, latents)
     return latents

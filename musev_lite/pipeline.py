@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from .clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection, clip_image_preprocess
-from .denoise import context_windows, guidance_scales, initial_latents, parallel_denoise
+from .denoise import context_windows, guidance_scales, initial_latents, parallel_denoise, video_fusion_noise
 from .ip_adapter import ImageProjection, ImageProjectionConfig
 from .prompts import encode_prompt_pair, load_textual_inversion, save_textual_inversion
 from .referencenet import ReferenceNet
@@ -305,6 +305,7 @@ class MuseVPipeline:
             x = parallel_denoise(
                 self._unet, x, condition, text, schedule, windows, guidance, window_batch, video_unet_kwargs,
                 callback=lambda i, _: report(Progress("video", shot, n_batch, i + 1, steps, n_calls)),
+                unused_noise=(lambda shape: video_fusion_noise(shape, generator)) if sampler == "euler" else None,
             )
             shots.append(x)
             condition = x[:, :, -1:]  # the next shot continues from this shot's last frame (§3.6)
@@ -327,6 +328,7 @@ class MuseVPipeline:
             self._unet, x, no_condition, text, schedule, [[0]], [guidance] * steps, 1,
             dict(conditioning, temporal=False),
             callback=lambda i, _: report(Progress("first_frame", 0, n_batch, i + 1, steps, 1)),
+            unused_noise=(lambda shape: torch.randn(shape, generator=generator)) if sampler == "euler" else None,
         )
 
     @staticmethod

@@ -13,8 +13,10 @@ from musev_lite.denoise import (
     initial_latents,
     parallel_denoise,
     repeat_per_window,
+    video_fusion_noise,
     window_groups,
 )
+from musev_lite.samplers import EulerSampler, SchedulerConfig
 
 
 def test_windows_equal_the_original(shared):
@@ -48,6 +50,29 @@ def test_initial_latents_equal_the_original(shared, variant, run):
     assert torch.equal(torch.randn(tensors["noise.draw0"].shape, generator=replay), tensors["noise.draw0"])
     assert torch.equal(torch.randn(tensors["noise.draw1"].shape, generator=replay), tensors["noise.draw1"])
     assert max_abs_error(x_t, tensors["latents.x_T"], f"{variant}/{run} x_T") <= 1e-5
+
+
+@pytest.mark.parametrize("run", ["t20_linspace", "t13_linspace3"])
+def test_generator_continues_as_in_the_original(shared, run):
+    """After x_T and the loop, the seeded generator is where the original's is: its recorded draws are
+    VideoFusion's two in prepare_latents, then two per Euler step that the step never uses."""
+    fixtures = shared / "reference/fixtures"
+    meta = json.loads((fixtures / "manifest.json").read_text())["variants"]["musev"]["runs"][run]
+    tensors = load_file(fixtures / "musev" / f"{run}.safetensors")
+    replay = torch.Generator("cpu").manual_seed(1000)
+    for draw in meta["rng_draws"]:
+        torch.randn(draw["shape"], generator=replay)
+    generator = torch.Generator("cpu").manual_seed(1000)
+    x_t = initial_latents(tensors["latents.x_T"].shape, generator, meta["init_noise_sigma"], 0.5,
+                          tensors["cond.condition_latents"], 1e-3)
+    sampler = EulerSampler(SchedulerConfig.from_dict(meta["checkpoint_scheduler_config"]), len(meta["step_timesteps"]))
+    windows = context_windows("uniform_v2", x_t.shape[2], 12, 4)
+    text = torch.zeros(2, 77, 8)
+    parallel_denoise(lambda sample, *a, **k: torch.zeros_like(sample), x_t, tensors["cond.condition_latents"], text,
+                     sampler, windows, [3.5] * len(sampler.timesteps),
+                     unused_noise=lambda shape: video_fusion_noise(shape, generator))
+    assert len(meta["rng_draws"]) == 2 + 2 * len(sampler.timesteps)
+    assert torch.equal(generator.get_state(), replay.get_state())
 
 
 def test_guidance_schedules():

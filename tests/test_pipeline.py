@@ -146,3 +146,15 @@ def test_textual_inversions_are_saved_beside_the_base_vocabulary(tmp_path):
     a = pipe("a face", image=IMAGE, num_frames=2, seed=5, negative_prompt="badhandv4, blurry", **FAST)
     b = loaded("a face", image=IMAGE, num_frames=2, seed=5, negative_prompt="badhandv4, blurry", **FAST)
     assert np.array_equal(a.frames, b.frames)
+
+
+def test_generator_is_drawn_as_in_the_original(pipe):
+    """Per shot: VideoFusion's two draws for x_T, then two per Euler step (drawn and unused in MuseV),
+    so the next shot's noise comes from where the original's does."""
+    generator = torch.Generator().manual_seed(4)
+    pipe("a face", image=IMAGE, num_frames=3, n_batch=2, generator=generator, **FAST)
+    replay = torch.Generator().manual_seed(4)
+    for _ in range(2 * (1 + FAST["steps"])):  # 2 shots x (x_T + steps)
+        torch.randn((1, 4, 1, 5, 9), generator=replay)
+        torch.randn((1, 4, 3, 5, 9), generator=replay)
+    assert torch.equal(generator.get_state(), replay.get_state())
