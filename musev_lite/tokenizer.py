@@ -1,16 +1,18 @@
 """CLIP's byte-level BPE tokenizer, from a checkpoint's vocab.json + merges.txt (or, for the offline
 demo, made on the fly with one token per byte and no merges).
 
-`CLIPTokenizer` gives the ids of transformers' slow CLIPTokenizer as MuseV ran it (transformers 4.33,
-no ftfy): text clean-up as BERT's BasicTokenizer (control characters dropped, whitespace runs to one
-space, CJK characters split apart, NFC, lower case), then CLIP's word regex, byte-to-unicode mapping
-and BPE with a `</w>` end-of-word mark, done by the `tokenizers` library. Words added with
+`CLIPTokenizer` gives the ids of transformers' slow CLIPTokenizer as MuseV ran it (transformers 4.33
+with ftfy 6.1.1): text clean-up as `ftfy.fix_text` (HTML entities, full-width forms, curly quotes,
+ligatures, control characters, NFC), whitespace runs to one space, lower case; then CLIP's word regex,
+byte-to-unicode mapping and BPE with a `</w>` end-of-word mark, done by the `tokenizers` library. Words added with
 `add_word` (textual inversion) are matched in the raw text first, case-sensitively, as transformers
 does with added tokens, and stand for one or more new ids.
 """
 
 from __future__ import annotations
 
+import html
+import html.entities
 import json
 import re
 import unicodedata
@@ -21,34 +23,84 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_MERGES = 49152 - 256 - 2  # CLIP's vocabulary size minus bytes and specials: merges used
 WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
-              (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
 
 
 class TokenizerError(ValueError):
     """A tokenizer folder is missing or malformed."""
 
 
-def _is_cjk(ch: str) -> bool:
-    cp = ord(ch)
-    return any(lo <= cp <= hi for lo, hi in CJK_RANGES)
+# ---------------------------------------------------------------------------------------------
+# Text clean-up: transformers' CLIPTokenizer runs `ftfy.fix_text` when ftfy is installed, and MuseV's
+# environment pins ftfy 6.1.1. These are the fixes of its default configuration that can change a
+# prompt, in its order; its mojibake repair (e.g. "cafÃ©" -> "café") is not reproduced.
+
+HTML_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
+# named HTML5 entities that end in ";", plus all-caps spellings of the lower-case ones that are unambiguous
+HTML_ENTITIES = {f"&{name}": char for name, char in html.entities.html5.items() if name.endswith(";")}
+HTML_ENTITIES.update({f"&{name.upper()}": char.upper() for name, char in html.entities.html5.items()
+                      if name.endswith(";") and name == name.lower() and html.unescape(f"&{name.upper()}") == f"&{name.upper()}"})
+C1_CONTROL = re.compile(r"[\x80-\x9f]")
+LIGATURES = str.maketrans({"Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn", "Ǳ": "DZ", "ǲ": "Dz", "ǳ": "dz", "Ǆ": "DŽ", "ǅ": "Dž",
+                           "ǆ": "dž", "Ǉ": "LJ", "ǈ": "Lj", "ǉ": "lj", "Ǌ": "NJ", "ǋ": "Nj", "ǌ": "nj", "ﬀ": "ff",
+                           "ﬁ": "fi", "ﬂ": "fl", "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "ſt", "ﬆ": "st"})
+# full-width and half-width forms (and the ideographic space) -> their usual characters
+WIDTH = str.maketrans({0x3000: " ", **{i: unicodedata.normalize("NFKC", chr(i)) for i in range(0xFF01, 0xFFF0)
+                                        if unicodedata.normalize("NFKC", chr(i)) != chr(i)}})
+SINGLE_QUOTES, DOUBLE_QUOTES = re.compile("[\u02bc\u2018-\u201b]"), re.compile("[\u201c-\u201f]")
+LINE_BREAKS = re.compile("\r\n|[\r\u2028\u2029\x85]")
+SURROGATE_PAIR, SURROGATE = re.compile("[\ud800-\udbff][\udc00-\udfff]"), re.compile("[\ud800-\udfff]")
+TERMINAL_ESCAPE = re.compile("\033\\[((?:\\d|;)*)([a-zA-Z])")
+CONTROL_CHARS = dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF,
+                               *range(0xFFF9, 0xFFFD)])
+
+
+def _unescape(match: re.Match) -> str:
+    entity = match[0]
+    if entity in HTML_ENTITIES:
+        return HTML_ENTITIES[entity]
+    if entity.startswith("&#"):
+        text = html.unescape(entity)
+        return entity if ";" in text else text
+    return entity
+
+
+def _windows_1252(match: re.Match) -> str:
+    try:
+        return match[0].encode("latin-1").decode("cp1252")
+    except UnicodeDecodeError:  # 0x81, 0x8d, 0x8f, 0x90, 0x9d are undefined there and stay
+        return match[0]
+
+
+def _surrogates(match: re.Match) -> str:
+    high, low = match[0]
+    return chr(0x10000 + (ord(high) - 0xD800) * 0x400 + (ord(low) - 0xDC00))
+
+
+def fix_text(text: str) -> str:
+    """ftfy.fix_text's effect on a prompt, line by line, each line fixed until nothing changes. HTML
+    entities are decoded until a line contains "<" (from then on the text may be markup)."""
+    out, unescape = [], True
+    for line in re.findall(r"[^\n]*\n|[^\n]+", text):  # lines, each with its "\n"
+        unescape = unescape and "<" not in line
+        while True:
+            before = line
+            if unescape:
+                line = HTML_ENTITY.sub(_unescape, line)
+            line = C1_CONTROL.sub(_windows_1252, line).translate(LIGATURES).translate(WIDTH)
+            line = SINGLE_QUOTES.sub("'", DOUBLE_QUOTES.sub('"', line))
+            line = LINE_BREAKS.sub("\n", line)
+            line = SURROGATE.sub("\ufffd", SURROGATE_PAIR.sub(_surrogates, line))
+            line = TERMINAL_ESCAPE.sub("", line).translate(CONTROL_CHARS)
+            line = unicodedata.normalize("NFC", line)
+            if line == before:
+                break
+        out.append(line)
+    return "".join(out)
 
 
 def clean_text(text: str) -> str:
-    """BasicTokenizer(strip_accents=False, do_split_on_punc=False) as transformers' CLIPTokenizer
-    uses it without ftfy: drop control/format characters, whitespace -> space, space out CJK
-    characters, NFC, lower case, single spaces."""
-    out = []
-    for ch in text:
-        if ch in "\t\n\r" or unicodedata.category(ch) == "Zs":
-            out.append(" ")
-        elif ord(ch) == 0 or ord(ch) == 0xFFFD or unicodedata.category(ch).startswith("C"):
-            continue
-        elif _is_cjk(ch):
-            out.append(f" {ch} ")
-        else:
-            out.append(ch)
-    return " ".join(word.lower() for word in unicodedata.normalize("NFC", "".join(out)).split())
+    """What CLIPTokenizer does before splitting words: fix_text, whitespace runs to one space, lower case."""
+    return re.sub(r"\s+", " ", fix_text(text)).strip().lower()
 
 
 class CLIPTokenizer:

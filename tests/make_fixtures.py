@@ -211,6 +211,11 @@ PROMPTS = [
     "(best quality), ((masterpiece)), (highres), illustration, original, extremely detailed wallpaper",
     "(masterpiece, best quality, highres:1) , a girl is dancing, wearing a dress made of stars, animation",
     "(1man, solo:1),(eye blinks:1.8),(head wave:1.3),Chinese ink painting style",
+    # what ftfy.fix_text changes: full-width forms, curly quotes, ligatures, entities, escapes, controls
+    "\u4e00\u4e2a\u5973\u5b69\uff0c\u5fae\u7b11\uff08\u9ad8\u6e05\uff1a1.2\uff09\u3000\uff21\uff22\uff23\uff01",
+    "\u201cquoted\u201d and \u2018single\u2019 it\u02bcs", "\ufb01ne \ufb02ower \u0132ssel", "salt &amp; pepper &lt;3 &eacute;t&eacute; &#39;x&#39;",
+    "&lt;tag&gt; then <b>bold</b> &amp;", "line one &amp;\n<i>line two</i> &amp;", "\x1b[31mred\x1b[0m text\ufeff\u206a\x07",
+    "e\u0301 composed \u00e9", "half-width \uff76\uff9e\uff71 \uffe5 \u2028next\u2029para",
 ]
 
 
@@ -228,9 +233,9 @@ def _original_definitions(source: Path, names: set[str]) -> dict:
 
 
 def make_tokenizer():
-    """MuseV's tokenizer ids (transformers 4.33's slow CLIPTokenizer, no ftfy: MuseV's pin; 5.x has only the
-    fast one, which treats CJK and control characters differently), the original's weighted-prompt parse,
-    and its negative-prompt presets. Needs, at generation time only: transformers==4.33.*, the CLIP vocab in
+    """MuseV's tokenizer ids (transformers 4.33's slow CLIPTokenizer with ftfy 6.1.1, both MuseV's pins; 5.x
+    has only the fast one, which cleans text differently), the original's weighted-prompt parse, and its
+    negative-prompt presets. Needs, at generation time only: transformers==4.33.*, ftfy==6.1.1, the CLIP vocab in
     $CLIP_TOKENIZER (default ../shared/reference/clip_tokenizer), and a MuseV checkout's files in $MUSEV_SRC
     (musev/utils/text_emb_util.py and configs/model/negative_prompt.py, or both flat in that folder).
     Writes prompts, ids, parses and preset texts only; the vocabulary is not copied."""
@@ -239,7 +244,10 @@ def make_tokenizer():
     import transformers
     from transformers import CLIPTokenizer
 
+    import ftfy
+
     assert transformers.__version__.startswith("4.33"), "run this part with transformers 4.33 (MuseV's pin)"
+    assert ftfy.__version__ == "6.1.1", "run this part with ftfy 6.1.1 (MuseV's pin; CLIPTokenizer uses it)"
     vocab = Path(os.environ.get("CLIP_TOKENIZER", Path(__file__).resolve().parents[2] / "shared/reference/clip_tokenizer"))
     src = Path(os.environ["MUSEV_SRC"])
     find = lambda name, nested: src / name if (src / name).is_file() else src / nested  # noqa: E731
@@ -257,7 +265,8 @@ def make_tokenizer():
             return {"error": type(err).__name__}
 
     data = {
-        "source": f"transformers {transformers.__version__} CLIPTokenizer (slow, no ftfy); MuseV parse_prompt_attention",
+        "source": f"transformers {transformers.__version__} CLIPTokenizer (slow, ftfy {ftfy.__version__}); "
+                  "MuseV parse_prompt_attention",
         "negative_presets": preset_texts,
         "cases": [{"prompt": p, "ids": tokenizer(p).input_ids, "parse": parsed(p)} for p in prompts],
     }
