@@ -7,18 +7,11 @@ matmul-softmax-matmul, at the reference-only self-attention shapes of a MuseV wi
 """
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import seconds_per_call
 
-
-def seconds(fn, repeats=3):
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
 
 
 def main():
@@ -35,8 +28,8 @@ def main():
 
     with torch.no_grad():
         assert torch.allclose(F.scaled_dot_product_attention(q, k, v), plain(), atol=1e-5)
-        fused = seconds(lambda: F.scaled_dot_product_attention(q, k, v))
-        reference = seconds(plain)
+        fused, _ = seconds_per_call(lambda: F.scaled_dot_product_attention(q, k, v))
+        reference, _ = seconds_per_call(plain)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; q {tuple(q.shape)}, k/v {tuple(k.shape)}")
     print(f"matmul-softmax-matmul: {reference * 1e3:.0f} ms   scaled_dot_product_attention: {fused * 1e3:.0f} ms"
           f"   speed-up x{reference / fused:.2f}")

@@ -8,22 +8,13 @@ the outputs (they must agree: the speed is only worth comparing if the results a
 """
 
 import argparse
-import time
 
 import torch
 from diffusers import UNet2DConditionModel
 
 from musev_lite.unet import UNet3D, UNet3DConfig
 from musev_lite.weights import load_weights
-
-
-def seconds_per_call(fn, repeats):
-    with torch.no_grad():
-        fn()  # warm-up
-        start = time.perf_counter()
-        for _ in range(repeats):
-            out = fn()
-    return (time.perf_counter() - start) / repeats, out
+from timing import seconds_per_call
 
 
 def main():
@@ -46,9 +37,10 @@ def main():
     text = torch.randn(2, 77, 768)
     t = torch.tensor([500.0, 500.0])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; UNet {channels}, latent {h}x{w}, batch 2")
-    theirs_s, theirs = seconds_per_call(lambda: reference(sample, t, text).sample, args.repeats)
-    ours_s, out = seconds_per_call(lambda: ours(sample[:, :, None], t, text, condition_frames=0, temporal=False),
-                                   args.repeats)
+    with torch.no_grad():
+        theirs_s, theirs = seconds_per_call(lambda: reference(sample, t, text).sample, args.repeats)
+        ours_s, out = seconds_per_call(lambda: ours(sample[:, :, None], t, text, condition_frames=0, temporal=False),
+                                       args.repeats)
     print(f"diffusers UNet2DConditionModel: {theirs_s:.2f} s/call")
     print(f"musev_lite UNet3D, 2D mode:     {ours_s:.2f} s/call   speed-up x{theirs_s / ours_s:.2f}")
     print(f"max abs difference of the outputs: {(out[:, :, 0] - theirs).abs().max().item():.2e} "

@@ -17,7 +17,6 @@ the models' own work. The temporal gates are opened (0.5) so the temporal layers
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from musev.models.unet_3d_condition import UNet3DConditionModel
 from musev_lite.referencenet import ReferenceNet
 from musev_lite.unet import UNet3D, UNet3DConfig
 from musev_lite.weights import load_weights
+from timing import seconds_per_call
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared/reference/fixtures"
 
@@ -39,13 +39,6 @@ def sdpa(q, k, v, attn_bias=None, p=0.0, scale=None, op=None):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale).transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
 
-
-def seconds_per_call(fn, repeats):
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = fn()
-    return (time.perf_counter() - start) / repeats, out
 
 
 def main():
