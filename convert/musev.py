@@ -18,7 +18,6 @@ As the original loads it (spec: model.md §1.1):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from musev_lite.pipeline import EMBEDDING_SUFFIXES, EMBEDDINGS
 from musev_lite.prompts import read_textual_inversion, save_textual_inversion
 from musev_lite.referencenet import ReferenceNet
 from musev_lite.unet import UNet3D, UNet3DConfig
-from musev_lite.weights import WeightsError, check_state_dict, read_state_dict
+from musev_lite.weights import WeightsError, check_state_dict, config_from_dict, read_state_dict
 
 from .sd15 import checked, expected_keys, find_weights, read_base, read_json, text_side, write_folder
 
@@ -80,9 +79,8 @@ def image_encoder(folder: Path) -> tuple[dict, CLIPVisionConfig]:
     weights = find_weights(folder, ("model", "pytorch_model"))
     config = read_json(folder / "config.json")
     config = config.get("vision_config", config)
-    fields = {f.name for f in dataclasses.fields(CLIPVisionConfig)}
     state = {k: v for k, v in read_state_dict(weights).items() if k != "vision_model.embeddings.position_ids"}
-    return state, CLIPVisionConfig(**{k: v for k, v in config.items() if k in fields})
+    return state, config_from_dict(CLIPVisionConfig, config)
 
 
 def textual_inversions(folder: Path, width: int) -> dict[str, torch.Tensor]:

@@ -29,16 +29,13 @@ from pathlib import Path
 import torch
 
 from musev_lite.clip import CLIPTextConfig, CLIPTextModel
+from musev_lite.samplers import SD15_SCHEDULER
 from musev_lite.vae import AutoencoderKL, VAEConfig
 from musev_lite.video_io import write_json
-from musev_lite.weights import WeightsError, atomic_path, check_state_dict, read_state_dict, save_component
+from musev_lite.weights import WeightsError, atomic_path, check_state_dict, config_from_dict, read_state_dict, save_component
 
 from . import rename
 
-# SD1.5's scheduler/scheduler_config.json (PNDM, no timestep_spacing: Euler then spaces linearly, as MuseV)
-SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
-                  "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}
 SINGLE_FILE_PARTS = {"model.diffusion_model.": "unet", "first_stage_model.": "vae", "cond_stage_model.transformer.": "text_encoder"}
 LAYERS = 3  # LDM numbers SD1.5's blocks per level: 2 ResNet(+attention) layers and a down/upsampler
 
@@ -178,20 +175,13 @@ def read_json(path: Path) -> dict:
         raise WeightsError(f"{path}: not valid JSON ({err})") from None
 
 
-def vae_config(config: dict) -> VAEConfig:
-    fields = {f.name for f in dataclasses.fields(VAEConfig)}
-    return VAEConfig(**{k: v for k, v in config.items() if k in fields})
-
-
 def text_config(config: dict) -> CLIPTextConfig:
-    config = config.get("text_config", config)  # a full CLIPModel config nests the text tower
-    fields = {f.name for f in dataclasses.fields(CLIPTextConfig)}
-    return CLIPTextConfig(**{k: v for k, v in config.items() if k in fields})
+    return config_from_dict(CLIPTextConfig, config.get("text_config", config))  # a CLIPModel config nests it
 
 
 def read_vae_folder(folder: Path) -> tuple[dict, VAEConfig]:
     weights = find_weights(folder, ("diffusion_pytorch_model",))
-    return vae_state(read_state_dict(weights), str(weights)), vae_config(read_json(folder / "config.json"))
+    return vae_state(read_state_dict(weights), str(weights)), config_from_dict(VAEConfig, read_json(folder / "config.json"))
 
 
 def read_base(path: str | Path, tokenizer: str | Path | None = None, vae: str | Path | None = None) -> SD15Base:

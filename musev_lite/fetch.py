@@ -127,11 +127,12 @@ def download(url: str, target: Path, size: int | None = None, sha256: str | None
 
 
 def fetch_all(files: list[Remote], downloads: Path, base_url: str, quiet: bool = False) -> None:
+    """Download every file not already in `downloads`, trying a file's alternative names on HTTP 404."""
     for remote in files:
         names = (remote.path, *remote.alternatives)
         if any((downloads / name).is_file() for name in names):
             continue
-        for n, name in enumerate(names):
+        for name in names:
             if not quiet:
                 print(f"fetch {name}", file=sys.stderr, flush=True)
             try:
@@ -140,11 +141,12 @@ def fetch_all(files: list[Remote], downloads: Path, base_url: str, quiet: bool =
             except FetchError as err:
                 if "HTTP 404" not in str(err):
                     raise
-                if n == len(names) - 1 and remote.optional:
-                    if not quiet:
-                        print(f"skip {remote.path}: not in the release (optional)", file=sys.stderr, flush=True)
-                elif n == len(names) - 1:
-                    raise FetchError(f"{err}{'; ' + remote.hint if remote.hint else ''}") from None
+                not_found = err
+        else:  # no name was found
+            if not remote.optional:
+                raise FetchError(f"{not_found}{'; ' + remote.hint if remote.hint else ''}") from None
+            if not quiet:
+                print(f"skip {remote.path}: not in the release (optional)", file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:

@@ -32,18 +32,15 @@ from .denoise import context_windows, guidance_scales, initial_latents, parallel
 from .ip_adapter import ImageProjection, ImageProjectionConfig
 from .prompts import encode_prompt_pair, load_textual_inversion, save_textual_inversion
 from .referencenet import ReferenceNet
-from .samplers import SchedulerConfig, make_sampler
+from .samplers import SD15_SCHEDULER, SchedulerConfig, make_sampler
 from .tokenizer import CLIPTokenizer
 from .unet import UNet3D, UNet3DConfig
 from .vae import AutoencoderKL, VAEConfig
 from .video_io import as_pil, fit_image
-from .weights import WeightsError, load_component, load_weights, save_component
+from .weights import WeightsError, config_from_dict, load_component, load_weights, save_component
 
 DEFAULT_SIZE = (512, 320)  # (height, width) without a condition image: MuseV's training size
 REQUIRED = ("unet", "vae", "text_encoder")
-# SD1.5's scheduler_config.json (PNDM; no timestep_spacing key, so Euler spaces linearly, as in MuseV)
-SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                      set_alpha_to_one=False, clip_sample=False)
 REFERENCENET_PARTS = ("referencenet", "image_proj", "image_encoder")
 # textual-inversion files in a weights folder, each word named by its file (MuseV's negative presets
 # name badhandv4, ng_deepnegative_v1_75t, EasyNegativeV2, bad_prompt_version2-neg)
@@ -82,8 +79,7 @@ def missing_weights(weights_dir: str | Path) -> list[str]:
 
 def _load(cls, config_cls, weights_dir: Path, name: str, device, dtype):
     state, config = load_component(weights_dir, name)
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    model = cls(config_cls(**{k: v for k, v in config.items() if k in fields}))
+    model = cls(config_from_dict(config_cls, config))
     load_weights(model, state, str(weights_dir / f"{name}.safetensors"))
     return model.to(device=device, dtype=dtype).eval()
 
@@ -173,7 +169,7 @@ class MuseVPipeline:
             image_encoder=CLIPVisionModelWithProjection(vision_config),
         )
         models = {k: m.to(device).eval() for k, m in models.items()}
-        return cls(tokenizer=tokenizer, scheduler=SchedulerConfig(**SD15_SCHEDULER), **models)
+        return cls(tokenizer=tokenizer, scheduler=SchedulerConfig.from_dict(SD15_SCHEDULER), **models)
 
     # -----------------------------------------------------------------------------------------
 

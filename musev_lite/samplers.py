@@ -14,7 +14,6 @@ arithmetic), read their settings from a checkpoint's `scheduler_config.json` the
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .weights import config_from_dict
+
 BETA_SCHEDULES = ("linear", "scaled_linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SPACINGS = ("linspace", "leading", "trailing")
@@ -31,6 +32,11 @@ SAMPLERS = ("euler", "ddim")
 
 # Settings of diffusers' schedulers that this module does not implement, with the value that turns
 # them off. A config that turns one on is refused instead of being sampled differently in silence.
+# SD1.5's scheduler/scheduler_config.json (PNDM; no timestep_spacing key, so Euler spaces linearly, as
+# in MuseV): the schedule of a base model that ships none (a single-file checkpoint, the demo)
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                  "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}
 UNSUPPORTED = {
     "trained_betas": None,
     "rescale_betas_zero_snr": False,
@@ -101,8 +107,7 @@ class SchedulerConfig:
                     f"scheduler config: {key}={config[key]!r} is not supported by musev_lite's samplers; "
                     f"remove the key or set it to {json.dumps(off)}"
                 )
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        return config_from_dict(cls, config)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> SchedulerConfig:

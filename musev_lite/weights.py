@@ -8,6 +8,7 @@ only through `torch.load(weights_only=True)`, so a file that carries code is ref
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -128,6 +129,13 @@ def atomic_path(path: Path, is_dir: bool = False) -> Iterator[Path]:
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def config_from_dict(config_cls, config: dict):
+    """A config dataclass from a JSON config (ours, diffusers' or transformers'): the keys it has are
+    used, the others (`_class_name`, settings that do not change the model) are ignored."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in config.items() if k in fields})
 
 
 def save_component(

@@ -82,7 +82,7 @@ def make_sd15_folder(root, sd_unet: dict, unet_config: dict, cross_dim: int):
     from safetensors.torch import save_file
 
     from musev_lite.clip import CLIPTextConfig, CLIPTextModel
-    from musev_lite.convert.sd15 import SD15_SCHEDULER
+    from musev_lite.samplers import SD15_SCHEDULER
     from musev_lite.tokenizer import CLIPTokenizer
     from musev_lite.vae import AutoencoderKL, VAEConfig
 
