@@ -40,7 +40,9 @@ def test_matches_diffusers(case):
     key = case["key"]
     assert sampler.timesteps.dtype == STEPS[f"{key}.timesteps"].dtype
     assert torch.equal(sampler.timesteps, STEPS[f"{key}.timesteps"])
-    assert sampler.init_noise_sigma == pytest.approx(case["init_noise_sigma"], rel=1e-7)
+    # 2 float32 ulps: torch's float32 pow rounds differently on different CPUs (diffusers itself gives
+    # 6.6463127 on one machine and 6.6463118 on another for case85)
+    assert sampler.init_noise_sigma == pytest.approx(case["init_noise_sigma"], rel=2.5e-7)
     scale = max(1.0, STEPS[f"{key}.latents"].abs().max().item())
     if f"{key}.sigmas" in STEPS:
         assert max_abs_error(sampler.sigmas, STEPS[f"{key}.sigmas"], f"{key} sigmas") <= 1e-6 * scale
