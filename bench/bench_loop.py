@@ -16,23 +16,28 @@ import time
 import torch
 
 from musev_lite.denoise import context_windows, parallel_denoise
-from musev_lite.samplers import SchedulerConfig, make_sampler
-from musev_lite.unet import UNet3D, UNet3DConfig
+from musev_lite.samplers import SD15_SCHEDULER, SchedulerConfig, make_sampler
+from musev_lite.unet import Conditioning, UNet3D, UNet3DConfig
+from timing import seconds_per_call
 
 
 def seconds_per_step(unet, latents, condition, text, windows, window_batch, steps=2, dtype=torch.float32):
-    sampler = make_sampler("euler", SchedulerConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), steps)
+    """Seconds per sampler step (mean of `steps` steps after a one-step warm-up), and the warm-up's seconds."""
+    sampler = make_sampler("euler", SchedulerConfig.from_dict(SD15_SCHEDULER), 1)
+    cond = Conditioning(text.to(dtype), motion_speed=8.0)
 
-    def call(sample, t, text, condition_frames, **kw):
-        return unet(sample.to(dtype), t, text.to(dtype), condition_frames=condition_frames).float()
+    def call(sample, t, cond, condition_frames, **kw):
+        return unet(sample.to(dtype), t, cond, condition_frames=condition_frames).float()
 
-    with torch.no_grad():
-        start = time.perf_counter()
-        parallel_denoise(call, latents, condition, text, make_sampler("euler", sampler.config, 1), windows, [3.5], window_batch)
-        warmup = time.perf_counter() - start
-        start = time.perf_counter()
-        parallel_denoise(call, latents, condition, text, sampler, windows, [3.5] * steps, window_batch)
-    return (time.perf_counter() - start) / steps, warmup
+    def one_step():
+        with torch.no_grad():
+            parallel_denoise(call, latents, condition, cond, sampler, windows, [3.5], window_batch)
+
+    start = time.perf_counter()
+    one_step()
+    warmup = time.perf_counter() - start
+    seconds, _ = seconds_per_call(one_step, repeats=steps)
+    return seconds, warmup
 
 
 def main():

@@ -12,7 +12,7 @@ import argparse
 import torch
 from diffusers import UNet2DConditionModel
 
-from musev_lite.unet import UNet3D, UNet3DConfig
+from musev_lite.unet import Conditioning, UNet3D, UNet3DConfig
 from musev_lite.weights import load_weights
 from timing import seconds_per_call
 
@@ -39,7 +39,8 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; UNet {channels}, latent {h}x{w}, batch 2")
     with torch.no_grad():
         theirs_s, theirs = seconds_per_call(lambda: reference(sample, t, text).sample, args.repeats)
-        ours_s, out = seconds_per_call(lambda: ours(sample[:, :, None], t, text, condition_frames=0, temporal=False),
+        cond = Conditioning(text, motion_speed=8.0)
+        ours_s, out = seconds_per_call(lambda: ours(sample[:, :, None], t, cond, condition_frames=0, temporal=False),
                                        args.repeats)
     print(f"diffusers UNet2DConditionModel: {theirs_s:.2f} s/call")
     print(f"musev_lite UNet3D, 2D mode:     {ours_s:.2f} s/call   speed-up x{theirs_s / ours_s:.2f}")

@@ -25,7 +25,8 @@ import xformers.ops
 from musev.models.unet_3d_condition import UNet3DConditionModel
 
 from musev_lite.referencenet import ReferenceNet
-from musev_lite.unet import UNet3D, UNet3DConfig
+from musev_lite.convert.musev import unet_config_from_diffusers
+from musev_lite.unet import Conditioning, UNet3D
 from musev_lite.weights import load_weights
 from timing import seconds_per_call
 
@@ -62,7 +63,7 @@ def main():
         for name, p in original.named_parameters():
             if name.endswith("temporal_weight"):
                 p.fill_(0.5)
-    ours_config = UNet3DConfig.from_diffusers(config, args.variant)
+    ours_config = unet_config_from_diffusers(config, args.variant)
     ours = UNet3D(ours_config).eval()
     load_weights(ours, original.state_dict(), "the original's weights")
 
@@ -70,18 +71,18 @@ def main():
     sample, timestep, text = torch.randn(2, 4, 13, h, w), torch.tensor(500), torch.randn(2, 77, 768)
     theirs_kwargs = dict(sample_index=torch.arange(1, 13), vision_conditon_frames_sample_index=torch.tensor([0]),
                          sample_frame_rate=8.0, do_classifier_free_guidance=True, return_dict=False)
-    ours_kwargs = dict(condition_frames=1, motion_speed=8.0)
+    cond = Conditioning(text, motion_speed=8.0)
     if args.variant == "musev_referencenet":
         with torch.no_grad():
             refer = ReferenceNet(ours_config).eval()(torch.randn(2, 4, h, w), 0.0, torch.randn(2, 4, 768))
         ip_tokens = torch.randn(2, 4, 768)
         theirs_kwargs.update(vision_clip_emb=ip_tokens, down_block_refer_embs=[f[:, :, None] for f in refer.down],
                              mid_block_refer_emb=refer.mid[:, :, None])
-        ours_kwargs.update(ip_tokens=ip_tokens, refer=refer)
+        cond.ip_tokens, cond.refer = ip_tokens, refer
 
     with torch.no_grad():
         theirs_s, theirs = seconds_per_call(lambda: original(sample, timestep, text, **theirs_kwargs)[0], args.repeats)
-        ours_s, out = seconds_per_call(lambda: ours(sample, timestep, text, **ours_kwargs), args.repeats)
+        ours_s, out = seconds_per_call(lambda: ours(sample, timestep, cond, condition_frames=1), args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.variant} UNet {tuple(channels)}, "
           f"window of 13 frames at {h}x{w}, batch 2")
     print(f"original UNet3DConditionModel: {theirs_s:.2f} s/call")

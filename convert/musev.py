@@ -18,6 +18,7 @@ As the original loads it (spec: model.md §1.1):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -25,23 +26,66 @@ import torch
 
 from musev_lite.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
 from musev_lite.ip_adapter import ImageProjection, ImageProjectionConfig
-from musev_lite.pipeline import EMBEDDING_SUFFIXES, EMBEDDINGS
 from musev_lite.prompts import read_textual_inversion, save_textual_inversion
 from musev_lite.referencenet import ReferenceNet
 from musev_lite.unet import UNet3D, UNet3DConfig
-from musev_lite.weights import WeightsError, check_state_dict, config_from_dict, read_state_dict
+from musev_lite.weights import (
+    EMBEDDING_SUFFIXES,
+    EMBEDDINGS,
+    WeightsError,
+    check_state_dict,
+    config_from_dict,
+    read_state_dict,
+)
 
 from .sd15 import checked, expected_keys, find_weights, read_base, read_json, text_side, write_folder
 
 MODELS = ("musev", "musev_referencenet", "musev_referencenet_pose")
-REFERENCENET_UNUSED = ("up_blocks.", "conv_norm_out.", "conv_out.")  # deleted in the released ReferenceNet (§7.1)
+REFERENCENET_UNUSED = ("up_blocks.", "conv_norm_out.", "conv_out.")  # not in the released ReferenceNet's forward
+SD15_DOWN = ("CrossAttnDownBlock", "CrossAttnDownBlock", "CrossAttnDownBlock", "DownBlock")
+SD15_UP = ("UpBlock", "CrossAttnUpBlock", "CrossAttnUpBlock", "CrossAttnUpBlock")
+
+
+def check_sd15_layout(config: dict) -> None:
+    """The block types of a diffusers UNet config.json (2D or 3D names) must be SD1.5's."""
+    down = tuple(name.replace("2D", "").replace("3D", "") for name in config.get("down_block_types", SD15_DOWN))
+    up = tuple(name.replace("2D", "").replace("3D", "") for name in config.get("up_block_types", SD15_UP))
+    if down != SD15_DOWN or up != SD15_UP:
+        raise WeightsError(
+            f"unet config.json: down/up block types {down} / {up} are not the SD1.5 layout {SD15_DOWN} / {SD15_UP}; "
+            "only SD1.5-style UNets are supported"
+        )
+
+
+def unet_config_from_diffusers(config: dict, preset: str) -> UNet3DConfig:
+    """Sizes from a published unet/config.json (2D or MuseV 3D); MuseV's switches from the model name,
+    because the released configs do not carry all of them."""
+    check_sd15_layout(config)
+    heads = config.get("attention_head_dim", 8)
+    if not isinstance(heads, int):
+        if len(set(heads)) != 1:
+            raise WeightsError(f"unet config.json: attention_head_dim {heads} differs per level; expected one value")
+        heads = heads[0]
+    sizes = dict(
+        in_channels=config.get("in_channels", 4),
+        out_channels=config.get("out_channels", 4),
+        block_out_channels=tuple(config.get("block_out_channels", (320, 640, 1280, 1280))),
+        layers_per_block=config.get("layers_per_block", 2),
+        heads=heads,
+        norm_num_groups=config.get("norm_num_groups", 32),
+        norm_eps=config.get("norm_eps", 1e-5),
+        cross_attention_dim=config.get("cross_attention_dim", 768),
+    )
+    switches = {k: v for k, v in dataclasses.asdict(UNet3DConfig.preset(preset)).items() if k not in sizes}
+    switches.update({k: v for k, v in config.items() if k in {"temporal_conv_groups", "transformer_in_groups"}})
+    return UNet3DConfig(**sizes, **switches)
 
 
 def motion_unet(motion_dir: Path, base_unet: dict | None, preset: str) -> tuple[dict, UNet3DConfig]:
     """The 3D UNet's weights: the motion checkpoint, then the base's SD1.5 weights over it."""
     folder = motion_dir / "unet"
     weights = find_weights(folder, ("diffusion_pytorch_model",))
-    config = UNet3DConfig.from_diffusers(read_json(folder / "config.json"), preset)
+    config = unet_config_from_diffusers(read_json(folder / "config.json"), preset)
     state = read_state_dict(weights)
     expected = expected_keys(UNet3D, config)
     if base_unet is not None:
@@ -60,7 +104,7 @@ def motion_unet(motion_dir: Path, base_unet: dict | None, preset: str) -> tuple[
 
 def referencenet(folder: Path, preset: str) -> tuple[dict, UNet3DConfig]:
     weights = find_weights(folder, ("diffusion_pytorch_model",))
-    config = UNet3DConfig.from_diffusers(read_json(folder / "config.json"), preset)
+    config = unet_config_from_diffusers(read_json(folder / "config.json"), preset)
     state = {k: v for k, v in read_state_dict(weights).items() if not k.startswith(REFERENCENET_UNUSED)}
     return state, config
 

@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-CONTEXT_SCHEDULES = ("uniform_v2", "uniform")
-GUIDANCE_METHODS = ("linear", "two_stage", "three_stage", "fix_two_stage")
+from .settings import CONTEXT_SCHEDULES, GUIDANCE_METHODS
+from .unet import Conditioning
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,23 +134,6 @@ def guidance_scales(start: float, num_steps: int, end: float | None = None, meth
 # The loop (pipeline.md §3.3-§3.4, §4.4)
 
 
-def repeat_per_window(x, num_windows: int):
-    """[uncond; cond]-batched conditioning -> the same for `num_windows` windows stacked in one call.
-
-    Works on tensors and on (named) tuples/lists of them, e.g. ReferenceNet features; anything else
-    (a scale, a flag) is passed through. Layout of the result: all uncond windows, then all cond
-    windows, window-major inside each half.
-    """
-    if num_windows == 1 or not isinstance(x, (torch.Tensor, tuple, list)):
-        return x
-    if isinstance(x, torch.Tensor):
-        uncond, cond = x.chunk(2)
-        reps = (num_windows,) + (1,) * (x.dim() - 1)
-        return torch.cat([uncond.repeat(reps), cond.repeat(reps)])
-    items = [repeat_per_window(item, num_windows) for item in x]
-    return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
-
-
 def window_groups(windows: list[list[int]], window_batch: int) -> list[list[list[int]]]:
     """Windows that go through the UNet together: same length, at most `window_batch` per call."""
     if window_batch < 1:
@@ -169,26 +152,23 @@ def parallel_denoise(
     unet: Callable[..., torch.Tensor],
     latents: torch.Tensor,
     condition_latent: torch.Tensor,
-    text: torch.Tensor,
+    cond: Conditioning,
     sampler,
     windows: list[list[int]],
     guidance: Sequence[float],
     window_batch: int = 1,
-    unet_kwargs: dict | None = None,
+    generator: torch.Generator | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
-    unused_noise: Callable[[torch.Size], object] | None = None,
+    temporal: bool = True,
 ) -> torch.Tensor:
     """Denoise `latents` (B,4,T,h,w) window by window, every step, around a clean condition frame.
 
-    unet(sample, t, text, condition_frames=n, **unet_kwargs) -> noise prediction, same shape as sample.
+    unet(sample, t, cond, condition_frames=n, temporal=...) -> noise prediction, same shape as sample.
     `condition_latent` (B,4,n,h,w) is the clean latent of the condition image(s), put in front of every
-    window on both guidance halves. `text` and any tensors in `unet_kwargs` are batched
-    [uncond; cond] (2B). Windows of equal length are stacked along the batch, `window_batch` per call;
-    the result equals the one-window-at-a-time loop of the original. `unused_noise(shape)` is called
-    after every step to draw, and drop, the noise MuseV's Euler step draws without using it (γ = 0,
-    pipeline.md §4.1), so that a seeded generator continues as in the original (next shot's noise).
+    window on both guidance halves; `cond` is batched [uncond; cond] (2B). Windows of equal length are
+    stacked along the batch, `window_batch` per call; the result equals the one-window-at-a-time loop
+    of the original. `generator` goes to the sampler's step (MuseV's Euler draws from it).
     """
-    unet_kwargs = unet_kwargs or {}
     n_cond = condition_latent.shape[2]
     groups = window_groups(windows, window_batch)
     for i, t in enumerate(sampler.timesteps):
@@ -200,21 +180,18 @@ def parallel_denoise(
             x = sampler.scale_model_input(torch.cat([x, x]), i)  # [uncond; cond]
             condition = condition_latent.repeat(2 * k, 1, 1, 1, 1).to(x)  # clean, unscaled
             sample = torch.cat([condition, x], dim=2)  # (2 k b) 4 (n+L) h w: condition at frame 0
-            kwargs = {name: repeat_per_window(v, k) for name, v in unet_kwargs.items()}
-            noise = unet(sample, t, repeat_per_window(text, k), condition_frames=n_cond, **kwargs)
+            noise = unet(sample, t, cond.repeat(k), condition_frames=n_cond, temporal=temporal)
             noise = noise[:, :, n_cond:]  # the condition frame's prediction is not used
-            uncond, cond = noise.chunk(2)
+            uncond, cond_noise = noise.chunk(2)
             for j, window in enumerate(group):
                 index = torch.tensor(window, device=latents.device)
                 rows = slice(j * latents.shape[0], (j + 1) * latents.shape[0])
-                noise_sum.index_add_(2, index, torch.cat([uncond[rows], cond[rows]]))
+                noise_sum.index_add_(2, index, torch.cat([uncond[rows], cond_noise[rows]]))
                 count[index] += 1
         noise_pred = noise_sum / count.view(1, 1, -1, 1, 1)  # flat average over overlapping windows
-        uncond, cond = noise_pred.chunk(2)
-        noise_pred = uncond + guidance[i] * (cond - uncond)
-        latents = sampler.step(noise_pred, i, latents)
-        if unused_noise is not None:
-            unused_noise(latents.shape)
+        uncond, cond_noise = noise_pred.chunk(2)
+        noise_pred = uncond + guidance[i] * (cond_noise - uncond)
+        latents = sampler.step(noise_pred, i, latents, generator)
         if callback is not None:
             callback(i, latents)
     return latents

@@ -5,13 +5,13 @@
                  num_frames=24, seed=1)
     video.frames  # uint8 (F, H, W, 3): the condition image, then 24 new frames
 
-One call (spec: pipeline.md §2-§4, §7):
-  1. fit the images to the video size; encode the prompt pair [negative; positive];
-  2. IP-Adapter tokens and ReferenceNet features, once per call;
-  3. without a condition image, draw the first frame from the prompt in 2D mode (§2.4);
-  4. for each shot: VideoFusion noise, then parallel denoising around the clean condition latent;
-     the next shot continues from this shot's last latent (§3.6);
-  5. decode the latents a few frames at a time into uint8 frames.
+One call is five stages, each a method below (docs/method.md tells the method):
+  1. `fit_images`, `encode_text`: the images fitted to the video size; the prompt pair [negative; positive];
+  2. `image_conditioning`: IP-Adapter tokens and ReferenceNet features, once per call;
+  3. `draw_first_frame`: without a condition image, the first frame is drawn from the prompt in 2D mode;
+  4. `denoise_shots`: per shot, VideoFusion noise, then parallel denoising around the clean condition
+     latent; the next shot continues from this shot's last latent;
+  5. `decode`: the latents, a few frames at a time, into uint8 frames.
 """
 
 from __future__ import annotations
@@ -28,24 +28,31 @@ import torch
 from PIL import Image
 
 from .clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection, clip_image_preprocess
-from .denoise import context_windows, guidance_scales, initial_latents, parallel_denoise, video_fusion_noise
+from .denoise import context_windows, guidance_scales, initial_latents, parallel_denoise, window_groups
 from .ip_adapter import ImageProjection, ImageProjectionConfig
 from .prompts import encode_prompt_pair, load_textual_inversion, save_textual_inversion
 from .referencenet import ReferenceNet
 from .samplers import SD15_SCHEDULER, SchedulerConfig, make_sampler
+from .settings import OUTPUT_TYPES, ConfigError, GenerationConfig
 from .tokenizer import CLIPTokenizer
-from .unet import UNet3D, UNet3DConfig
+from .unet import Conditioning, UNet3D, UNet3DConfig
 from .vae import AutoencoderKL, VAEConfig
 from .video_io import as_pil, fit_image
-from .weights import WeightsError, config_from_dict, load_component, load_weights, save_component
+from .weights import (
+    EMBEDDING_SUFFIXES,
+    EMBEDDINGS,
+    REFERENCENET_PARTS,
+    REQUIRED,
+    WeightsError,
+    config_from_dict,
+    load_component,
+    load_weights,
+    missing_weights,
+    save_component,
+)
 
 DEFAULT_SIZE = (512, 320)  # (height, width) without a condition image: MuseV's training size
-REQUIRED = ("unet", "vae", "text_encoder")
-REFERENCENET_PARTS = ("referencenet", "image_proj", "image_encoder")
-# textual-inversion files in a weights folder, each word named by its file (MuseV's negative presets
-# name badhandv4, ng_deepnegative_v1_75t, EasyNegativeV2, bad_prompt_version2-neg)
-EMBEDDINGS = "embeddings"
-EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+MODEL_PARTS = REQUIRED + REFERENCENET_PARTS
 
 
 @dataclass
@@ -65,16 +72,6 @@ class VideoResult:
     frames: np.ndarray | list[Image.Image]  # uint8 (F, H, W, 3), or PIL images
     latents: torch.Tensor  # (1, 4, F, H/8, W/8), clean
     seed: int | None
-
-
-def missing_weights(weights_dir: str | Path) -> list[str]:
-    """Files `from_pretrained` needs that are not in `weights_dir`."""
-    weights_dir = Path(weights_dir)
-    names = [f"{c}.{ext}" for c in REQUIRED for ext in ("safetensors", "json")]
-    names += ["tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler.json"]
-    if (weights_dir / "referencenet.json").is_file():
-        names += [f"{c}.{ext}" for c in REFERENCENET_PARTS for ext in ("safetensors", "json")]
-    return [n for n in names if not (weights_dir / n).is_file()]
 
 
 def _load(cls, config_cls, weights_dir: Path, name: str, device, dtype):
@@ -98,9 +95,27 @@ class MuseVPipeline:
     def device(self) -> torch.device:
         return self.unet.conv_in.weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.conv_in.weight.dtype
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> MuseVPipeline:
+        """Move every model to `device` and (except the VAE, which stays float32) to `dtype`."""
+        for name in MODEL_PARTS:
+            model = getattr(self, name)
+            if model is not None:
+                model.to(device=device, dtype=None if name == "vae" else dtype)
+        return self
+
     @classmethod
-    def from_pretrained(cls, weights_dir: str | Path, device="cpu", dtype=torch.float32) -> MuseVPipeline:
-        """Load a folder written by the converters (see weights/README.md)."""
+    def from_pretrained(cls, weights_dir: str | Path, device="cpu", dtype=torch.float32,
+                        torch_dtype: torch.dtype | None = None) -> MuseVPipeline:
+        """Load a folder written by the converters (see weights/README.md). `torch_dtype` is diffusers'
+        name for `dtype`; the VAE stays in float32 either way."""
+        if torch_dtype is not None:
+            if dtype not in (torch.float32, torch_dtype):
+                raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one of them")
+            dtype = torch_dtype
         weights_dir = Path(weights_dir)
         missing = missing_weights(weights_dir)
         if missing:
@@ -136,7 +151,7 @@ class MuseVPipeline:
     def save_pretrained(self, weights_dir: str | Path) -> None:
         """Write the folder `from_pretrained` reads: one safetensors + JSON config per component."""
         weights_dir = Path(weights_dir)
-        for name in REQUIRED + REFERENCENET_PARTS:
+        for name in MODEL_PARTS:
             model = getattr(self, name)
             if model is not None:
                 state = model.state_dict()
@@ -172,6 +187,133 @@ class MuseVPipeline:
         return cls(tokenizer=tokenizer, scheduler=SchedulerConfig.from_dict(SD15_SCHEDULER), **models)
 
     # -----------------------------------------------------------------------------------------
+    # One call, stage by stage
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str = "",
+        image=None,
+        config: GenerationConfig | None = None,
+        *,
+        negative_prompt: str = "V2",
+        refer_image=None,
+        ip_adapter_image=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        condition_latents: torch.Tensor | None = None,
+        fit_images: bool = True,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        callback: Callable[[Progress], None] | None = None,
+        output_type: str = "uint8",
+        **settings,
+    ) -> VideoResult:
+        """Generate `n_batch` shots of `num_frames` new frames after the condition image.
+
+        `config` holds the generation settings (MuseV's defaults); keyword `settings` override some of
+        them, e.g. `pipe(prompt, image, steps=4)`. Without `image` the first frame is drawn from the
+        prompt and the first shot adds `num_frames - 1`. `prompt_embeds` / `negative_prompt_embeds`
+        (1, L, D) skip the text encoder. `condition_latents` (1, 4, 1, h, w) is frame 0 as a latent,
+        instead of `image`. `fit_images=False`: the images already have the video's size and are used
+        as they are (MuseV's centre crop is not the identity even at that size). `latents` (1,4,F,h,w):
+        the first shot's starting noise instead of a draw. `generator` instead of `config.seed`.
+        """
+        config = (config or GenerationConfig()).replace(**settings)
+        has_image = image is not None or condition_latents is not None
+        config.validate(has_image=has_image)
+        if output_type not in OUTPUT_TYPES:
+            raise ConfigError(f"output_type = {output_type!r}: use one of {', '.join(OUTPUT_TYPES)}")
+        seed = config.seed
+        if generator is None:
+            seed = random.randrange(10**8) if seed is None else seed
+            generator = torch.Generator("cpu").manual_seed(seed)
+        report = callback or (lambda progress: None)
+
+        height, width = self.video_size(image, condition_latents, config)
+        image, refer_image, ip_adapter_image = self.fit_images(image, refer_image, ip_adapter_image, height, width,
+                                                               fit_images)
+        text = self.encode_text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        if condition_latents is not None:
+            if image is not None or config.redraw_condition_image:
+                raise ConfigError("condition_latents replace the condition image: give no image and leave "
+                                  "redraw_condition_image off")
+            condition = self.check_condition_latents(condition_latents, height, width)
+        elif image is not None and not config.redraw_condition_image:
+            condition = self.encode_images([image])[:, :, None]  # 1 4 1 h w
+        else:  # text -> first frame -> video, or MuseV's img2img redraw of the condition image
+            first = self.image_conditioning(refer_image, ip_adapter_image, text, config)
+            condition = self.draw_first_frame(image, first, (height // 8, width // 8), config, generator, report)
+        if image is None or config.redraw_condition_image:
+            # frame 0 as an image stands in for missing reference images; a redraw replaces them
+            frame0 = Image.fromarray(self.decode(condition)[0])
+            refer_image = frame0 if config.redraw_condition_image or refer_image is None else refer_image
+            ip_adapter_image = frame0 if config.redraw_condition_image or ip_adapter_image is None else ip_adapter_image
+        cond = self.image_conditioning(refer_image, ip_adapter_image, text, config)
+        video_latents = self.denoise_shots(condition, cond, config, generator, latents, report, drawn=not has_image)
+        frames = self.decode(video_latents, progress=lambda done, total: report(Progress("decode", 0, 1, done, total, 0)))
+        if output_type == "pil":
+            frames = [Image.fromarray(f) for f in frames]
+        return VideoResult(frames, video_latents, seed)
+
+    def video_size(self, image, condition_latents, config: GenerationConfig) -> tuple[int, int]:
+        """(height, width): as set, else the condition image's (or latent's), else MuseV's 512x320;
+        floored to `size_multiple` as MuseV does."""
+        if condition_latents is not None:
+            size = (condition_latents.shape[-2] * 8, condition_latents.shape[-1] * 8)
+        elif image is not None:
+            image = as_pil(image)
+            size = (image.height, image.width)
+        else:
+            size = DEFAULT_SIZE
+        multiple = config.size_multiple
+        height, width = (config.height or size[0]) // multiple * multiple, (config.width or size[1]) // multiple * multiple
+        if height < 8 or width < 8:
+            raise ConfigError(f"video size {height}x{width} is too small; give height/width of at least {multiple}")
+        return height, width
+
+    @staticmethod
+    def fit_images(image, refer_image, ip_adapter_image, height: int, width: int, fit: bool = True):
+        """The condition, ReferenceNet and IP-Adapter images as RGB PIL images of the video's size (the
+        reference images default to the condition image). `fit=False`: they must have that size."""
+
+        def fitted(im, name):
+            im = as_pil(im)
+            if fit:
+                return fit_image(im, height, width)
+            if im.size != (width, height):
+                raise ConfigError(f"{name} is {im.width}x{im.height} but the video is {width}x{height}; "
+                                  "pass fit_images=True to centre-crop and resize it")
+            return im
+
+        image = None if image is None else fitted(image, "image")
+        refer_image = image if refer_image is None else fitted(refer_image, "refer_image")
+        ip_adapter_image = image if ip_adapter_image is None else fitted(ip_adapter_image, "ip_adapter_image")
+        return image, refer_image, ip_adapter_image
+
+    def encode_text(self, prompt: str, negative_prompt: str, prompt_embeds=None, negative_prompt_embeds=None):
+        """(2, L, D) text embeddings [negative; positive], from the prompts or given embeddings."""
+        if prompt_embeds is None:
+            if negative_prompt_embeds is not None:
+                raise ConfigError("negative_prompt_embeds given without prompt_embeds; give both, or prompts")
+            return encode_prompt_pair(self.tokenizer, self.text_encoder, prompt, negative_prompt).to(self.device)
+        if negative_prompt_embeds is None:
+            negative_prompt_embeds = encode_prompt_pair(self.tokenizer, self.text_encoder, "", negative_prompt)[:1]
+        width = self.unet.config.cross_attention_dim
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != width:
+                raise ConfigError(f"{name} must be (1, tokens, {width}); got {tuple(embeds.shape)}")
+        if prompt_embeds.shape[1] != negative_prompt_embeds.shape[1]:
+            raise ConfigError(f"prompt_embeds has {prompt_embeds.shape[1]} tokens, the negative prompt "
+                              f"{negative_prompt_embeds.shape[1]}; pass negative_prompt_embeds of the same length")
+        return torch.cat([negative_prompt_embeds, prompt_embeds]).to(self.device, self.dtype)
+
+    def check_condition_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        shape = (1, 4, 1, height // 8, width // 8)
+        if tuple(latents.shape) != shape:
+            raise ConfigError(f"condition_latents have shape {tuple(latents.shape)}; this call needs {shape} "
+                              "(batch, channels, one frame, height/8, width/8)")
+        return latents.to(self.device, torch.float32)
 
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
@@ -179,6 +321,72 @@ class MuseVPipeline:
         pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
         pixels = pixels.to(self.device, torch.float32) / 127.5 - 1
         return self.vae.encode(pixels)
+
+    @torch.no_grad()
+    def image_conditioning(self, refer_image, ip_image, text: torch.Tensor, config: GenerationConfig) -> Conditioning:
+        """The text, plus IP-Adapter tokens [proj(0); proj(clip(image))] and ReferenceNet features
+        (the same for both halves) when the model has them, all batched [uncond; cond]."""
+        cond = Conditioning(text, motion_speed=config.motion_speed)
+        if self.image_proj is not None and ip_image is not None and config.ip_adapter_scale > 0:
+            pixels = clip_image_preprocess([ip_image]).to(self.device, self.image_encoder.dtype)
+            embeds = self.image_encoder(pixels)
+            embeds = torch.cat([torch.zeros_like(embeds), embeds])  # the uncond tokens are proj(0), not 0
+            cond.ip_tokens = self.image_proj(embeds.to(self.image_proj.proj.weight.dtype))
+            cond.ip_scale = config.ip_adapter_scale
+        if self.referencenet is not None and refer_image is not None:
+            latent = self.encode_images([refer_image]).repeat(2, 1, 1, 1)  # same latent for both halves
+            context = text if cond.ip_tokens is None else cond.ip_tokens  # IP tokens when there are, else text
+            cond.refer = self.referencenet(latent, torch.zeros(()), context)
+        return cond
+
+    def _unet(self, sample, t, cond: Conditioning, condition_frames: int, temporal: bool = True):
+        return self.unet(sample, t, cond, condition_frames=condition_frames, temporal=temporal).float()
+
+    def draw_first_frame(self, image, cond: Conditioning, shape_hw, config: GenerationConfig, generator, report):
+        """Draw (no image) or redraw (img2img from `image`) one frame with the temporal layers off."""
+        steps = config.first_frame_steps
+        sampler = make_sampler(config.sampler, self.scheduler, steps)
+        noise = torch.randn((1, 4, 1, *shape_hw), generator=generator).to(self.device)
+        if image is None:
+            x = noise * sampler.init_noise_sigma
+        else:  # MuseV's redraw noises the image to the first timestep: its `strength` is inert
+            x = sampler.add_noise(self.encode_images([image])[:, :, None], noise, 0)
+        no_condition = torch.zeros((1, 4, 0, *shape_hw), device=self.device)
+        return parallel_denoise(
+            self._unet, x, no_condition, cond, sampler, [[0]], [config.first_frame_guidance] * steps,
+            generator=generator, temporal=False,
+            callback=lambda i, _: report(Progress("first_frame", 0, config.n_batch, i + 1, steps, 1)),
+        )
+
+    def denoise_shots(self, condition: torch.Tensor, cond: Conditioning, config: GenerationConfig, generator,
+                      latents, report, drawn: bool) -> torch.Tensor:
+        """Every shot's latents after the condition latent, (1, 4, F, h, w). Each shot starts from
+        VideoFusion noise and is denoised in parallel windows around its condition latent: the image's
+        for the first shot, the last latent of the shot before for the others."""
+        g = config
+        shape_hw = tuple(condition.shape[-2:])
+        shots = [condition]
+        for shot in range(g.n_batch):
+            frames = g.num_frames - 1 if shot == 0 and drawn else g.num_frames
+            sampler = make_sampler(g.sampler, self.scheduler, g.steps, noise_type="video_fusion")
+            if shot == 0 and latents is not None:
+                if tuple(latents.shape) != (1, 4, frames, *shape_hw):
+                    raise ConfigError(f"latents have shape {tuple(latents.shape)}; this call needs "
+                                      f"{(1, 4, frames, *shape_hw)} (batch, channels, new frames, height/8, width/8)")
+                x = latents.to(self.device, torch.float32) * sampler.init_noise_sigma
+            else:
+                x = initial_latents((1, 4, frames, *shape_hw), generator, sampler.init_noise_sigma, g.w_ind_noise,
+                                    condition, g.img_weight).to(self.device)
+            windows = context_windows(g.context_schedule, frames, g.context_frames, g.context_overlap)
+            guidance = guidance_scales(g.guidance_scale, g.steps, g.guidance_scale_end, g.guidance_method)
+            calls = len(window_groups(windows, g.window_batch))
+            x = parallel_denoise(
+                self._unet, x, condition, cond, sampler, windows, guidance, g.window_batch, generator,
+                callback=lambda i, _: report(Progress("video", shot, g.n_batch, i + 1, g.steps, calls)),
+            )
+            shots.append(x)
+            condition = x[:, :, -1:]  # the next shot continues from this shot's last frame
+        return torch.cat(shots, dim=2)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk_size: int = 8, progress=None) -> np.ndarray:
@@ -195,161 +403,3 @@ class MuseVPipeline:
             if progress:
                 progress(start + len(chunk), len(frames))
         return out
-
-    def _unet(self, sample, t, text, condition_frames, **kwargs):
-        return self.unet(sample, t, text, condition_frames=condition_frames, **kwargs).float()
-
-    @torch.no_grad()
-    def image_conditioning(self, refer_image, ip_image, text, ip_adapter_scale: float) -> dict:
-        """IP-Adapter tokens [proj(0); proj(clip(image))] and ReferenceNet features, batch [uncond; cond]."""
-        kwargs = {}
-        if self.image_proj is not None and ip_image is not None and ip_adapter_scale > 0:
-            pixels = clip_image_preprocess([ip_image]).to(self.device, self.image_encoder.dtype)
-            embeds = self.image_encoder(pixels)
-            embeds = torch.cat([torch.zeros_like(embeds), embeds])  # the uncond tokens are proj(0), not 0
-            kwargs["ip_tokens"] = self.image_proj(embeds.to(self.image_proj.proj.weight.dtype))
-            kwargs["ip_scale"] = ip_adapter_scale
-        if self.referencenet is not None and refer_image is not None:
-            latent = self.encode_images([refer_image]).repeat(2, 1, 1, 1)  # same latent for both halves
-            context = kwargs.get("ip_tokens", text)  # IP tokens when there is an IP-Adapter, else the text
-            kwargs["refer"] = self.referencenet(latent, torch.zeros(()), context)
-        return kwargs
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str = "",
-        image=None,
-        *,
-        negative_prompt: str = "V2",
-        refer_image=None,
-        ip_adapter_image=None,
-        height: int | None = None,
-        width: int | None = None,
-        num_frames: int = 12,
-        n_batch: int = 1,
-        steps: int = 10,
-        guidance_scale: float = 3.5,
-        guidance_scale_end: float | None = None,
-        guidance_method: str = "linear",
-        first_frame_steps: int = 30,
-        first_frame_guidance: float = 7.5,
-        redraw_condition_image: bool = False,
-        context_frames: int = 12,
-        context_overlap: int = 4,
-        context_schedule: str = "uniform_v2",
-        window_batch: int = 1,
-        motion_speed: float = 8.0,
-        w_ind_noise: float = 0.5,
-        img_weight: float = 1e-3,
-        ip_adapter_scale: float = 1.0,
-        sampler: str = "euler",
-        size_multiple: int = 8,
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
-        latents: torch.Tensor | None = None,
-        callback: Callable[[Progress], None] | None = None,
-        output_type: str = "uint8",
-    ) -> VideoResult:
-        """Generate `n_batch` shots of `num_frames` new frames after the condition image (MuseV's
-        defaults). Without `image` the first frame is drawn from the prompt, and the first shot adds
-        `num_frames - 1`. `latents` (1,4,F,h,w): the first shot's starting noise instead of a draw."""
-        self._check(num_frames, n_batch, steps, guidance_scale, first_frame_guidance, size_multiple, output_type, image)
-        if generator is None:
-            seed = random.randrange(10**8) if seed is None else seed
-            generator = torch.Generator("cpu").manual_seed(seed)
-        report = callback or (lambda progress: None)
-
-        image = as_pil(image) if image is not None else None
-        height, width = self._size(image, height, width, size_multiple)
-        fit = lambda im: fit_image(as_pil(im), height, width)  # noqa: E731
-        image = fit(image) if image is not None else None
-        refer_image = fit(refer_image) if refer_image is not None else image
-        ip_adapter_image = fit(ip_adapter_image) if ip_adapter_image is not None else image
-        text = encode_prompt_pair(self.tokenizer, self.text_encoder, prompt, negative_prompt).to(self.device)
-        shape_hw = (height // 8, width // 8)
-
-        drawn = image is None  # text -> first frame -> video
-        if drawn or redraw_condition_image:
-            conditioning = self.image_conditioning(refer_image, ip_adapter_image, text, ip_adapter_scale)
-            condition = self._first_frame(image, text, conditioning, shape_hw, first_frame_steps,
-                                          first_frame_guidance, sampler, generator, report, n_batch)
-            frame0 = Image.fromarray(self.decode(condition)[0])
-            # the drawn frame stands in for missing reference images; a redraw replaces them (§2.4, §7.1)
-            refer_image = frame0 if redraw_condition_image or refer_image is None else refer_image
-            ip_adapter_image = frame0 if redraw_condition_image or ip_adapter_image is None else ip_adapter_image
-        else:
-            condition = self.encode_images([image])[:, :, None]  # 1 4 1 h w
-        conditioning = self.image_conditioning(refer_image, ip_adapter_image, text, ip_adapter_scale)
-        video_unet_kwargs = dict(conditioning, motion_speed=motion_speed)
-
-        shots = [condition]
-        for shot in range(n_batch):
-            frames = num_frames - 1 if shot == 0 and drawn else num_frames
-            schedule = make_sampler(sampler, self.scheduler, steps)
-            if shot == 0 and latents is not None:
-                if tuple(latents.shape) != (1, 4, frames, *shape_hw):
-                    raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs "
-                                     f"{(1, 4, frames, *shape_hw)} (batch, channels, new frames, height/8, width/8)")
-                x = latents.to(self.device, torch.float32) * schedule.init_noise_sigma
-            else:
-                x = initial_latents((1, 4, frames, *shape_hw), generator, schedule.init_noise_sigma, w_ind_noise,
-                                    condition, img_weight).to(self.device)
-            windows = context_windows(context_schedule, x.shape[2], context_frames, context_overlap)
-            guidance = guidance_scales(guidance_scale, steps, guidance_scale_end, guidance_method)
-            n_calls = -(-len(windows) // window_batch)
-            x = parallel_denoise(
-                self._unet, x, condition, text, schedule, windows, guidance, window_batch, video_unet_kwargs,
-                callback=lambda i, _: report(Progress("video", shot, n_batch, i + 1, steps, n_calls)),
-                unused_noise=(lambda shape: video_fusion_noise(shape, generator)) if sampler == "euler" else None,
-            )
-            shots.append(x)
-            condition = x[:, :, -1:]  # the next shot continues from this shot's last frame (§3.6)
-        video_latents = torch.cat(shots, dim=2)
-        frames = self.decode(video_latents, progress=lambda done, total: report(Progress("decode", 0, 1, done, total, 0)))
-        if output_type == "pil":
-            frames = [Image.fromarray(f) for f in frames]
-        return VideoResult(frames, video_latents, seed)
-
-    def _first_frame(self, image, text, conditioning, shape_hw, steps, guidance, sampler, generator, report, n_batch):
-        """Draw (no image) or redraw (img2img from `image`) one frame with the temporal layers off."""
-        schedule = make_sampler(sampler, self.scheduler, steps)
-        noise = torch.randn((1, 4, 1, *shape_hw), generator=generator).to(self.device)
-        if image is None:
-            x = noise * schedule.init_noise_sigma
-        else:  # MuseV's redraw noises the image to the first timestep; its `strength` is inert (§2.4)
-            x = schedule.add_noise(self.encode_images([image])[:, :, None], noise, 0)
-        no_condition = torch.zeros((1, 4, 0, *shape_hw), device=self.device)
-        return parallel_denoise(
-            self._unet, x, no_condition, text, schedule, [[0]], [guidance] * steps, 1,
-            dict(conditioning, temporal=False),
-            callback=lambda i, _: report(Progress("first_frame", 0, n_batch, i + 1, steps, 1)),
-            unused_noise=(lambda shape: torch.randn(shape, generator=generator)) if sampler == "euler" else None,
-        )
-
-    @staticmethod
-    def _size(image, height, width, multiple):
-        if image is not None:
-            height, width = height or image.height, width or image.width
-        else:
-            height, width = height or DEFAULT_SIZE[0], width or DEFAULT_SIZE[1]
-        height, width = height // multiple * multiple, width // multiple * multiple  # MuseV floors
-        if height < 8 or width < 8:
-            raise ValueError(f"video size {height}x{width} is too small; give height/width of at least {multiple}")
-        return height, width
-
-    @staticmethod
-    def _check(num_frames, n_batch, steps, guidance_scale, first_frame_guidance, size_multiple, output_type, image):
-        if num_frames < (1 if image is not None else 2):
-            raise ValueError(f"num_frames = {num_frames}: need at least {1 if image is not None else 2} "
-                             "(without an image the first frame is drawn, then num_frames - 1 more)")
-        if n_batch < 1 or steps < 1:
-            raise ValueError(f"n_batch ({n_batch}) and steps ({steps}) must be at least 1")
-        if guidance_scale < 1 or first_frame_guidance < 1:
-            raise ValueError(f"guidance_scale = {guidance_scale}, first_frame_guidance = {first_frame_guidance}: "
-                             "must be >= 1 (parallel denoising uses classifier-free guidance)")
-        if size_multiple < 8 or size_multiple % 8:
-            raise ValueError(f"size_multiple = {size_multiple} must be a multiple of 8")
-        if output_type not in ("uint8", "pil"):
-            raise ValueError(f"output_type = {output_type!r}: use 'uint8' or 'pil'")
-

@@ -20,8 +20,9 @@ import torch
 
 from . import __version__
 from .config import ConfigError, RunConfig, load_config
-from .pipeline import MuseVPipeline, Progress, missing_weights
+from .pipeline import MuseVPipeline, Progress
 from .video_io import contact_sheet, read_image, write_animation, write_image, write_json, write_mp4, write_png_frames
+from .weights import missing_weights
 
 DEMO_NOTE = ("note: preset 'tiny' runs seeded random weights: a pipeline demo, not a trained model, so its frames "
              "are noise. Set preset = \"musev_referencenet\" and a converted weights_dir for real videos.")
@@ -121,13 +122,11 @@ def run(config_path: str, overrides: list[str]) -> list[Path]:
     seed = g.seed if g.seed is not None else random.randrange(10**8)
     drawn = "image" not in images
     total = g.n_batch * g.steps + (g.first_frame_steps if drawn or g.redraw_condition_image else 0)
-    kwargs = {k: v for k, v in vars(g).items() if k != "seed"}
-    height, width = kwargs.pop("height") or None, kwargs.pop("width") or None
     started = time.monotonic()
     result = pipe(
-        i.prompt, images.get("image"), negative_prompt=i.negative_prompt, refer_image=images.get("refer_image"),
-        ip_adapter_image=images.get("ip_adapter_image"), height=height, width=width, seed=seed,
-        callback=ProgressPrinter(total), **kwargs,
+        i.prompt, images.get("image"), g.replace(seed=seed), negative_prompt=i.negative_prompt,
+        refer_image=images.get("refer_image"), ip_adapter_image=images.get("ip_adapter_image"),
+        callback=ProgressPrinter(total),
     )
     stem = config.output.name or f"{Path(config_path).stem}-{seed}"
     sidecar = {

@@ -23,20 +23,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .denoise import video_fusion_noise
+from .settings import SAMPLERS
 from .weights import config_from_dict
 
 BETA_SCHEDULES = ("linear", "scaled_linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SPACINGS = ("linspace", "leading", "trailing")
-SAMPLERS = ("euler", "ddim")
+NOISE_TYPES = ("random", "video_fusion")  # MuseV's names for plain and VideoFusion noise
 
-# Settings of diffusers' schedulers that this module does not implement, with the value that turns
-# them off. A config that turns one on is refused instead of being sampled differently in silence.
 # SD1.5's scheduler/scheduler_config.json (PNDM; no timestep_spacing key, so Euler spaces linearly, as
 # in MuseV): the schedule of a base model that ships none (a single-file checkpoint, the demo)
 SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
                   "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
                   "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}
+# Settings of diffusers' schedulers that this module does not implement, with the value that turns
+# them off. A config that turns one on is refused instead of being sampled differently in silence.
 UNSUPPORTED = {
     "trained_betas": None,
     "rescale_betas_zero_snr": False,
@@ -165,13 +167,16 @@ def spaced_timesteps(config: SchedulerConfig, num_steps: int, spacing: str) -> n
 class EulerSampler:
     """Deterministic Euler over sigmas (diffusers' EulerDiscreteScheduler with s_churn = 0).
 
-    MuseV's own Euler subclass also draws a noise tensor from the pipeline's generator at every step
-    and never uses it (gamma = 0, pipeline.md §4.1). That only advances the generator, so it is left
-    out here: the latents are the same, the generator's state afterwards is not.
+    MuseV's own Euler subclass also draws a noise tensor from the pipeline's generator at every step,
+    of its `noise_type` (VideoFusion for videos, plain for a single frame), and with s_churn = 0 never
+    uses it. `step(..., generator)` draws and drops the same tensor: the latents do not depend on it,
+    but a seeded generator then continues exactly as in the original (the next shot's noise).
     """
 
-    def __init__(self, config: SchedulerConfig, num_steps: int):
-        self.config = config
+    def __init__(self, config: SchedulerConfig, num_steps: int, noise_type: str = "random"):
+        if noise_type not in NOISE_TYPES:
+            raise ValueError(f"noise_type {noise_type!r} is unknown; use one of {NOISE_TYPES}")
+        self.config, self.noise_type = config, noise_type
         spacing = config.timestep_spacing or "linspace"
         timesteps = spaced_timesteps(config, num_steps, spacing).astype(np.float32)
         alphas_cumprod = config.alphas_cumprod()
@@ -193,6 +198,11 @@ class EulerSampler:
         else:  # v_prediction
             x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
         derivative = (x - x0) / sigma
+        if generator is not None:  # MuseV's unused draw (see the class docstring)
+            if self.noise_type == "video_fusion":
+                video_fusion_noise(x.shape, generator)
+            else:
+                torch.randn(x.shape, generator=generator)
         return (x + derivative * (sigma_next - sigma)).to(model_output.dtype)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
@@ -250,12 +260,13 @@ class DDIMSampler:
         return a**0.5 * x0 + (1 - a) ** 0.5 * noise
 
 
-def make_sampler(name: str, config: SchedulerConfig, num_steps: int, eta: float = 0.0):
-    """"euler" (MuseV's default; eta must stay 0) or "ddim"."""
+def make_sampler(name: str, config: SchedulerConfig, num_steps: int, eta: float = 0.0, noise_type: str = "random"):
+    """"euler" (MuseV's default; eta must stay 0) or "ddim". `noise_type`: what MuseV's Euler draws (and
+    drops) at every step, "video_fusion" for videos."""
     if name == "euler":
         if eta != 0:
             raise ValueError(f"eta={eta!r} only applies to the 'ddim' sampler; Euler here is deterministic (eta 0)")
-        return EulerSampler(config, num_steps)
+        return EulerSampler(config, num_steps, noise_type)
     if name == "ddim":
         return DDIMSampler(config, num_steps, eta)
     raise ValueError(f"sampler {name!r} is unknown; use one of {SAMPLERS}")

@@ -18,7 +18,6 @@ position embedding (disabled in every release, §6.5), need_zero_vis_cond_temb (
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -26,11 +25,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .weights import WeightsError
-
-SD15_DOWN = ("CrossAttnDownBlock", "CrossAttnDownBlock", "CrossAttnDownBlock", "DownBlock")
-SD15_UP = ("UpBlock", "CrossAttnUpBlock", "CrossAttnUpBlock", "CrossAttnUpBlock")
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -81,46 +75,53 @@ class UNet3DConfig:
             raise ValueError(f"UNet preset {name!r} is unknown; use one of {sorted(presets)}")
         return cls(**presets[name])
 
-    @classmethod
-    def from_diffusers(cls, config: dict, preset: str) -> UNet3DConfig:
-        """Sizes from a published unet/config.json, MuseV's switches from the model name (§1)."""
-        check_sd15_layout(config)
-        heads = config.get("attention_head_dim", 8)
-        if not isinstance(heads, int):
-            if len(set(heads)) != 1:
-                raise WeightsError(f"unet config.json: attention_head_dim {heads} differs per level; expected one value")
-            heads = heads[0]
-        sizes = dict(
-            in_channels=config.get("in_channels", 4),
-            out_channels=config.get("out_channels", 4),
-            block_out_channels=tuple(config.get("block_out_channels", (320, 640, 1280, 1280))),
-            layers_per_block=config.get("layers_per_block", 2),
-            heads=heads,
-            norm_num_groups=config.get("norm_num_groups", 32),
-            norm_eps=config.get("norm_eps", 1e-5),
-            cross_attention_dim=config.get("cross_attention_dim", 768),
-        )
-        switches = {f.name: getattr(cls.preset(preset), f.name) for f in dataclasses.fields(cls) if f.name not in sizes}
-        switches.update({k: v for k, v in config.items() if k in {"temporal_conv_groups", "transformer_in_groups"}})
-        return cls(**sizes, **switches)
-
-
-def check_sd15_layout(config: dict) -> None:
-    """The block types of a diffusers UNet config.json (2D or 3D names) must be SD1.5's."""
-    down = tuple(name.replace("2D", "").replace("3D", "") for name in config.get("down_block_types", SD15_DOWN))
-    up = tuple(name.replace("2D", "").replace("3D", "") for name in config.get("up_block_types", SD15_UP))
-    if down != SD15_DOWN or up != SD15_UP:
-        raise WeightsError(
-            f"unet config.json: down/up block types {down} / {up} are not the SD1.5 layout {SD15_DOWN} / {SD15_UP}; "
-            "only SD1.5-style UNets are supported"
-        )
-
 
 class ReferenceFeatures(NamedTuple):
     """ReferenceNet outputs the UNet fuses: 12 down-path maps (B,C,h',w') and the mid-block map."""
 
     down: list[torch.Tensor]
     mid: torch.Tensor
+
+
+class ControlResiduals(NamedTuple):
+    """ControlNet outputs added to the UNet, per frame ((B T), C, h', w'): one map per skip connection
+    (conv_in, every down layer and downsampler: 12 for SD1.5) and one for the mid block."""
+
+    down: list[torch.Tensor]
+    mid: torch.Tensor
+
+
+@dataclass
+class Conditioning:
+    """Everything besides the noisy frames that steers a UNet call.
+
+    Tensors have one row per sample, batched [uncond; cond] by the pipeline (the negative prompt's
+    text, IP tokens of a zero image embedding, the same ReferenceNet features on both halves).
+    """
+
+    text: torch.Tensor  # (B, L, D) prompt tokens
+    motion_speed: float  # frame positions are multiplied by it (anivv1 models: the referencenet ones)
+    ip_tokens: torch.Tensor | None = None  # (B, n, D) IP-Adapter image tokens, None: no IP-Adapter
+    ip_scale: float = 1.0  # weight of the IP-Adapter attention next to the text attention
+    refer: ReferenceFeatures | None = None  # ReferenceNet maps, (B, C, h', w') each
+    control: ControlResiduals | None = None  # ControlNet residuals of this call's frames
+
+    def repeat(self, k: int) -> Conditioning:
+        """The conditioning of `k` windows stacked in one call: all uncond copies, then all cond copies
+        (window-major inside each half), the layout the denoising loop stacks its windows in."""
+        if k == 1:
+            return self
+
+        def rows(x: torch.Tensor) -> torch.Tensor:  # (2 b) ... -> (2 k b) ...
+            uncond, cond = x.chunk(2)
+            reps = (k,) + (1,) * (x.dim() - 1)
+            return torch.cat([uncond.repeat(reps), cond.repeat(reps)])
+
+        refer = None if self.refer is None else ReferenceFeatures([rows(m) for m in self.refer.down], rows(self.refer.mid))
+        if self.control is not None:
+            raise ValueError("ControlNet residuals are per window: set them after repeating the conditioning")
+        return Conditioning(rows(self.text), self.motion_speed, None if self.ip_tokens is None else rows(self.ip_tokens),
+                            self.ip_scale, refer)
 
 
 @dataclass
@@ -216,9 +217,8 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
-        if ip:
-            self.to_k_ip = nn.Linear(context_dim, dim, bias=False)
-            self.to_v_ip = nn.Linear(context_dim, dim, bias=False)
+        self.to_k_ip = nn.Linear(context_dim, dim, bias=False) if ip else None
+        self.to_v_ip = nn.Linear(context_dim, dim, bias=False) if ip else None
 
     def forward(self, x, context=None):
         context = x if context is None else context
@@ -256,7 +256,7 @@ class CrossAttention(Attention):
         k = self.to_k(ctx.text).repeat_interleave(t, 0)
         v = self.to_v(ctx.text).repeat_interleave(t, 0)
         out = attention(q, k, v, self.heads)
-        if hasattr(self, "to_k_ip") and ctx.ip_tokens is not None and ctx.ip_scale > 0:
+        if self.to_k_ip is not None and ctx.ip_tokens is not None:
             k_ip = self.to_k_ip(ctx.ip_tokens).repeat_interleave(t, 0)
             v_ip = self.to_v_ip(ctx.ip_tokens).repeat_interleave(t, 0)
             out = out + ctx.ip_scale * attention(q, k_ip, v_ip, self.heads)
@@ -424,36 +424,32 @@ class DownBlock(nn.Module):
             ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, temb_ch, cfg.norm_num_groups, cfg.norm_eps, skip_time_act)
             for j in range(n)
         )
-        if temporal:
-            self.temp_convs = nn.ModuleList(TemporalConvLayer(out_ch, cfg.temporal_conv_groups) for _ in range(n))
-        if attention:
-            self.attentions = nn.ModuleList(Transformer2DModel(out_ch, cfg, ip) for _ in range(n))
-            if temporal:
-                self.temp_attentions = nn.ModuleList(
-                    TransformerTemporalModel(out_ch, cfg, cfg.norm_num_groups) for _ in range(n)
-                )
-        if downsample:
-            self.downsamplers = nn.ModuleList([Downsample2D(out_ch)])
-        if refer:
-            self.refer_emb_attns = nn.ModuleList(ReferEmbFuseAttention(out_ch, cfg.heads) for _ in range(n + downsample))
+        self.temp_convs = (nn.ModuleList(TemporalConvLayer(out_ch, cfg.temporal_conv_groups) for _ in range(n))
+                           if temporal else None)
+        self.attentions = nn.ModuleList(Transformer2DModel(out_ch, cfg, ip) for _ in range(n)) if attention else None
+        self.temp_attentions = (nn.ModuleList(TransformerTemporalModel(out_ch, cfg, cfg.norm_num_groups) for _ in range(n))
+                                if attention and temporal else None)
+        self.downsamplers = nn.ModuleList([Downsample2D(out_ch)]) if downsample else None
+        self.refer_emb_attns = (nn.ModuleList(ReferEmbFuseAttention(out_ch, cfg.heads) for _ in range(n + downsample))
+                                if refer else None)
 
     def forward(self, x, temb, ctx: FrameContext, refer_features=None):
         """Returns the output and the skip tensors (one per layer, one after the downsampler)."""
         temporal = ctx.frame_emb is not None
-        fuse = refer_features is not None and hasattr(self, "refer_emb_attns")
+        fuse = refer_features is not None and self.refer_emb_attns is not None
         skips = []
         for j, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
-            if temporal and hasattr(self, "temp_convs"):
+            if temporal and self.temp_convs is not None:
                 x = self.temp_convs[j](x, ctx)
-            if hasattr(self, "attentions"):
+            if self.attentions is not None:
                 x = self.attentions[j](x, ctx)
-                if temporal and hasattr(self, "temp_attentions"):
+                if temporal and self.temp_attentions is not None:
                     x = self.temp_attentions[j](x, ctx)
             if fuse:
                 x = self.refer_emb_attns[j](x, refer_features[j], ctx.num_frames)
             skips.append(x)
-        if hasattr(self, "downsamplers"):
+        if self.downsamplers is not None:
             x = self.downsamplers[0](x)
             if fuse:
                 x = self.refer_emb_attns[-1](x, refer_features[-1], ctx.num_frames)
@@ -471,12 +467,12 @@ class MidBlock(nn.Module):
             ResnetBlock2D(ch, ch, temb_ch, cfg.norm_num_groups, cfg.norm_eps, skip_time_act) for _ in range(2)
         )
         self.attentions = nn.ModuleList([Transformer2DModel(ch, cfg, ip)])
-        if temporal:
-            self.temp_convs = nn.ModuleList(TemporalConvLayer(ch, cfg.temporal_conv_groups) for _ in range(2))
-            self.temp_attentions = nn.ModuleList([TransformerTemporalModel(ch, cfg, cfg.norm_num_groups)])
+        self.temp_convs = (nn.ModuleList(TemporalConvLayer(ch, cfg.temporal_conv_groups) for _ in range(2))
+                           if temporal else None)
+        self.temp_attentions = nn.ModuleList([TransformerTemporalModel(ch, cfg, cfg.norm_num_groups)]) if temporal else None
 
     def forward(self, x, temb, ctx: FrameContext):
-        temporal = ctx.frame_emb is not None and hasattr(self, "temp_convs")
+        temporal = ctx.frame_emb is not None and self.temp_convs is not None
         x = self.resnets[0](x, temb)
         if temporal:
             x = self.temp_convs[0](x, ctx)
@@ -493,23 +489,21 @@ class UpBlock(nn.Module):
     """One resolution of the up path: per layer, concat a skip, ResNet, temporal conv,
     [spatial + temporal transformer]; then an upsampler, except at full resolution."""
 
-    def __init__(self, in_ch, out_ch, skip_chs, cfg: UNet3DConfig, attention: bool, upsample: bool, ip: bool):
+    def __init__(self, in_ch, out_ch, skip_chs, cfg: UNet3DConfig, attention: bool, upsample: bool, ip: bool,
+                 skip_time_act: bool):
         super().__init__()
         temb_ch = 4 * cfg.block_out_channels[0]
         n = len(skip_chs)
         self.resnets = nn.ModuleList(
             ResnetBlock2D((in_ch if j == 0 else out_ch) + skip_chs[j], out_ch, temb_ch, cfg.norm_num_groups,
-                          cfg.norm_eps, cfg.skip_time_act)
+                          cfg.norm_eps, skip_time_act)
             for j in range(n)
         )
         self.temp_convs = nn.ModuleList(TemporalConvLayer(out_ch, cfg.temporal_conv_groups) for _ in range(n))
-        if attention:
-            self.attentions = nn.ModuleList(Transformer2DModel(out_ch, cfg, ip) for _ in range(n))
-            self.temp_attentions = nn.ModuleList(
-                TransformerTemporalModel(out_ch, cfg, cfg.norm_num_groups) for _ in range(n)
-            )
-        if upsample:
-            self.upsamplers = nn.ModuleList([Upsample2D(out_ch)])
+        self.attentions = nn.ModuleList(Transformer2DModel(out_ch, cfg, ip) for _ in range(n)) if attention else None
+        self.temp_attentions = (nn.ModuleList(TransformerTemporalModel(out_ch, cfg, cfg.norm_num_groups) for _ in range(n))
+                                if attention else None)
+        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
 
     def forward(self, x, temb, ctx: FrameContext, skips: list):
         """Consumes its skip tensors from the end of `skips`; upsamples to the size of the next one."""
@@ -518,11 +512,11 @@ class UpBlock(nn.Module):
             x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
             if temporal:
                 x = self.temp_convs[j](x, ctx)
-            if hasattr(self, "attentions"):
+            if self.attentions is not None:
                 x = self.attentions[j](x, ctx)
                 if temporal:
                     x = self.temp_attentions[j](x, ctx)
-        if hasattr(self, "upsamplers"):
+        if self.upsamplers is not None:
             x = self.upsamplers[0](x, skips[-1].shape[-2:])
         return x
 
@@ -541,11 +535,10 @@ class UNet3D(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chs[0], temb_ch)
         self.frame_embedding = TimestepEmbedding(chs[0], temb_ch)
-        if cfg.transformer_in:
-            self.transformer_in = TransformerTemporalModel(chs[0], cfg, cfg.transformer_in_groups)
-        if cfg.refer_fusion:
-            self.first_refer_emb_attns = ReferEmbFuseAttention(chs[0], cfg.heads)
-            self.mid_block_refer_emb_attns = ReferEmbFuseAttention(chs[-1], cfg.heads)
+        self.transformer_in = (TransformerTemporalModel(chs[0], cfg, cfg.transformer_in_groups)
+                               if cfg.transformer_in else None)
+        self.first_refer_emb_attns = ReferEmbFuseAttention(chs[0], cfg.heads) if cfg.refer_fusion else None
+        self.mid_block_refer_emb_attns = ReferEmbFuseAttention(chs[-1], cfg.heads) if cfg.refer_fusion else None
         self.down_blocks = nn.ModuleList(
             DownBlock(chs[max(i - 1, 0)], chs[i], cfg, attention=i < levels - 1, downsample=i < levels - 1,
                       temporal=True, refer=cfg.refer_fusion, ip=cfg.ip_cross_attention, skip_time_act=cfg.skip_time_act)
@@ -561,28 +554,17 @@ class UNet3D(nn.Module):
             mine, skip_chs = skip_chs[-n:][::-1], skip_chs[:-n]
             up_blocks.append(
                 UpBlock(chs[min(level + 1, levels - 1)], chs[level], mine, cfg, attention=level < levels - 1,
-                        upsample=level > 0, ip=cfg.ip_cross_attention)
+                        upsample=level > 0, ip=cfg.ip_cross_attention, skip_time_act=cfg.skip_time_act)
             )
         self.up_blocks = nn.ModuleList(up_blocks)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chs[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
 
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float,
-        text: torch.Tensor,
-        *,
-        condition_frames: int = 1,
-        motion_speed: float = 8.0,
-        ip_tokens: torch.Tensor | None = None,
-        ip_scale: float = 1.0,
-        refer: ReferenceFeatures | None = None,
-        temporal: bool = True,
-    ) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, cond: Conditioning, *,
+                condition_frames: int = 1, temporal: bool = True) -> torch.Tensor:
         """Noise prediction for `sample` (B,4,T,h,w), whose first `condition_frames` frames are clean
-        condition latents. `text` (B,L,D), `ip_tokens` (B,n,D) and `refer` have one row per sample."""
-        self._check_inputs(sample, text, condition_frames, ip_tokens, refer)
+        condition latents. `temporal=False` skips every temporal layer (SD1.5 2D mode)."""
+        self._check_inputs(sample, cond, condition_frames)
         cfg = self.config
         b, _, t, h, w = sample.shape
         dtype = self.conv_in.weight.dtype
@@ -602,61 +584,73 @@ class UNet3D(nn.Module):
             # window-local positions 0..T-1, the condition frame at 0 (x motion_speed for anivv1)
             positions = torch.arange(t, device=sample.device)
             if cfg.anivv1:
-                positions = (positions * motion_speed).long()
+                positions = (positions * cond.motion_speed).long()
             frame_emb = self.frame_embedding(sinusoidal_embedding(positions, cfg.block_out_channels[0]).to(dtype))
             if cfg.anivv1:
                 frame_emb = F.silu(frame_emb)
-        ctx = FrameContext(t, condition_frames, text.to(dtype), frame_emb,
-                           None if ip_tokens is None else ip_tokens.to(dtype), ip_scale)
-        fuse = cfg.refer_fusion and refer is not None
+        ip_tokens = None if cond.ip_tokens is None or cond.ip_scale == 0 else cond.ip_tokens.to(dtype)
+        ctx = FrameContext(t, condition_frames, cond.text.to(dtype), frame_emb, ip_tokens, cond.ip_scale)
+        refer = cond.refer
 
         x = self.conv_in(to_frames(sample.to(dtype)))  # (b t) c h w
-        if temporal and cfg.transformer_in:
+        if temporal and self.transformer_in is not None:
             x = self.transformer_in(x, ctx)
-        if fuse:
+        if refer is not None:
             x = self.first_refer_emb_attns(x, refer.down[0], t)
         skips = [x]
         for i, block in enumerate(self.down_blocks):
             features = None
-            if fuse:
+            if refer is not None:
                 # MuseV slices ReferenceNet features as [1 + n*i : 1 + n*i + n], n = layers (+1 with a
                 # downsampler). For the last block that starts at 7, not 10: it reuses the h/4 maps
-                # 7 and 8 instead of the h/8 maps 10, 11. Trained that way, so kept (model.md §7.3).
-                n = len(block.resnets) + hasattr(block, "downsamplers")
+                # 7 and 8 instead of the h/8 maps 10, 11. Trained that way, so kept (docs/method.md).
+                n = len(block.resnets) + (block.downsamplers is not None)
                 features = refer.down[1 + n * i : 1 + n * i + n]
             x, block_skips = block(x, emb, ctx, features)
             skips.extend(block_skips)
         x = self.mid_block(x, emb, ctx)
-        if fuse:
+        if refer is not None:
             x = self.mid_block_refer_emb_attns(x, refer.mid, t)
+        if cond.control is not None:  # ControlNet: residuals on the skip connections and the mid block
+            skips = [skip + residual.to(dtype) for skip, residual in zip(skips, cond.control.down)]
+            x = x + cond.control.mid.to(dtype)
         for block in self.up_blocks:
             x = block(x, emb, ctx, skips)
         x = self.conv_out(F.silu(self.conv_norm_out(x)))
         return to_video(x, t)  # b c t h w
 
-    def _check_inputs(self, sample, text, condition_frames, ip_tokens, refer) -> None:
+    def _check_inputs(self, sample, cond: Conditioning, condition_frames) -> None:
         """Clear errors for inputs that would otherwise fail deep inside, or be silently ignored."""
         cfg = self.config
         if sample.ndim != 5 or sample.shape[1] != cfg.in_channels:
             raise ValueError(f"sample must be (B, {cfg.in_channels}, T, h, w); got shape {tuple(sample.shape)}")
         b, t = sample.shape[0], sample.shape[2]
-        check_context(text, b, cfg.cross_attention_dim, "text")
+        check_context(cond.text, b, cfg.cross_attention_dim, "text")
         if not 0 <= condition_frames <= t:
             raise ValueError(f"condition_frames={condition_frames} must be between 0 and the sample's T={t}")
-        if ip_tokens is not None:
+        if cond.ip_tokens is not None:
             if not cfg.ip_cross_attention:
                 raise ValueError("ip_tokens given, but this UNet has no IP-Adapter attention (ip_cross_attention=False)")
-            check_context(ip_tokens, b, cfg.cross_attention_dim, "ip_tokens")
-        if refer is not None:
+            check_context(cond.ip_tokens, b, cfg.cross_attention_dim, "ip_tokens")
+        levels = len(cfg.block_out_channels)
+        n_down = 1 + levels * cfg.layers_per_block + levels - 1  # conv_in, every layer, every downsampler
+        if cond.refer is not None:
+            refer = cond.refer
             if not cfg.refer_fusion:
                 raise ValueError("refer given, but this UNet has no ReferenceNet fusion (refer_fusion=False)")
-            levels = len(cfg.block_out_channels)
-            n_down = 1 + levels * cfg.layers_per_block + levels - 1  # conv_in, every layer, every downsampler
             maps = [*refer.down, refer.mid]
             if len(refer.down) != n_down or any(m.ndim != 4 or m.shape[0] != b for m in maps):
                 raise ValueError(
                     f"refer must hold {n_down} down maps and a mid map, each (B={b}, C, h, w); got down "
                     f"{[tuple(m.shape) for m in refer.down]}, mid {tuple(refer.mid.shape)}"
+                )
+        if cond.control is not None:
+            control = cond.control
+            maps = [*control.down, control.mid]
+            if len(control.down) != n_down or any(m.ndim != 4 or m.shape[0] != b * t for m in maps):
+                raise ValueError(
+                    f"control must hold {n_down} down residuals and a mid residual, each (B*T={b * t}, C, h, w); "
+                    f"got down {[tuple(m.shape) for m in control.down]}, mid {tuple(control.mid.shape)}"
                 )
 
 

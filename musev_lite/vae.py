@@ -94,26 +94,24 @@ class EncoderLevel(nn.Module):
     def __init__(self, in_ch, out_ch, layers, groups, downsample):
         super().__init__()
         self.resnets = nn.ModuleList(ResnetBlock(in_ch if j == 0 else out_ch, out_ch, groups) for j in range(layers))
-        if downsample:
-            self.downsamplers = nn.ModuleList([Downsample(out_ch)])
+        self.downsamplers = nn.ModuleList([Downsample(out_ch)]) if downsample else None
 
     def forward(self, x):
         for resnet in self.resnets:
             x = resnet(x)
-        return self.downsamplers[0](x) if hasattr(self, "downsamplers") else x
+        return x if self.downsamplers is None else self.downsamplers[0](x)
 
 
 class DecoderLevel(nn.Module):
     def __init__(self, in_ch, out_ch, layers, groups, upsample):
         super().__init__()
         self.resnets = nn.ModuleList(ResnetBlock(in_ch if j == 0 else out_ch, out_ch, groups) for j in range(layers))
-        if upsample:
-            self.upsamplers = nn.ModuleList([Upsample(out_ch)])
+        self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
 
     def forward(self, x):
         for resnet in self.resnets:
             x = resnet(x)
-        return self.upsamplers[0](x) if hasattr(self, "upsamplers") else x
+        return x if self.upsamplers is None else self.upsamplers[0](x)
 
 
 class Encoder(nn.Module):

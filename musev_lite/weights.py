@@ -24,6 +24,14 @@ from safetensors.torch import load_file, save_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
+# A weights folder: one <component>.safetensors + <component>.json per model, the tokenizer, the schedule
+REQUIRED = ("unet", "vae", "text_encoder")
+REFERENCENET_PARTS = ("referencenet", "image_proj", "image_encoder")  # the referencenet models' extra parts
+# textual-inversion files, each word named by its file (MuseV's negative presets name badhandv4,
+# ng_deepnegative_v1_75t, EasyNegativeV2, bad_prompt_version2-neg)
+EMBEDDINGS = "embeddings"
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+
 
 class WeightsError(ValueError):
     """A checkpoint file is missing, unreadable, unsafe, or does not fit the model."""
@@ -129,6 +137,16 @@ def atomic_path(path: Path, is_dir: bool = False) -> Iterator[Path]:
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def missing_weights(weights_dir: str | os.PathLike) -> list[str]:
+    """Files `MuseVPipeline.from_pretrained` needs that are not in `weights_dir`."""
+    weights_dir = Path(weights_dir)
+    names = [f"{c}.{ext}" for c in REQUIRED for ext in ("safetensors", "json")]
+    names += ["tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler.json"]
+    if (weights_dir / "referencenet.json").is_file():
+        names += [f"{c}.{ext}" for c in REFERENCENET_PARTS for ext in ("safetensors", "json")]
+    return [n for n in names if not (weights_dir / n).is_file()]
 
 
 def config_from_dict(config_cls, config: dict):

@@ -47,11 +47,12 @@ def original_fixture_models(shared_dir: Path, variant: str):
     import json
 
     from musev_lite.referencenet import ReferenceNet
-    from musev_lite.unet import UNet3D, UNet3DConfig
+    from musev_lite.convert.musev import unet_config_from_diffusers
+    from musev_lite.unet import UNet3D
     from musev_lite.weights import load_weights, read_state_dict
 
     root = shared_dir / "reference/fixtures" / variant
-    config = UNet3DConfig.from_diffusers(json.loads((root / "unet/config.json").read_text()), variant)
+    config = unet_config_from_diffusers(json.loads((root / "unet/config.json").read_text()), variant)
     unet = UNet3D(config).eval()
     weights = root / "unet/diffusion_pytorch_model.safetensors"
     load_weights(unet, {k: v.float() for k, v in read_state_dict(weights).items()}, str(weights))

@@ -98,12 +98,12 @@ def test_converted_unet_reproduces_the_original(converted, shared):
     pipe = MuseVPipeline.from_pretrained(converted)
     tensors = load_file(shared / "reference/fixtures/musev_referencenet/t20_linspace.safetensors")
     down = [tensors[f"refnet.down_block_refer_embs.{i}"].squeeze(2) for i in range(12)]
-    from musev_lite.unet import ReferenceFeatures
+    from musev_lite.unet import Conditioning, ReferenceFeatures
 
     with torch.no_grad():
-        out = pipe.unet(tensors["unet.step0.win0.sample"].float(), tensors["unet.step0.win0.timestep"],
-                        tensors["text.prompt_embeds"], ip_tokens=tensors["ip.image_emb"],
-                        refer=ReferenceFeatures(down, tensors["refnet.mid_block_refer_emb"].squeeze(2)))
+        cond = Conditioning(tensors["text.prompt_embeds"], motion_speed=8.0, ip_tokens=tensors["ip.image_emb"],
+                            refer=ReferenceFeatures(down, tensors["refnet.mid_block_refer_emb"].squeeze(2)))
+        out = pipe.unet(tensors["unet.step0.win0.sample"].float(), tensors["unet.step0.win0.timestep"], cond)
         features = pipe.referencenet(tensors["refnet.refer_image_vae_emb"], 0.0, tensors["ip.image_emb"])
     assert max_abs_error(out, tensors["unet.step0.win0.out"], "converted UNet vs original") <= 1e-4
     assert max_abs_error(features.mid, tensors["refnet.mid_block_refer_emb"].squeeze(2), "converted ReferenceNet") <= 1e-4

@@ -12,11 +12,10 @@ from musev_lite.denoise import (
     guidance_scales,
     initial_latents,
     parallel_denoise,
-    repeat_per_window,
-    video_fusion_noise,
     window_groups,
 )
 from musev_lite.samplers import EulerSampler, SchedulerConfig
+from musev_lite.unet import Conditioning, ReferenceFeatures
 
 
 def test_windows_equal_the_original(shared):
@@ -65,12 +64,12 @@ def test_generator_continues_as_in_the_original(shared, run):
     generator = torch.Generator("cpu").manual_seed(1000)
     x_t = initial_latents(tensors["latents.x_T"].shape, generator, meta["init_noise_sigma"], 0.5,
                           tensors["cond.condition_latents"], 1e-3)
-    sampler = EulerSampler(SchedulerConfig.from_dict(meta["checkpoint_scheduler_config"]), len(meta["step_timesteps"]))
+    sampler = EulerSampler(SchedulerConfig.from_dict(meta["checkpoint_scheduler_config"]), len(meta["step_timesteps"]),
+                           noise_type="video_fusion")
     windows = context_windows("uniform_v2", x_t.shape[2], 12, 4)
-    text = torch.zeros(2, 77, 8)
-    parallel_denoise(lambda sample, *a, **k: torch.zeros_like(sample), x_t, tensors["cond.condition_latents"], text,
-                     sampler, windows, [3.5] * len(sampler.timesteps),
-                     unused_noise=lambda shape: video_fusion_noise(shape, generator))
+    cond = Conditioning(torch.zeros(2, 77, 8), motion_speed=8.0)
+    parallel_denoise(lambda sample, *a, **k: torch.zeros_like(sample), x_t, tensors["cond.condition_latents"], cond,
+                     sampler, windows, [3.5] * len(sampler.timesteps), generator=generator)
     assert len(meta["rng_draws"]) == 2 + 2 * len(sampler.timesteps)
     assert torch.equal(generator.get_state(), replay.get_state())
 
@@ -93,11 +92,12 @@ def test_window_groups_keep_lengths_apart():
         window_groups(windows, 0)
 
 
-def test_repeat_per_window_layout():
+def test_conditioning_repeat_layout():
     x = torch.tensor([[0.0], [1.0]])  # [uncond; cond]
-    assert repeat_per_window(x, 3).flatten().tolist() == [0, 0, 0, 1, 1, 1]
-    pair = repeat_per_window((x, [x]), 2)
-    assert pair[0].flatten().tolist() == [0, 0, 1, 1] and pair[1][0].flatten().tolist() == [0, 0, 1, 1]
+    assert Conditioning(x, motion_speed=8.0).repeat(3).text.flatten().tolist() == [0, 0, 0, 1, 1, 1]
+    pair = Conditioning(x, motion_speed=8.0, ip_tokens=x, refer=ReferenceFeatures([x], x)).repeat(2)
+    assert pair.ip_tokens.flatten().tolist() == [0, 0, 1, 1] and pair.refer.down[0].flatten().tolist() == [0, 0, 1, 1]
+    assert pair.refer.mid.flatten().tolist() == [0, 0, 1, 1] and pair.motion_speed == 8.0
 
 
 class Recorder:
@@ -108,7 +108,8 @@ class Recorder:
         torch.manual_seed(0)
         self.mix = torch.randn(4, 4)
 
-    def __call__(self, sample, t, text, condition_frames, extra):
+    def __call__(self, sample, t, cond, condition_frames, temporal=True):
+        text, extra = cond.text, cond.ip_tokens.flatten()
         self.calls.append((sample.clone(), text.clone(), extra.clone()))
         b, c, f, h, w = sample.shape
         frames = torch.arange(f, dtype=sample.dtype).view(1, 1, f, 1, 1)
@@ -126,7 +127,7 @@ class HalfSampler:
     def scale_model_input(self, x, i):
         return x / (i + 2.0)
 
-    def step(self, noise, i, x):
+    def step(self, noise, i, x, generator=None):
         return x - 0.3 * noise
 
 
@@ -139,8 +140,8 @@ def run_loop(window_batch):
     unet = Recorder()
     windows = context_windows("uniform_v2", 25, 12, 4)
     out = parallel_denoise(
-        unet, latents, condition, text, HalfSampler(), windows, [3.5, 3.0, 2.5],
-        window_batch=window_batch, unet_kwargs={"extra": extra},
+        unet, latents, condition, Conditioning(text, motion_speed=8.0, ip_tokens=extra.view(2, 1, 1)), HalfSampler(),
+        windows, [3.5, 3.0, 2.5], window_batch=window_batch,
     )
     return out, unet, latents, condition, text
 
@@ -177,12 +178,13 @@ def test_overlap_is_a_flat_average():
         timesteps = torch.tensor([500.0])
 
     windows = context_windows("uniform_v2", 20, 12, 4)  # [0..11], [8..19]
-    out = parallel_denoise(unet, latents, condition, text, OneStep(), windows, [2.0], unet_kwargs={"extra": extra})
+    cond = Conditioning(text, motion_speed=8.0, ip_tokens=extra.view(2, 1, 1))
+    out = parallel_denoise(unet, latents, condition, cond, OneStep(), windows, [2.0])
     preds = []
     for window in windows:
         x = latents[:, :, window] / 2.0
         sample = torch.cat([torch.cat([condition, x], 2)] * 2)
-        preds.append(Recorder()(sample, 0, text, 1, extra)[:, :, 1:])
+        preds.append(Recorder()(sample, 0, cond, 1)[:, :, 1:])
     expected = torch.zeros(2, 4, 20, 2, 3)
     expected[:, :, :8] = preds[0][:, :, :8]
     expected[:, :, 8:12] = (preds[0][:, :, 8:] + preds[1][:, :, :4]) / 2

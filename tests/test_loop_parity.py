@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import SHARED, max_abs_error, original_fixture_models
 from musev_lite.denoise import context_windows, parallel_denoise
 from musev_lite.samplers import EulerSampler, SchedulerConfig
-from musev_lite.unet import ReferenceFeatures
+from musev_lite.unet import Conditioning, ReferenceFeatures
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +36,12 @@ def test_loop_equals_the_original(shared, unets, variant, run, window_batch):
     windows = context_windows("uniform_v2", x_t.shape[2], 12, 4)
     assert windows == meta["windows"]
     sampler = EulerSampler(SchedulerConfig.from_dict(meta["checkpoint_scheduler_config"]), len(meta["step_timesteps"]))
-    extra = {}
+    cond = Conditioning(tensors["text.prompt_embeds"], motion_speed=8.0)
     if variant == "musev_referencenet":
         down = [tensors[f"refnet.down_block_refer_embs.{i}"].squeeze(2) for i in range(12)]
-        extra = dict(ip_tokens=tensors["ip.image_emb"], refer=ReferenceFeatures(down, tensors["refnet.mid_block_refer_emb"].squeeze(2)))
+        cond.ip_tokens = tensors["ip.image_emb"]
+        cond.refer = ReferenceFeatures(down, tensors["refnet.mid_block_refer_emb"].squeeze(2))
     guided = []
-
-    def unet(sample, t, text, condition_frames, **kwargs):
-        return unets[variant](sample, t, text, condition_frames=condition_frames, motion_speed=8.0, **kwargs)
 
     class Recording(EulerSampler):
         def step(self, noise, i, x, generator=None):
@@ -53,9 +51,9 @@ def test_loop_equals_the_original(shared, unets, variant, run, window_batch):
     sampler.__class__ = Recording
     steps = []
     with torch.no_grad():
-        latents = parallel_denoise(unet, x_t, tensors["cond.condition_latents"], tensors["text.prompt_embeds"], sampler,
+        latents = parallel_denoise(unets[variant], x_t, tensors["cond.condition_latents"], cond, sampler,
                                    windows, [3.5] * len(sampler.timesteps), window_batch=window_batch,
-                                   unet_kwargs=extra, callback=lambda i, x: steps.append(x))
+                                   callback=lambda i, x: steps.append(x))
     for i, (noise, x) in enumerate(zip(guided, steps)):
         assert max_abs_error(noise, tensors[f"steps.{i}.noise_pred_guided"], f"{variant}/{run} eps {i}") <= 1e-4
         assert max_abs_error(x, tensors[f"steps.{i}.latents"], f"{variant}/{run} latents {i}") <= 1e-3

@@ -46,9 +46,9 @@ def test_shots_continue_from_the_last_latent(pipe, monkeypatch):
     seen = []
     original = pipe._unet
 
-    def recording(sample, t, text, condition_frames, **kwargs):
+    def recording(sample, t, cond, condition_frames, **kwargs):
         seen.append((sample.shape[2], sample[:1, :, :condition_frames].clone()))
-        return original(sample, t, text, condition_frames, **kwargs)
+        return original(sample, t, cond, condition_frames, **kwargs)
 
     monkeypatch.setattr(pipe, "_unet", recording)
     result = pipe("a face", image=IMAGE, num_frames=3, n_batch=2, seed=2, **FAST)
@@ -61,9 +61,9 @@ def test_first_frame_is_drawn_in_2d_mode(pipe, monkeypatch):
     calls = []
     original = pipe._unet
 
-    def recording(sample, t, text, condition_frames, **kwargs):
+    def recording(sample, t, cond, condition_frames, **kwargs):
         calls.append((sample.shape[2], condition_frames, kwargs.get("temporal", True)))
-        return original(sample, t, text, condition_frames, **kwargs)
+        return original(sample, t, cond, condition_frames, **kwargs)
 
     monkeypatch.setattr(pipe, "_unet", recording)
     pipe("a face", num_frames=3, height=32, width=32, seed=2, **FAST)
@@ -100,7 +100,7 @@ def test_redraw_and_pil_output(pipe):
         (dict(guidance_scale=0.5), "must be >= 1"),
         (dict(steps=0), "steps"),
         (dict(context_overlap=4), "context_overlap"),
-        (dict(sampler="heun"), "sampler 'heun' is unknown"),
+        (dict(sampler="heun"), "sampler = 'heun' is not one of"),
         (dict(output_type="tensor"), "output_type"),
         (dict(height=4), "too small"),
     ],

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, max_abs_error
-from musev_lite.unet import UNet3D, UNet3DConfig
+from musev_lite.convert.musev import unet_config_from_diffusers
+from musev_lite.unet import Conditioning, UNet3D
 from musev_lite.weights import load_weights, read_state_dict
 
 
@@ -15,7 +16,7 @@ def sd_unet():
     """Our UNet3D with the fixture's SD1.5 weights; its temporal layers stay at their init."""
     config = json.loads((FIXTURES / "unet2d/config.json").read_text())
     # diffusers' transformer blocks use LayerNorm eps 1e-5 everywhere: set MuseV's quirk to that
-    cfg = UNet3DConfig.from_diffusers(config, "musev")
+    cfg = unet_config_from_diffusers(config, "musev")
     cfg.transformer_norm_eps = 1e-5
     cfg.temporal_conv_groups = cfg.transformer_in_groups = 4
     unet = UNet3D(cfg).eval()
@@ -34,13 +35,14 @@ def test_2d_mode_equals_diffusers_unet2d():
     io = load_file(FIXTURES / "unet2d/io.safetensors")
     sample = io["sample"][:, :, None]  # b c 1 h w
     with torch.no_grad():
-        out = unet(sample, io["timestep"], io["text"], condition_frames=0, temporal=False)
+        out = unet(sample, io["timestep"], Conditioning(io["text"], motion_speed=8.0), condition_frames=0, temporal=False)
         assert max_abs_error(out[:, :, 0], io["out"], "2D mode vs UNet2DConditionModel") <= 1e-5
         # one frame has nothing to attend to besides itself: a condition frame changes nothing
-        out = unet(sample, io["timestep"], io["text"], condition_frames=1, temporal=False)
+        out = unet(sample, io["timestep"], Conditioning(io["text"], motion_speed=8.0), condition_frames=1, temporal=False)
         assert max_abs_error(out[:, :, 0], io["out"], "2D mode, condition_frames=1") <= 1e-5
         # a scalar timestep serves the whole batch
-        out = unet(sample[:1], io["timestep"][0], io["text"][:1], condition_frames=0, temporal=False)
+        out = unet(sample[:1], io["timestep"][0], Conditioning(io["text"][:1], motion_speed=8.0), condition_frames=0,
+                   temporal=False)
         assert max_abs_error(out[:, :, 0], io["out"][:1], "2D mode, scalar timestep") <= 1e-5
 
 
@@ -54,7 +56,8 @@ def test_2d_mode_skips_every_temporal_layer():
     io = load_file(FIXTURES / "unet2d/io.safetensors")
     sample = io["sample"][:, :, None]
     with torch.no_grad():
-        video = unet(sample, io["timestep"], io["text"], condition_frames=0)
-        image = unet(sample, io["timestep"], io["text"], condition_frames=0, temporal=False)
+        cond = Conditioning(io["text"], motion_speed=8.0)
+        video = unet(sample, io["timestep"], cond, condition_frames=0)
+        image = unet(sample, io["timestep"], cond, condition_frames=0, temporal=False)
     assert (video[:, :, 0] - io["out"]).abs().max() > 1e-2
     assert max_abs_error(image[:, :, 0], io["out"], "2D mode with the temporal gates open") <= 1e-5

@@ -8,7 +8,8 @@ import torch
 
 from conftest import FIXTURES
 from musev_lite.referencenet import ReferenceNet
-from musev_lite.unet import ReferenceFeatures, UNet3D, UNet3DConfig
+from musev_lite.convert.musev import unet_config_from_diffusers
+from musev_lite.unet import Conditioning, ReferenceFeatures, UNet3D, UNet3DConfig
 from musev_lite.weights import WeightsError
 
 
@@ -40,10 +41,12 @@ def test_bad_inputs_are_named():
     for unet, bad, message in cases:
         args = dict(sample=sample, text=text) | bad
         sample_, text_ = args.pop("sample"), args.pop("text")
+        condition_frames = args.pop("condition_frames", 1)
         with pytest.raises(ValueError, match=message):
-            unet(sample_, 10.0, text_, **args)
+            unet(sample_, 10.0, Conditioning(text_, motion_speed=8.0, **args), condition_frames=condition_frames)
     with torch.no_grad():  # and the good call runs
-        assert referencenet_unet(sample, 10.0, text, ip_tokens=ip, refer=maps).shape == sample.shape
+        good = Conditioning(text, motion_speed=8.0, ip_tokens=ip, refer=maps)
+        assert referencenet_unet(sample, 10.0, good).shape == sample.shape
 
 
 def test_referencenet_bad_inputs():
@@ -57,7 +60,7 @@ def test_referencenet_bad_inputs():
 def test_config_from_unsupported_diffusers_config():
     config = json.loads((FIXTURES / "unet2d/config.json").read_text())
     with pytest.raises(WeightsError, match="not the SD1.5 layout"):
-        UNet3DConfig.from_diffusers(dict(config, down_block_types=["DownBlock2D"] * 4), "musev")
+        unet_config_from_diffusers(dict(config, down_block_types=["DownBlock2D"] * 4), "musev")
     with pytest.raises(WeightsError, match=r"attention_head_dim \[2, 4, 2, 2\] differs per level"):
-        UNet3DConfig.from_diffusers(dict(config, attention_head_dim=[2, 4, 2, 2]), "musev")
-    assert UNet3DConfig.from_diffusers(dict(config, attention_head_dim=[2] * 4), "musev").heads == 2
+        unet_config_from_diffusers(dict(config, attention_head_dim=[2, 4, 2, 2]), "musev")
+    assert unet_config_from_diffusers(dict(config, attention_head_dim=[2] * 4), "musev").heads == 2

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import max_abs_error, original_fixture_models
-from musev_lite.unet import ReferenceFeatures, UNet3DConfig
+from musev_lite.convert.musev import unet_config_from_diffusers
+from musev_lite.unet import Conditioning, ReferenceFeatures
 
 RUNS = ["t20_linspace", "t20_leading", "t13_linspace3"]
 TOLERANCE = 1e-4
@@ -50,14 +51,14 @@ def our_arguments(call, tensors):
     # our contract: condition frames first, then the frames being denoised
     assert condition_index.tolist() == list(range(len(condition_index)))
     assert sample_index.tolist() == list(range(len(condition_index), t))
-    ours = dict(condition_frames=len(condition_index), motion_speed=kwargs["sample_frame_rate"],
-                ip_scale=kwargs["ip_adapter_scale"])
+    cond = Conditioning(tensors[kwargs["encoder_hidden_states"]["tensor"]], motion_speed=kwargs["sample_frame_rate"],
+                        ip_scale=kwargs["ip_adapter_scale"])
     if kwargs["vision_clip_emb"] is not None:
-        ours["ip_tokens"] = tensors[kwargs["vision_clip_emb"]["tensor"]]
+        cond.ip_tokens = tensors[kwargs["vision_clip_emb"]["tensor"]]
     if kwargs["down_block_refer_embs"] is not None:
-        ours["refer"] = reference_features(
+        cond.refer = reference_features(
             tensors, kwargs["down_block_refer_embs"]["tensor_list"], kwargs["mid_block_refer_emb"]["tensor"])
-    return tensors[kwargs["encoder_hidden_states"]["tensor"]], ours
+    return cond, len(condition_index)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_fixture_config_and_keys(shared, variant):
     """The fixture UNet was built with the released loader switches, which our preset reproduces; its
     weights have every published key except 4, which do not exist at the tiny size."""
     config = json.loads((shared / "reference/fixtures" / variant / "unet/config.json").read_text())
-    ours = UNet3DConfig.from_diffusers(config, variant)
+    ours = unet_config_from_diffusers(config, variant)
     assert {ours_name: config[name] for ours_name, name in SWITCHES.items()} == {
         ours_name: getattr(ours, ours_name) for ours_name in SWITCHES}
     weights = load_file(shared / "reference/fixtures" / variant / "unet/diffusion_pytorch_model.safetensors")
@@ -96,11 +97,11 @@ def test_unet_window_calls(shared, models, variant, run):
     assert len(recorded) == 2  # both windows of step 0
     unet, _ = models[variant]
     for call in recorded:
-        text, kwargs = our_arguments(call, tensors)
-        assert ("refer" in kwargs) == ("ip_tokens" in kwargs) == (variant == "musev_referencenet")
+        cond, condition_frames = our_arguments(call, tensors)
+        assert (cond.refer is not None) == (cond.ip_tokens is not None) == (variant == "musev_referencenet")
         sample, timestep = tensors[call["tensors"]["sample"]], tensors[call["timestep_tensor"]]
         with torch.no_grad():
-            out = unet(sample, timestep, text, **kwargs)
+            out = unet(sample, timestep, cond, condition_frames=condition_frames)
         what = f"{variant}/{run} step {call['step']} window {call['window']} t={timestep.item()}"
         assert max_abs_error(out, tensors[call["tensors"]["out"]], what) <= TOLERANCE
 

@@ -1,0 +1,149 @@
+"""Generation settings: every knob of a pipeline call, MuseV's defaults written once, and their checks.
+
+`GenerationConfig` is what the `[generation]` section of a run configuration becomes and what
+`MuseVPipeline.__call__` takes; `validate()` is the one place its ranges are checked. The tuples of
+allowed values live here too, so the TOML loader, the pipeline, the sampler and the denoising loop
+name the same choices. This module imports no torch: a config can be read and checked without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+
+PRESETS = ("tiny", "musev", "musev_referencenet", "musev_referencenet_pose")
+DTYPES = ("float32", "bfloat16", "float16")
+FORMATS = ("mp4", "gif", "webp", "png")
+SAMPLERS = ("euler", "ddim")
+CONTEXT_SCHEDULES = ("uniform_v2", "uniform")
+GUIDANCE_METHODS = ("linear", "two_stage", "three_stage", "fix_two_stage")
+OUTPUT_TYPES = ("uint8", "pil")
+
+MAX_GUIDANCE = 100.0  # far above anything useful (MuseV uses 3.5 and 7.5), low enough to stay finite
+MAX_STEPS = 1000  # the training schedule has 1000 timesteps
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, of the wrong type, or out of range."""
+
+
+def suggest(name: str, choices) -> str:
+    """"; did you mean 'x'?" for a near miss, else the list of what is known."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(choices)}"
+
+
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def one_of(where: str, value, choices) -> None:
+    require(value in choices, f"{where} = {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def finite(where: str, value) -> None:
+    require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+            f"{where} = {value!r} must be a finite number")
+
+
+def typed(where: str, value, annotation: str):
+    """`value` checked against a field's annotation ("int", "float | None", "list[str]", ...); ints are
+    accepted for floats (and returned as float), a bare string for a list of strings."""
+    kinds = {"int": int, "float": (int, float), "str": str, "bool": bool}
+    if value is None or (annotation.endswith("| None") and value == "none"):
+        require(annotation.endswith("| None"), f"{where} must be set to a value")
+        return None
+    base = annotation.removesuffix(" | None")
+    if base == "list[str]":
+        value = [value] if isinstance(value, str) else value
+        require(isinstance(value, list) and all(isinstance(v, str) for v in value),
+                f"{where} must be a list of strings, e.g. [\"mp4\", \"gif\"]; got {value!r}")
+        return value
+    if (isinstance(value, bool) and base != "bool") or not isinstance(value, kinds[base]):
+        wanted = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}[base]
+        raise ConfigError(f"{where} must be {wanted}; got {value!r}")
+    return float(value) if base == "float" else value
+
+
+def in_range(where: str, value, low: float, high: float, what: str = "") -> None:
+    """A finite number in [low, high]."""
+    finite(where, value)
+    require(low <= value <= high, f"{where} = {value} must be in [{low:g}, {high:g}]{what}")
+
+
+@dataclass
+class GenerationConfig:
+    height: int = 0  # 0: from the condition image (512 without an image)
+    width: int = 0  # 0: from the condition image (320 without an image)
+    size_multiple: int = 8  # sizes are rounded down to this; 64 reproduces MuseV's scripts
+    num_frames: int = 12  # new frames per shot (MuseV's time_size)
+    n_batch: int = 1  # shots; each continues from the last frame of the one before
+    steps: int = 10
+    guidance_scale: float = 3.5
+    guidance_scale_end: float | None = None  # set to change the guidance over the steps
+    guidance_method: str = "linear"  # one of GUIDANCE_METHODS
+    first_frame_steps: int = 30  # for drawing or redrawing the first frame (2D mode)
+    first_frame_guidance: float = 7.5
+    redraw_condition_image: bool = False
+    context_frames: int = 12  # window length of parallel denoising
+    context_overlap: int = 4
+    context_schedule: str = "uniform_v2"  # one of CONTEXT_SCHEDULES
+    window_batch: int = 1  # windows per UNet call (same result, more memory)
+    motion_speed: float = 8.0  # frame-position scale of the referencenet models
+    w_ind_noise: float = 0.5  # VideoFusion noise: share of per-frame noise
+    img_weight: float = 0.001  # share of the condition latent in the starting noise
+    ip_adapter_scale: float = 1.0
+    sampler: str = "euler"  # one of SAMPLERS
+    seed: int | None = None  # None: a random seed, reported back
+
+    def replace(self, **overrides) -> GenerationConfig:
+        """A copy with some settings changed; an unknown name is a ConfigError with a suggestion."""
+        names = [f.name for f in dataclasses.fields(self)]
+        for name in overrides:
+            require(name in names, f"unknown generation setting {name!r}{suggest(name, names)}")
+        return dataclasses.replace(self, **overrides)
+
+    def validate(self, has_image: bool = True) -> GenerationConfig:
+        """Raise ConfigError naming the first setting of a wrong type or out of range (as `generation.<key>`);
+        return self."""
+        for f in dataclasses.fields(self):
+            typed(f"generation.{f.name}", getattr(self, f.name), f.type)
+        for key in ("height", "width"):
+            value = getattr(self, key)
+            require(value >= 0, f"generation.{key} = {value} must be >= 0 (0 = from the image)")
+            require(value == 0 or value >= 8, f"generation.{key} = {value} is too small; give at least 8 (or 0)")
+            # with size_multiple > 8 an explicit size is floored to it, as MuseV's scripts do
+            require(value % 8 == 0 or self.size_multiple > 8,
+                    f"generation.{key} = {value} is not divisible by 8; use e.g. {value // 8 * 8 or 8}")
+        require(self.size_multiple >= 8 and self.size_multiple % 8 == 0,
+                f"generation.size_multiple = {self.size_multiple} must be a multiple of 8 (8 or 64)")
+        for key in ("num_frames", "n_batch", "steps", "first_frame_steps", "context_frames", "window_batch"):
+            value = getattr(self, key)
+            require(value >= 1, f"generation.{key} = {value} must be at least 1")
+        for key in ("steps", "first_frame_steps"):
+            require(getattr(self, key) <= MAX_STEPS, f"generation.{key} = {getattr(self, key)} must be at most {MAX_STEPS}")
+        require(has_image or self.num_frames >= 2,
+                "generation.num_frames must be at least 2 without an image (the first frame is drawn, then the rest)")
+        require(0 <= self.context_overlap < self.context_frames,
+                f"generation.context_overlap = {self.context_overlap} must be >= 0 and smaller than "
+                f"generation.context_frames = {self.context_frames}")
+        for key in ("guidance_scale", "guidance_scale_end", "first_frame_guidance"):
+            value = getattr(self, key)
+            if value is not None:
+                finite(f"generation.{key}", value)
+                require(value <= MAX_GUIDANCE, f"generation.{key} = {value} must be at most {MAX_GUIDANCE:g}")
+                require(value >= 1, f"generation.{key} = {value} must be >= 1 "
+                        "(MuseV's parallel denoising needs classifier-free guidance)")
+        one_of("generation.guidance_method", self.guidance_method, GUIDANCE_METHODS)
+        one_of("generation.context_schedule", self.context_schedule, CONTEXT_SCHEDULES)
+        one_of("generation.sampler", self.sampler, SAMPLERS)
+        in_range("generation.w_ind_noise", self.w_ind_noise, 0, 1)
+        in_range("generation.img_weight", self.img_weight, 0, 1)
+        in_range("generation.ip_adapter_scale", self.ip_adapter_scale, 0, 10, " (0 turns the IP-Adapter off)")
+        in_range("generation.motion_speed", self.motion_speed, 0, 100)
+        require(self.motion_speed > 0, f"generation.motion_speed = {self.motion_speed} must be > 0")
+        require(self.seed is None or 0 <= self.seed < 2**63, f"generation.seed = {self.seed} must be a non-negative integer")
+        return self
