@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -69,7 +69,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     )
 
 
-def _name_list(names: list[str], limit: int = 12) -> str:
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The text metadata of a `.safetensors` header (trainers record the base model there); {} otherwise.
+    Call after `read_state_dict`, which reports unreadable files."""
+    if Path(path).suffix != ".safetensors":
+        return {}
+    with safe_open(path, framework="pt") as f:
+        return f.metadata() or {}
+
+
+def name_list(names: list[str], limit: int = 12) -> str:
+    """`a, b, c, ... (n more)`: the first `limit` names of a list for an error message."""
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
@@ -91,11 +101,11 @@ def check_state_dict(
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing: {_name_list(missing)}")
+        problems.append(f"{len(missing)} missing: {name_list(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_name_list(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected: {name_list(unexpected)}")
     if misshaped:
-        problems.append(f"{len(misshaped)} with wrong shape: {_name_list(misshaped, 6)}")
+        problems.append(f"{len(misshaped)} with wrong shape: {name_list(misshaped, 6)}")
     if problems:
         raise WeightsError(f"{source}: weights do not fit the model; " + "; ".join(problems))
 

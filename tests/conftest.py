@@ -42,6 +42,28 @@ def clip_tokenizer():
     return CLIPTokenizer.from_folder(folder)
 
 
+def sd_unet():
+    """Our UNet3D with the unet2d fixture's SD1.5 weights (tests/make_fixtures.py); its temporal layers
+    stay at their init."""
+    from musev_lite.convert.musev import unet_config_from_diffusers
+    from musev_lite.unet import UNet3D
+    from musev_lite.weights import load_weights, read_state_dict
+
+    config = json.loads((FIXTURES / "unet2d/config.json").read_text())
+    # diffusers' transformer blocks use LayerNorm eps 1e-5 everywhere: set MuseV's quirk to that
+    cfg = unet_config_from_diffusers(config, "musev")
+    cfg.transformer_norm_eps = 1e-5
+    cfg.temporal_conv_groups = cfg.transformer_in_groups = 4
+    unet = UNet3D(cfg).eval()
+    weights = FIXTURES / "unet2d/weights.safetensors"
+    sd_keys = {k: v.float() for k, v in read_state_dict(weights).items()}
+    # the SD keys fill the spatial layers; the temporal ones stay at their init and are skipped
+    load_weights(unet, sd_keys, str(weights), allow_missing=True)
+    assert all(k.startswith(("transformer_in", "frame_embedding")) or "temp_" in k
+               for k in set(unet.state_dict()) - set(sd_keys))
+    return unet
+
+
 def original_fixture_models(shared_dir: Path, variant: str):
     """Our UNet3D (and ReferenceNet) loaded with the original MuseV fixture weights (fp16 on disk -> fp32)."""
     import json

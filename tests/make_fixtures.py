@@ -195,6 +195,118 @@ def make_unet2d():
     (OUT / "unet2d" / "config.json").write_text(json.dumps(dict(unet.config), indent=1, default=list) + "\n")
 
 
+def make_lora():
+    """A kohya LoRA file (linear, 1x1 and 3x3 "LoCon" conv layers, alpha != rank) and a diffusers/PEFT
+    one (saved by diffusers, LoRA config with alpha_pattern/rank_pattern in its metadata) for the unet2d
+    and clip_text fixture models, and the weights diffusers' load_lora_weights + fuse_lora changes:
+    kohya at 0.8, PEFT at 1.0, and both (kohya 0.8, PEFT -0.5) fused one after the other."""
+    import tempfile
+
+    import peft
+    import transformers.integrations.peft as hf_peft
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from packaging.version import Version
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if Version(peft.__version__) < Version(hf_peft.MIN_PEFT_VERSION):
+        # transformers 5.x asks for peft >= 0.22, which the package index here lacks; the text-encoder
+        # LoRA path diffusers takes works with the peft that is installed
+        hf_peft.MIN_PEFT_VERSION = peft.__version__
+
+    def base_models():
+        unet = UNet2DConditionModel.from_config(json.loads((OUT / "unet2d/config.json").read_text()))
+        unet.load_state_dict({k: v.float() for k, v in load_file(OUT / "unet2d/weights.safetensors").items()})
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_json_file(OUT / "clip_text/config.json"))
+        text = load_file(OUT / "clip_text/weights.safetensors")  # transformers 5 has no text_model. level
+        text_encoder.load_state_dict({k.removeprefix("text_model."): v for k, v in text.items()})
+        return unet.eval(), text_encoder.eval()
+
+    generator = torch.Generator().manual_seed(9)
+
+    def factor(*shape, std=0.3):
+        return (torch.randn(shape, generator=generator) * std).half()
+
+    unet, text_encoder = base_models()
+    attention = "down_blocks.0.attentions.0"
+    block = f"{attention}.transformer_blocks.0"
+    # kohya: linear and 1x1-conv layers rank 4 alpha 2 (network_dim/alpha), 3x3 convs rank 2 alpha 3
+    # (conv_dim/alpha), text encoder rank 3 alpha 1.5. diffusers turns kohya's per-layer alphas into one
+    # lora_alpha plus an alpha_pattern that matches only conv layers, so the attention layers carry the
+    # most common alpha and the text encoder one alpha (kohya itself applies each layer's own alpha).
+    kohya_unet = [f"{attention}.proj_in", f"{attention}.proj_out", f"{block}.ff.net.0.proj", f"{block}.ff.net.2",
+                  "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+                  "up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_q",
+                  "down_blocks.1.resnets.0.conv_shortcut", "down_blocks.1.resnets.0.time_emb_proj"]
+    kohya_unet += [f"{block}.{attn}.{proj}" for attn in ("attn1", "attn2")
+                   for proj in ("to_q", "to_k", "to_v", "to_out.0")]
+    kohya_conv = ["down_blocks.1.resnets.0.conv1", "down_blocks.0.downsamplers.0.conv",
+                  "up_blocks.0.upsamplers.0.conv", "mid_block.resnets.1.conv2"]
+    kohya_text = [f"encoder.layers.0.self_attn.{proj}" for proj in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    kohya_text += ["encoder.layers.0.mlp.fc1", "encoder.layers.0.mlp.fc2", "encoder.layers.1.self_attn.q_proj"]
+    kohya = {}
+    groups = [("lora_unet", unet, kohya_unet, 4, 2.0), ("lora_unet", unet, kohya_conv, 2, 3.0),
+              ("lora_te_text_model", text_encoder, kohya_text, 3, 1.5)]
+    for prefix, model, names, rank, alpha in groups:
+        for name in names:
+            weight = model.get_submodule(name).weight  # (out, in) or (out, in, k, k)
+            key = f"{prefix}_{name.replace('.', '_')}"
+            kohya[f"{key}.lora_down.weight"] = factor(rank, *weight.shape[1:])
+            kohya[f"{key}.lora_up.weight"] = factor(weight.shape[0], rank, *([1, 1] if weight.ndim == 4 else []))
+            kohya[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
+    (OUT / "lora").mkdir(parents=True, exist_ok=True)
+    kohya_path = OUT / "lora/kohya.safetensors"
+    save_file(kohya, kohya_path, metadata={"ss_base_model_version": "sd_v1", "ss_network_dim": "4",
+                                           "ss_network_alpha": "2.0", "ss_network_module": "networks.lora"})
+
+    # PEFT: made by peft on the diffusers models, saved by diffusers with its LoRA config as metadata
+    peft_unet = [f"{block}.attn1.to_q", "mid_block.attentions.0.transformer_blocks.0.attn1.to_v",
+                 "up_blocks.1.attentions.1.transformer_blocks.0.ff.net.2", "up_blocks.1.attentions.0.proj_out",
+                 "up_blocks.2.resnets.1.conv2", "up_blocks.1.resnets.2.conv_shortcut"]
+    unet_config = LoraConfig(r=4, lora_alpha=6, target_modules=peft_unet, rank_pattern={f"{block}.attn1.to_q": 2},
+                             alpha_pattern={f"{block}.attn1.to_q": 5, "ff.net.2": 1})
+    peft_text = ["encoder.layers.0.self_attn.q_proj", "encoder.layers.1.self_attn.v_proj", "encoder.layers.0.mlp.fc2"]
+    text_config = LoraConfig(r=3, lora_alpha=5, target_modules=peft_text)
+    unet.add_adapter(unet_config)
+    inject_adapter_in_model(text_config, text_encoder)
+    layers = {name: {k: factor(*v.shape) for k, v in get_peft_model_state_dict(model).items()}
+              for name, model in (("unet", unet), ("text_encoder", text_encoder))}
+    with tempfile.TemporaryDirectory() as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
+            unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=text_config.to_dict())
+        peft_path = OUT / "lora/peft.safetensors"
+        peft_path.write_bytes((Path(tmp) / "pytorch_lora_weights.safetensors").read_bytes())
+
+    def fused(*loras):
+        unet, text_encoder = base_models()
+        base = {"unet": dict(unet.state_dict()), "text_encoder": dict(text_encoder.state_dict())}
+        base = {part: {k: v.clone() for k, v in state.items()} for part, state in base.items()}
+        vae = AutoencoderKL(block_out_channels=(4,), norm_num_groups=2, layers_per_block=1)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=None, unet=unet,
+                                       scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        for path, scale in loras:
+            pipe.load_lora_weights(str(path))
+            pipe.fuse_lora(lora_scale=scale)
+            pipe.unload_lora_weights()
+        out = {}
+        for part, model in (("unet", unet), ("text_encoder", text_encoder)):
+            for k, v in model.state_dict().items():
+                if not torch.equal(v, base[part][k]):  # the published layout: text_model.<...> for CLIP
+                    out[f"{part}.{'text_model.' if part == 'text_encoder' else ''}{k}"] = v
+        io = load_file(OUT / "unet2d/io.safetensors")
+        with torch.no_grad():
+            out["unet_out"] = unet(io["sample"], io["timestep"], encoder_hidden_states=io["text"]).sample
+        return out
+
+    cases = {"kohya": fused((kohya_path, 0.8)), "peft": fused((peft_path, 1.0)),
+             "both": fused((kohya_path, 0.8), (peft_path, -0.5))}
+    save("lora", "fused", {f"{case}.{k}": v for case, tensors in cases.items() for k, v in tensors.items()})
+
+
 PROMPTS = [
     "", " ", "a photo of a cat", "A Photo Of A CAT",
     "(masterpiece, best quality, highres:1), (1boy, solo:1), (eye blinks:1.8), (head wave:1.3)",
@@ -316,6 +428,7 @@ PARTS = {
     "unet2d": make_unet2d,
     "tokenizer": make_tokenizer,
     "single_file": make_single_file,
+    "lora": make_lora,
 }
 
 if __name__ == "__main__":
