@@ -219,15 +219,16 @@ PROMPTS = [
 ]
 
 
-def _original_definitions(source: Path, names: set[str]) -> dict:
-    """Top-level definitions `names` of an original MuseV source file, run at generation time only."""
+def _original_definitions(source: Path, names: set[str], imports: dict | None = None) -> dict:
+    """Top-level definitions `names` of an original MuseV source file, run at generation time only. The file's
+    own imports are not run: `imports` gives the names its definitions use (re is always there)."""
     import ast
     import re
 
     tree = ast.parse(source.read_text())
     keep = [n for n in tree.body if getattr(n, "name", None) in names
             or (isinstance(n, ast.Assign) and any(getattr(t, "id", None) in names for t in n.targets))]
-    namespace = {"re": re}
+    namespace = {"re": re, **(imports or {})}
     exec(compile(ast.Module(keep, type_ignores=[]), str(source), "exec"), namespace)
     return namespace
 
@@ -308,6 +309,46 @@ def make_single_file():
     save("single_file", "sd15_tiny", ldm)
 
 
+def _musev_file(name: str, nested: str) -> Path:
+    """A file of the MuseV checkout (with its submodules) in $MUSEV_SRC, or the file itself in that folder."""
+    import os
+
+    src = Path(os.environ["MUSEV_SRC"])
+    return src / name if (src / name).is_file() else src / nested
+
+
+def make_video_crop():
+    """MuseV's centre-crop-resize of source-video chunks (MMCM batch_dynamic_crop_resize_images, the MMCM
+    submodule of a MuseV checkout in $MUSEV_SRC; only that function is run, with its imports given, not its
+    module's diffusers/cv2/transformers ones) on small noisy uint8 clips, fed as the original feeds them: decord's
+    uint8 frames as a "c t h w" array. Cases: smaller, larger, the same size, and the aspect ratio both ways."""
+    import math
+    from typing import Literal, Union
+
+    import numpy as np
+    from einops import rearrange
+
+    source = _musev_file("image_process.py", "MMCM/mmcm/vision/process/image_process.py")
+    imports = {"math": math, "np": np, "torch": torch, "rearrange": rearrange, "Literal": Literal, "Union": Union}
+    name = "batch_dynamic_crop_resize_images"
+    crop = _original_definitions(source, {name}, imports)[name]
+    rng = np.random.default_rng(9)
+    sizes = [((37, 53), (24, 32)), ((37, 53), (56, 40)), ((40, 40), (40, 40)), ((30, 77), (16, 16)),
+             ((61, 37), (24, 48)), ((20, 24), (44, 60)), ((45, 30), (45, 30)), ((33, 47), (20, 28))]
+    tensors, cases = {}, []
+    for i, ((h, w), (height, width)) in enumerate(sizes):
+        y, x = np.mgrid[0:h, 0:w]
+        smooth = np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (h + w)], -1)
+        clip = np.stack([(smooth + rng.integers(0, 60, (h, w, 3))).clip(0, 255) for _ in range(2)]).astype(np.uint8)
+        out = crop(rearrange(clip, "t h w c -> c t h w"), target_height=height, target_width=width)
+        assert out.dtype == torch.uint8
+        tensors[f"case{i}.input"] = torch.from_numpy(clip)
+        tensors[f"case{i}.output"] = rearrange(out, "c t h w -> t h w c").contiguous()
+        cases.append({"key": f"case{i}", "source": [h, w], "target": [height, width]})
+    save("video_crop", "cases", tensors)
+    (OUT / "video_crop" / "cases.json").write_text(json.dumps({"torch": torch.__version__, "cases": cases}) + "\n")
+
+
 PARTS = {
     "samplers": make_samplers,
     "vae": make_vae,
@@ -316,6 +357,7 @@ PARTS = {
     "unet2d": make_unet2d,
     "tokenizer": make_tokenizer,
     "single_file": make_single_file,
+    "video_crop": make_video_crop,
 }
 
 if __name__ == "__main__":
