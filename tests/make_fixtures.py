@@ -349,6 +349,92 @@ def make_video_crop():
     (OUT / "video_crop" / "cases.json").write_text(json.dumps({"torch": torch.__version__, "cases": cases}) + "\n")
 
 
+def _pose_frames():
+    """Keypoint frames in sd-webui-controlnet's JSON layout (normalised x, y; a canvas size): a full person,
+    one with low-confidence points (0.2 hidden; 0.3 hidden on the body, shown on a hand), a hand point on the
+    left edge, two people overlapping, bodies without hands, and hands with long bones."""
+    import numpy as np
+
+    rng = np.random.default_rng(10)
+    # a standing figure facing the camera, OpenPose COCO-18 order, as fractions of the canvas (192 x 256)
+    figure = np.array([[.50, .15], [.50, .27], [.42, .28], [.38, .42], [.36, .56], [.58, .28], [.62, .42],
+                       [.64, .56], [.45, .58], [.44, .75], [.44, .92], [.55, .58], [.56, .75], [.56, .92],
+                       [.48, .13], [.52, .13], [.46, .14], [.54, .14]])
+
+    def hand(wrist, direction, step):
+        angles = np.radians([-40, -20, 0, 20, 40]) + direction
+        points = [wrist]
+        for a in angles:
+            points += [wrist + step * k * np.array([np.cos(a), np.sin(a)]) for k in range(1, 5)]
+        return np.array(points)
+
+    def person(shift, scale=1.0, confidence=None, hands=True, hand_step=0.04):
+        body = (figure - 0.5) * scale + 0.5 + shift + rng.normal(0, 0.01, figure.shape)
+        c = np.full(18, 0.9) if confidence is None else confidence
+        entry = {"pose_keypoints_2d": np.column_stack([body, c]).ravel().round(5).tolist()}
+        if hands:
+            for side, wrist, direction in (("left", body[7], np.pi / 2), ("right", body[4], np.pi / 2)):
+                points = hand(wrist, direction, hand_step)
+                values = np.column_stack([points, np.full(21, 0.8)]).ravel().round(5).tolist()
+                entry[f"hand_{side}_keypoints_2d"] = values
+        return entry
+
+    frames = []
+    frames.append({"people": [person(np.zeros(2))]})
+    low = np.full(18, 0.9)
+    low[[4, 10, 15]] = 0.2
+    low[[7, 12]] = 0.3
+    p = person(np.array([0.05, 0.0]), confidence=low)
+    p["hand_left_keypoints_2d"][3 * 5 + 2] = 0.3  # shown: hands hide below 0.3 only
+    p["hand_left_keypoints_2d"][3 * 9 + 2] = 0.2
+    p["hand_right_keypoints_2d"][3 * 13] = 0.0  # x = 0: on the left edge, not drawn
+    frames.append({"people": [p]})
+    frames.append({"people": [person(np.array([-0.15, 0.02]), 0.8), person(np.array([0.1, -0.03]), 1.1)]})
+    frames.append({"people": [person(np.array([0.2, 0.05]), 0.7, hands=False),
+                              person(np.array([-0.2, 0.0]), 0.9, hands=False)]})
+    frames.append({"people": [person(np.array([0.0, -0.25]), 0.6, hand_step=0.1)]})  # long hand bones
+    for frame in frames:
+        frame.update(canvas_width=256, canvas_height=192)
+    return frames
+
+
+def make_pose():
+    """OpenPose-style control images of `_pose_frames` drawn by controlnet_aux's DWPose annotator as MuseV
+    pins it (the controlnet_aux submodule of a MuseV checkout in $MUSEV_SRC: dwpose/util.py, and from
+    dwpose/__init__.py only candidate2pose and draw_pose, not the detector). Each frame goes in as the
+    detector's output would: 134 whole-body points (18 body, 6 feet, 68 face, 21 + 21 hands), x and y
+    divided by the canvas size, one score per point; no face, as MuseV's dwpose_body_hand. Needs cv2 and
+    matplotlib at generation time."""
+    import importlib.util
+
+    import numpy as np
+    from PIL import Image
+
+    util_file = _musev_file("util.py", "controlnet_aux/src/controlnet_aux/dwpose/util.py")
+    spec = importlib.util.spec_from_file_location("dwpose_util", util_file)
+    util = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(util)
+    glue = _original_definitions(_musev_file("__init__.py", "controlnet_aux/src/controlnet_aux/dwpose/__init__.py"),
+                                 {"candidate2pose", "draw_pose"}, {"np": np, "util": util})
+    frames = _pose_frames()
+    (OUT / "pose").mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(frames):
+        people = frame["people"]
+        candidate = np.zeros((len(people), 134, 2))
+        subset = np.zeros((len(people), 134))
+        for n, person in enumerate(people):
+            fields = (("pose_keypoints_2d", 0), ("hand_left_keypoints_2d", 92), ("hand_right_keypoints_2d", 113))
+            for field, start in fields:
+                if field in person:
+                    points = np.array(person[field]).reshape(-1, 3)
+                    candidate[n, start:start + len(points)] = points[:, :2]
+                    subset[n, start:start + len(points)] = points[:, 2]
+        pose = glue["candidate2pose"](candidate, subset, include_face=False)
+        image = glue["draw_pose"](pose, frame["canvas_height"], frame["canvas_width"], include_face=False)
+        Image.fromarray(image).save(OUT / "pose" / f"frame{i}.png")
+    (OUT / "pose" / "frames.json").write_text(json.dumps(frames) + "\n")
+
+
 PARTS = {
     "samplers": make_samplers,
     "vae": make_vae,
@@ -358,6 +444,7 @@ PARTS = {
     "tokenizer": make_tokenizer,
     "single_file": make_single_file,
     "video_crop": make_video_crop,
+    "pose": make_pose,
 }
 
 if __name__ == "__main__":
