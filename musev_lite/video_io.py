@@ -11,6 +11,9 @@ import json
 import math
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
+from fractions import Fraction
+from itertools import count
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +146,113 @@ def write_image(path: Path, image: Image.Image) -> None:
 def write_json(path: Path, data: dict) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def crop_box(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(y1, y2, x1, x2) of the centre region of an h x w picture with the aspect ratio of height x width.
+
+    The arithmetic of MuseV's video crop (MMCM batch_dynamic_crop_resize_images): starts rounded up,
+    far edges rounded up then clipped to size-1, and the slice [y1:y2, x1:x2] excludes the far edge,
+    so the last row and column are always dropped, even when no crop is needed.
+    """
+    if w / h >= width / height:
+        excess = (w - h * width / height) / 2
+        y1, y2, x1, x2 = 0, h - 1, math.ceil(excess), math.ceil(w - excess)
+    else:
+        excess = (h - w * height / width) / 2
+        y1, y2, x1, x2 = math.ceil(excess), math.ceil(h - excess), 0, w - 1
+    return max(0, y1), min(y2, h - 1), max(0, x1), min(x2, w - 1)
+
+
+def crop_resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 (h, w, 3) -> uint8 (height, width, 3): centre crop (crop_box), then torch's bilinear resize.
+
+    MuseV resizes the decoded uint8 frames themselves (no float conversion, align_corners=False, no
+    antialiasing), so torch's uint8 kernel does the rounding; done the same way here.
+    """
+    import torch
+
+    y1, y2, x1, x2 = crop_box(frame.shape[0], frame.shape[1], height, width)
+    if y2 <= y1 or x2 <= x1:
+        raise MediaError(f"a {frame.shape[1]}x{frame.shape[0]} frame is too small to crop to {width}x{height}")
+    pixels = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None, :, y1:y2, x1:x2]  # (1, 3, h', w')
+    resized = torch.nn.functional.interpolate(pixels, (height, width), mode="bilinear")
+    return resized[0].permute(1, 2, 0).numpy()
+
+
+@dataclass(frozen=True)
+class VideoFrames:
+    """What `read_video` read, and how: frame i of `frames` is source frame `indices[i]`."""
+
+    frames: np.ndarray  # (F, H, W, 3) uint8
+    fps: float | None  # frame rate of `frames` (None: the file states none and none was asked for)
+    source_fps: float | None
+    source_frames: int  # frames decoded from the file
+    indices: tuple[int, ...]
+
+
+def read_video(path: str | os.PathLike, height: int | None = None, width: int | None = None,
+               fps: float | None = None, sample_rate: int = 1) -> VideoFrames:
+    """Decode a video's first video stream to RGB uint8 frames (F, H, W, 3).
+
+    Frames are taken either at `fps` (output frame k is the source frame nearest to time k/fps, so
+    24 -> 12 fps keeps frames 0, 2, 4, ...; a higher fps repeats frames) or, as MuseV does, every
+    `sample_rate`-th frame. With `height` and `width` each kept frame is centre-crop-resized to that
+    size as MuseV does (`crop_resize`); without them frames keep the source size.
+    """
+    import av  # imported here: only video input needs the codec library
+
+    path = Path(path)
+    if (height is None) != (width is None):
+        raise MediaError(f"video {path}: give both height and width, or neither (got {height=}, {width=})")
+    if height is not None and not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
+        raise MediaError(f"video {path}: height and width must be positive integers, got {height!r} x {width!r}")
+    if not isinstance(sample_rate, int) or isinstance(sample_rate, bool) or sample_rate < 1:
+        raise MediaError(f"video {path}: sample_rate must be an integer >= 1, got {sample_rate!r}")
+    if fps is not None:
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+            raise MediaError(f"video {path}: fps must be a positive number, got {fps!r}")
+        if sample_rate != 1:
+            raise MediaError(f"video {path}: give fps or sample_rate, not both (fps={fps}, sample_rate={sample_rate})")
+    if not path.is_file():
+        raise MediaError(f"video {path}: no such file")
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError) as err:
+        raise MediaError(f"video {path}: not a readable video ({err})") from None
+    with container:
+        if not container.streams.video:
+            raise MediaError(f"video {path}: the file has no video stream")
+        stream = container.streams.video[0]
+        if height is not None and stream.height and stream.width:
+            y1, y2, x1, x2 = crop_box(stream.height, stream.width, height, width)
+            if y2 <= y1 or x2 <= x1:
+                raise MediaError(f"video {path}: {stream.width}x{stream.height} frames are too small to crop to "
+                                 f"{width}x{height}")
+        rate = stream.average_rate or stream.guessed_rate
+        source_fps = float(rate) if rate else None
+        if fps is not None and source_fps is None:
+            raise MediaError(f"video {path}: the file states no frame rate, so fps={fps} cannot be honoured; "
+                             "use sample_rate instead")
+        # source frame of output frame k: nearest to time k / fps (exact fractions), or k * sample_rate
+        step = Fraction(rate) / _fps_fraction(fps) if fps is not None else Fraction(sample_rate)
+        wanted = (math.floor(k * step + Fraction(1, 2)) for k in count())
+        frames, indices, next_index, decoded = [], [], next(wanted), 0
+        try:
+            for frame in container.decode(stream):
+                if next_index == decoded:
+                    array = frame.to_ndarray(format="rgb24")
+                    if height is not None:
+                        array = crop_resize(array, height, width)
+                    while next_index == decoded:  # a frame repeats when fps is above the source's
+                        frames.append(array)
+                        indices.append(decoded)
+                        next_index = next(wanted)
+                decoded += 1
+        except av.error.FFmpegError as err:
+            done = f"decoding failed after {decoded} frames" if decoded else "no frame could be decoded"
+            raise MediaError(f"video {path}: {done} ({err})") from None
+    if not frames:
+        raise MediaError(f"video {path}: no frame could be decoded")
+    out_fps = float(fps) if fps is not None else (source_fps / sample_rate if source_fps else None)
+    return VideoFrames(np.stack(frames), out_fps, source_fps, decoded, tuple(indices))

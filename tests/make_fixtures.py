@@ -331,15 +331,16 @@ PROMPTS = [
 ]
 
 
-def _original_definitions(source: Path, names: set[str]) -> dict:
-    """Top-level definitions `names` of an original MuseV source file, run at generation time only."""
+def _original_definitions(source: Path, names: set[str], imports: dict | None = None) -> dict:
+    """Top-level definitions `names` of an original MuseV source file, run at generation time only. The file's
+    own imports are not run: `imports` gives the names its definitions use (re is always there)."""
     import ast
     import re
 
     tree = ast.parse(source.read_text())
     keep = [n for n in tree.body if getattr(n, "name", None) in names
             or (isinstance(n, ast.Assign) and any(getattr(t, "id", None) in names for t in n.targets))]
-    namespace = {"re": re}
+    namespace = {"re": re, **(imports or {})}
     exec(compile(ast.Module(keep, type_ignores=[]), str(source), "exec"), namespace)
     return namespace
 
@@ -420,6 +421,132 @@ def make_single_file():
     save("single_file", "sd15_tiny", ldm)
 
 
+def _musev_file(name: str, nested: str) -> Path:
+    """A file of the MuseV checkout (with its submodules) in $MUSEV_SRC, or the file itself in that folder."""
+    import os
+
+    src = Path(os.environ["MUSEV_SRC"])
+    return src / name if (src / name).is_file() else src / nested
+
+
+def make_video_crop():
+    """MuseV's centre-crop-resize of source-video chunks (MMCM batch_dynamic_crop_resize_images, the MMCM
+    submodule of a MuseV checkout in $MUSEV_SRC; only that function is run, with its imports given, not its
+    module's diffusers/cv2/transformers ones) on small noisy uint8 clips, fed as the original feeds them: decord's
+    uint8 frames as a "c t h w" array. Cases: smaller, larger, the same size, and the aspect ratio both ways."""
+    import math
+    from typing import Literal, Union
+
+    import numpy as np
+    from einops import rearrange
+
+    source = _musev_file("image_process.py", "MMCM/mmcm/vision/process/image_process.py")
+    imports = {"math": math, "np": np, "torch": torch, "rearrange": rearrange, "Literal": Literal, "Union": Union}
+    name = "batch_dynamic_crop_resize_images"
+    crop = _original_definitions(source, {name}, imports)[name]
+    rng = np.random.default_rng(9)
+    sizes = [((37, 53), (24, 32)), ((37, 53), (56, 40)), ((40, 40), (40, 40)), ((30, 77), (16, 16)),
+             ((61, 37), (24, 48)), ((20, 24), (44, 60)), ((45, 30), (45, 30)), ((33, 47), (20, 28))]
+    tensors, cases = {}, []
+    for i, ((h, w), (height, width)) in enumerate(sizes):
+        y, x = np.mgrid[0:h, 0:w]
+        smooth = np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (h + w)], -1)
+        clip = np.stack([(smooth + rng.integers(0, 60, (h, w, 3))).clip(0, 255) for _ in range(2)]).astype(np.uint8)
+        out = crop(rearrange(clip, "t h w c -> c t h w"), target_height=height, target_width=width)
+        assert out.dtype == torch.uint8
+        tensors[f"case{i}.input"] = torch.from_numpy(clip)
+        tensors[f"case{i}.output"] = rearrange(out, "c t h w -> t h w c").contiguous()
+        cases.append({"key": f"case{i}", "source": [h, w], "target": [height, width]})
+    save("video_crop", "cases", tensors)
+    (OUT / "video_crop" / "cases.json").write_text(json.dumps({"torch": torch.__version__, "cases": cases}) + "\n")
+
+
+def _pose_frames():
+    """Keypoint frames in sd-webui-controlnet's JSON layout (normalised x, y; a canvas size): a full person,
+    one with low-confidence points (0.2 hidden; 0.3 hidden on the body, shown on a hand), a hand point on the
+    left edge, two people overlapping, bodies without hands, and hands with long bones."""
+    import numpy as np
+
+    rng = np.random.default_rng(10)
+    # a standing figure facing the camera, OpenPose COCO-18 order, as fractions of the canvas (192 x 256)
+    figure = np.array([[.50, .15], [.50, .27], [.42, .28], [.38, .42], [.36, .56], [.58, .28], [.62, .42],
+                       [.64, .56], [.45, .58], [.44, .75], [.44, .92], [.55, .58], [.56, .75], [.56, .92],
+                       [.48, .13], [.52, .13], [.46, .14], [.54, .14]])
+
+    def hand(wrist, direction, step):
+        angles = np.radians([-40, -20, 0, 20, 40]) + direction
+        points = [wrist]
+        for a in angles:
+            points += [wrist + step * k * np.array([np.cos(a), np.sin(a)]) for k in range(1, 5)]
+        return np.array(points)
+
+    def person(shift, scale=1.0, confidence=None, hands=True, hand_step=0.04):
+        body = (figure - 0.5) * scale + 0.5 + shift + rng.normal(0, 0.01, figure.shape)
+        c = np.full(18, 0.9) if confidence is None else confidence
+        entry = {"pose_keypoints_2d": np.column_stack([body, c]).ravel().round(5).tolist()}
+        if hands:
+            for side, wrist, direction in (("left", body[7], np.pi / 2), ("right", body[4], np.pi / 2)):
+                points = hand(wrist, direction, hand_step)
+                values = np.column_stack([points, np.full(21, 0.8)]).ravel().round(5).tolist()
+                entry[f"hand_{side}_keypoints_2d"] = values
+        return entry
+
+    frames = []
+    frames.append({"people": [person(np.zeros(2))]})
+    low = np.full(18, 0.9)
+    low[[4, 10, 15]] = 0.2
+    low[[7, 12]] = 0.3
+    p = person(np.array([0.05, 0.0]), confidence=low)
+    p["hand_left_keypoints_2d"][3 * 5 + 2] = 0.3  # shown: hands hide below 0.3 only
+    p["hand_left_keypoints_2d"][3 * 9 + 2] = 0.2
+    p["hand_right_keypoints_2d"][3 * 13] = 0.0  # x = 0: on the left edge, not drawn
+    frames.append({"people": [p]})
+    frames.append({"people": [person(np.array([-0.15, 0.02]), 0.8), person(np.array([0.1, -0.03]), 1.1)]})
+    frames.append({"people": [person(np.array([0.2, 0.05]), 0.7, hands=False),
+                              person(np.array([-0.2, 0.0]), 0.9, hands=False)]})
+    frames.append({"people": [person(np.array([0.0, -0.25]), 0.6, hand_step=0.1)]})  # long hand bones
+    for frame in frames:
+        frame.update(canvas_width=256, canvas_height=192)
+    return frames
+
+
+def make_pose():
+    """OpenPose-style control images of `_pose_frames` drawn by controlnet_aux's DWPose annotator as MuseV
+    pins it (the controlnet_aux submodule of a MuseV checkout in $MUSEV_SRC: dwpose/util.py, and from
+    dwpose/__init__.py only candidate2pose and draw_pose, not the detector). Each frame goes in as the
+    detector's output would: 134 whole-body points (18 body, 6 feet, 68 face, 21 + 21 hands), x and y
+    divided by the canvas size, one score per point; no face, as MuseV's dwpose_body_hand. Needs cv2 and
+    matplotlib at generation time."""
+    import importlib.util
+
+    import numpy as np
+    from PIL import Image
+
+    util_file = _musev_file("util.py", "controlnet_aux/src/controlnet_aux/dwpose/util.py")
+    spec = importlib.util.spec_from_file_location("dwpose_util", util_file)
+    util = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(util)
+    glue = _original_definitions(_musev_file("__init__.py", "controlnet_aux/src/controlnet_aux/dwpose/__init__.py"),
+                                 {"candidate2pose", "draw_pose"}, {"np": np, "util": util})
+    frames = _pose_frames()
+    (OUT / "pose").mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(frames):
+        people = frame["people"]
+        candidate = np.zeros((len(people), 134, 2))
+        subset = np.zeros((len(people), 134))
+        for n, person in enumerate(people):
+            fields = (("pose_keypoints_2d", 0), ("hand_left_keypoints_2d", 92), ("hand_right_keypoints_2d", 113))
+            for field, start in fields:
+                if field in person:
+                    points = np.array(person[field]).reshape(-1, 3)
+                    candidate[n, start:start + len(points)] = points[:, :2]
+                    subset[n, start:start + len(points)] = points[:, 2]
+        pose = glue["candidate2pose"](candidate, subset, include_face=False)
+        image = glue["draw_pose"](pose, frame["canvas_height"], frame["canvas_width"], include_face=False)
+        Image.fromarray(image).save(OUT / "pose" / f"frame{i}.png")
+    (OUT / "pose" / "frames.json").write_text(json.dumps(frames) + "\n")
+
+
 PARTS = {
     "samplers": make_samplers,
     "vae": make_vae,
@@ -429,6 +556,8 @@ PARTS = {
     "tokenizer": make_tokenizer,
     "single_file": make_single_file,
     "lora": make_lora,
+    "video_crop": make_video_crop,
+    "pose": make_pose,
 }
 
 if __name__ == "__main__":
