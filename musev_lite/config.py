@@ -13,20 +13,30 @@ relative to the current directory. The README's "Configuration" section lists ev
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .settings import DTYPES, FORMATS, PRESETS, ConfigError, GenerationConfig, one_of, require, suggest, typed
+from .settings import DTYPES, FORMATS, PRESETS, ConfigError, GenerationConfig, in_range, one_of, require, suggest, typed
+
+
+@dataclass
+class LoraConfig:
+    """One `[[model.lora]]` table: a LoRA file merged into the UNet and text encoder at load."""
+
+    path: str = ""
+    scale: float = 1.0
 
 
 @dataclass
 class ModelConfig:
     preset: str = "musev_referencenet"  # one of settings.PRESETS
     weights_dir: str = "weights/musev_referencenet"  # a folder made by the converters (unused for tiny)
-    device: str = "cpu"
+    device: str = "cpu"  # a torch device, or "auto" (cuda, then mps, then cpu)
     dtype: str = "float32"  # one of settings.DTYPES (the VAE always runs in float32)
     compile: bool = False  # torch.compile the UNet (faster for long runs, slow first step)
+    lora: list[LoraConfig] = field(default_factory=list)  # [[model.lora]] path = "...", scale = 0.8
 
 
 @dataclass
@@ -73,9 +83,31 @@ def build_config(data: dict) -> RunConfig:
         for key, value in values.items():
             if key not in fields:
                 raise ConfigError(f"unknown key {section}.{key}{suggest(key, fields)}")
-            setattr(target, key, typed(f"{section}.{key}", value, fields[key]))
+            if fields[key] == "list[LoraConfig]":
+                value = lora_list(value)
+            else:
+                value = typed(f"{section}.{key}", value, fields[key])
+            setattr(target, key, value)
     check(config)
     return config
+
+
+def lora_list(value) -> list[LoraConfig]:
+    """`[[model.lora]]` tables (or one inline table) -> LoraConfig entries, each checked."""
+    tables = [value] if isinstance(value, dict) else value
+    require(isinstance(tables, list) and all(isinstance(t, dict) for t in tables),
+            'model.lora must be tables: [[model.lora]] path = "style.safetensors", scale = 0.8')
+    fields = {f.name: f.type for f in dataclasses.fields(LoraConfig)}
+    entries = []
+    for n, table in enumerate(tables):
+        entry = LoraConfig()
+        for key, item in table.items():
+            require(key in fields, f"unknown key model.lora[{n}].{key}{suggest(key, fields)}")
+            setattr(entry, key, typed(f"model.lora[{n}].{key}", item, fields[key]))
+        require(entry.path != "", f"model.lora[{n}].path is empty; give the LoRA file")
+        in_range(f"model.lora[{n}].scale", entry.scale, -10, 10)
+        entries.append(entry)
+    return entries
 
 
 def check(config: RunConfig) -> None:
@@ -90,6 +122,31 @@ def check(config: RunConfig) -> None:
         one_of("output.formats entry", fmt, FORMATS)
     require(o.fps > 0, f"output.fps = {o.fps} must be > 0")
     require("/" not in o.name and "\\" not in o.name, f"output.name = {o.name!r} must be a file stem, not a path")
+
+
+def toml_value(value) -> str:
+    """A setting as TOML: strings JSON-quoted (valid TOML basic strings), lists, numbers, booleans."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def to_toml(config: RunConfig) -> str:
+    """The whole configuration, defaults filled in, as a TOML file `load_config` reads back. Unset
+    optional settings (TOML has no null) are written as comments."""
+    lines = []
+    for section, values in config.as_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"# {key} = (unset)" if value is None else f"{key} = {toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def parse_override(text: str) -> tuple[str, str, object]:

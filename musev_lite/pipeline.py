@@ -30,6 +30,7 @@ from PIL import Image
 from .clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection, clip_image_preprocess
 from .denoise import context_windows, guidance_scales, initial_latents, parallel_denoise, window_groups
 from .ip_adapter import ImageProjection, ImageProjectionConfig
+from .lora import load_lora, merge_lora, unmerge_lora
 from .prompts import encode_prompt_pair, load_textual_inversion, save_textual_inversion
 from .referencenet import ReferenceNet
 from .samplers import SD15_SCHEDULER, SchedulerConfig, make_sampler
@@ -90,6 +91,7 @@ class MuseVPipeline:
         self.referencenet, self.image_proj, self.image_encoder = referencenet, image_proj, image_encoder
         self.files: list[str] = []  # what was loaded, for the sidecar
         self.textual_inversions: dict[str, torch.Tensor] = {}  # word -> its vectors
+        self.loras: list[tuple[str, float]] = []  # (file, scale) merged into the UNet and text encoder
 
     @property
     def device(self) -> torch.device:
@@ -147,6 +149,16 @@ class MuseVPipeline:
         table = self.text_encoder.text_model.embeddings.token_embedding.weight
         self.textual_inversions[word] = table[ids[0] : ids[-1] + 1].detach().cpu().clone()
         return word
+
+    def load_loras(self, loras: list[tuple[str | Path, float]]) -> None:
+        """Merge LoRA files (kohya / A1111 or diffusers / PEFT), each with its scale, into the UNet's
+        spatial layers and the text encoder; `unload_loras` restores the weights bitwise."""
+        merge_lora(self.unet, self.text_encoder, [(load_lora(path), scale) for path, scale in loras])
+        self.loras += [(str(path), scale) for path, scale in loras]
+
+    def unload_loras(self) -> None:
+        unmerge_lora(self.unet, self.text_encoder)
+        self.loras = []
 
     def save_pretrained(self, weights_dir: str | Path) -> None:
         """Write the folder `from_pretrained` reads: one safetensors + JSON config per component."""

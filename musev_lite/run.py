@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, load_config, to_toml
 from .pipeline import MuseVPipeline, Progress
 from .video_io import contact_sheet, read_image, write_animation, write_image, write_json, write_mp4, write_png_frames
 from .weights import missing_weights
@@ -52,20 +52,44 @@ def check_output_dir(config: RunConfig) -> Path:
     return out
 
 
+def resolve_device(name: str) -> str:
+    """`model.device` checked against what this torch has; "auto" picks cuda, then mps, then cpu."""
+    has = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        return next(kind for kind in ("cuda", "mps", "cpu") if has[kind])
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"model.device = {name!r} is not a torch device; use \"auto\", \"cpu\", \"cuda\", "
+                          "\"cuda:1\" or \"mps\"") from None
+    if not has.get(device.type, False):
+        raise ConfigError(f"model.device = {name!r} but this torch has no {device.type.upper()} device; "
+                          f"use \"auto\" or one of {', '.join(k for k, ok in has.items() if ok)}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"model.device = {name!r} but there are {torch.cuda.device_count()} CUDA devices")
+    return name
+
+
 def load_pipeline(config: RunConfig) -> MuseVPipeline:
     m = config.model
-    if m.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"model.device = {m.device!r} but this torch has no CUDA device; use \"cpu\"")
+    device, dtype = resolve_device(m.device), getattr(torch, m.dtype)
     if m.preset == "tiny":
         print(DEMO_NOTE, file=sys.stderr)
-        pipe = MuseVPipeline.demo(seed=0, device=m.device)
+        pipe = MuseVPipeline.demo(seed=0, device=device).to(dtype=dtype)
     else:
         missing = missing_weights(m.weights_dir)
         if missing:
             raise ConfigError(
                 f"model.weights_dir {m.weights_dir!r} lacks {', '.join(missing)}; fetch and convert them with: "
                 f"python -m musev_lite.fetch {m.preset} --dest {m.weights_dir}   (see weights/README.md)")
-        pipe = MuseVPipeline.from_pretrained(m.weights_dir, device=m.device, dtype=getattr(torch, m.dtype))
+        pipe = MuseVPipeline.from_pretrained(m.weights_dir, device=device, dtype=dtype)
+        folder_has_referencenet = pipe.referencenet is not None
+        if folder_has_referencenet != (m.preset != "musev"):
+            holds = "a referencenet model" if folder_has_referencenet else "the musev model (no ReferenceNet)"
+            raise ConfigError(f"model.preset = {m.preset!r} but model.weights_dir {m.weights_dir!r} holds {holds}; "
+                              "set the preset that matches the folder, or point weights_dir at the right folder")
+    if m.lora:
+        pipe.load_loras([(entry.path, entry.scale) for entry in m.lora])
     if m.compile:
         pipe.unet = torch.compile(pipe.unet)
     return pipe
@@ -150,9 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="a TOML file (see examples/ and the README's Configuration section)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config key, e.g. --set generation.seed=3 (repeatable)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration (defaults filled in) as TOML and exit")
+    parser.add_argument("--version", action="version", version=f"musev_lite {__version__}")
     args = parser.parse_args(argv)
     warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
     try:
+        if args.print_config:
+            print(to_toml(load_config(args.config, args.set)), end="")
+            return 0
         paths = run(args.config, args.set)
     except ValueError as err:  # ConfigError, MediaError, WeightsError, PromptError, ...: the user's to fix
         print(f"error: {err}", file=sys.stderr)

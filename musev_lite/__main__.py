@@ -1,0 +1,44 @@
+"""`python -m musev_lite` / `musev-lite`: one entry point for the three commands.
+
+    musev-lite run CONFIG.toml [--set section.key=value ...] [--print-config]
+    musev-lite fetch MODEL [--dest DIR ...]
+    musev-lite convert {musev,sd15} ...
+    musev-lite --version
+
+Each command is the module of the same name (`python -m musev_lite.run`, `.fetch`, `.convert.musev`,
+`.convert.sd15`), called with the remaining arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+COMMANDS = {"run": "musev_lite.run", "fetch": "musev_lite.fetch"}
+CONVERTERS = {"musev": "musev_lite.convert.musev", "sd15": "musev_lite.convert.sd15"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="musev-lite", description="MuseV video generation in plain PyTorch.",
+        epilog="`musev-lite COMMAND --help` describes a command's options.")
+    parser.add_argument("--version", action="version", version=f"musev_lite {__version__}")
+    parser.add_argument("command", choices=[*COMMANDS, "convert"],
+                        help="run: make a video from a TOML configuration; fetch: download and convert a released "
+                             "model; convert: convert checkpoints you have (musev or sd15)")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments")
+    args = parser.parse_args(argv)
+    module, rest = COMMANDS.get(args.command), args.args
+    if args.command == "convert":
+        if not rest or rest[0] not in CONVERTERS:
+            parser.error(f"convert needs a converter first: one of {', '.join(CONVERTERS)} "
+                         "(e.g. musev-lite convert musev --help)")
+        module, rest = CONVERTERS[rest[0]], rest[1:]
+    return importlib.import_module(module).main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
