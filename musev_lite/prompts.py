@@ -13,6 +13,7 @@ The result is [negative; positive].
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from pathlib import Path
@@ -89,6 +90,9 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
         scale_from(start, 1 / 1.1)
     merged: list[list] = []
     for run in runs or [["", 1.0]]:
+        if not math.isfinite(run[1]):  # a weight of 400 digits, or thousands of nested brackets
+            raise PromptError(f"prompt weight of {run[0][:30]!r} in {text[:60]!r} is {run[1]}; "
+                              "write a weight such as (word:1.2)")
         if merged and merged[-1][1] == run[1]:
             merged[-1][0] += run[0]
         else:
@@ -136,13 +140,14 @@ def encode_prompt_pair(tokenizer, text_encoder, prompt: str, negative_prompt: st
     # scale each vector by its weight, then restore each prompt's overall mean
     names = (f"negative prompt {negative_name[:60]!r}", f"prompt {prompt[:60]!r}")
     weighted = restore_mean(embeddings, embeddings * weights[..., None], names)
-    return check_finite(weighted, "text encoding")
+    return check_finite(weighted, "text encoding", "lower any large prompt weight, e.g. (word:1.2)")
 
 
 # A mean smaller than this fraction of the mean |value| is a cancellation of positive and negative
 # values: dividing by it gives rounding noise (NaN for an exact 0). The demo's text encoder (final
-# LayerNorm without bias) gives 1e-8; trained CLIP encoders and the test encoders give about 0.1-0.5.
-# At 1e-3 the float32 rounding of the mean (~2e-6 of the mean |value|) moves the ratio by < 0.2%.
+# LayerNorm without bias) gives 1e-8; the tests' encoders, with a LayerNorm bias as trained CLIP has,
+# give 0.15-0.45. At 1e-3 the float32 rounding of the mean (~2e-6 of the mean |value|) moves the
+# ratio by at most 0.2%.
 MEAN_TOLERANCE = 1e-3
 
 
@@ -161,7 +166,8 @@ def restore_mean(plain: torch.Tensor, weighted: torch.Tensor, names: tuple[str, 
             warnings.warn(f"{name}: the mean of its text embedding is ~0 {'after' if ok_before else 'before'} "
                           "weighting, so it is not restored (the weights are applied as written)", stacklevel=3)
     ratio = before / after
-    return weighted * torch.where(usable[0] & usable[1], ratio, torch.ones_like(ratio))[:, None, None]
+    restore = usable[0] & usable[1] & ratio.isfinite()
+    return weighted * torch.where(restore, ratio, torch.ones_like(ratio))[:, None, None]
 
 
 def read_textual_inversion(path: str | Path, width: int) -> torch.Tensor:
