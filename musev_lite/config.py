@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .settings import DTYPES, FORMATS, PRESETS, ConfigError, GenerationConfig, in_range, one_of, require, suggest, typed
+from .video_io import MediaError, check_fps
 
 
 @dataclass
@@ -120,8 +121,12 @@ def check(config: RunConfig) -> None:
     require(len(o.formats) > 0, "output.formats is empty; use e.g. [\"mp4\"]")
     for fmt in o.formats:
         one_of("output.formats entry", fmt, FORMATS)
-    require(o.fps > 0, f"output.fps = {o.fps} must be > 0")
-    require("/" not in o.name and "\\" not in o.name, f"output.name = {o.name!r} must be a file stem, not a path")
+    try:
+        check_fps(o.fps, o.formats)
+    except MediaError as err:
+        raise ConfigError(f"output.{err}") from None
+    require(not any(c in o.name for c in "/\\\0"), f"output.name = {o.name!r} must be a file stem, not a path")
+    require(not o.name.startswith("."), f"output.name = {o.name!r} must not start with a dot (it would be hidden)")
 
 
 def toml_value(value) -> str:

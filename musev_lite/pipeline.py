@@ -45,6 +45,7 @@ from .weights import (
     REFERENCENET_PARTS,
     REQUIRED,
     WeightsError,
+    check_finite,
     config_from_dict,
     load_component,
     load_weights,
@@ -53,6 +54,7 @@ from .weights import (
 )
 
 DEFAULT_SIZE = (512, 320)  # (height, width) without a condition image: MuseV's training size
+GUIDANCE_FIX = "lower generation.guidance_scale / guidance_scale_end / ip_adapter_scale"
 MODEL_PARTS = REQUIRED + REFERENCENET_PARTS
 
 
@@ -332,12 +334,13 @@ class MuseVPipeline:
         """PIL images -> clean latents (n, 4, h, w): VAE posterior mean x scaling factor."""
         pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
         pixels = pixels.to(self.device, torch.float32) / 127.5 - 1
-        return self.vae.encode(pixels)
+        return check_finite(self.vae.encode(pixels), "image encoding (VAE)")
 
     @torch.no_grad()
     def image_conditioning(self, refer_image, ip_image, text: torch.Tensor, config: GenerationConfig) -> Conditioning:
-        """The text, plus IP-Adapter tokens [proj(0); proj(clip(image))] and ReferenceNet features
-        (the same for both halves) when the model has them, all batched [uncond; cond]."""
+        """The text, plus IP-Adapter tokens [proj(0); proj(clip(image))] and ReferenceNet features (of
+        the same image, made with each half's IP tokens or text) when the model has them, all batched
+        [uncond; cond]."""
         cond = Conditioning(text, motion_speed=config.motion_speed)
         if self.image_proj is not None and ip_image is not None and config.ip_adapter_scale > 0:
             pixels = clip_image_preprocess([ip_image]).to(self.device, self.image_encoder.dtype)
@@ -364,11 +367,13 @@ class MuseVPipeline:
         else:  # MuseV's redraw noises the image to the first timestep: its `strength` is inert
             x = sampler.add_noise(self.encode_images([image])[:, :, None], noise, 0)
         no_condition = torch.zeros((1, 4, 0, *shape_hw), device=self.device)
-        return parallel_denoise(
-            self._unet, x, no_condition, cond, sampler, [[0]], [config.first_frame_guidance] * steps,
-            generator=generator, temporal=False,
-            callback=lambda i, _: report(Progress("first_frame", 0, config.n_batch, i + 1, steps, 1)),
-        )
+
+        def after_step(i, x):
+            check_finite(x, f"first frame, step {i + 1}/{steps}", "lower generation.first_frame_guidance")
+            report(Progress("first_frame", 0, config.n_batch, i + 1, steps, 1))
+
+        return parallel_denoise(self._unet, x, no_condition, cond, sampler, [[0]], [config.first_frame_guidance] * steps,
+                                generator=generator, temporal=False, callback=after_step)
 
     def denoise_shots(self, condition: torch.Tensor, cond: Conditioning, config: GenerationConfig, generator,
                       latents, report, drawn: bool) -> torch.Tensor:
@@ -392,10 +397,13 @@ class MuseVPipeline:
             windows = context_windows(g.context_schedule, frames, g.context_frames, g.context_overlap)
             guidance = guidance_scales(g.guidance_scale, g.steps, g.guidance_scale_end, g.guidance_method)
             calls = len(window_groups(windows, g.window_batch))
-            x = parallel_denoise(
-                self._unet, x, condition, cond, sampler, windows, guidance, g.window_batch, generator,
-                callback=lambda i, _: report(Progress("video", shot, g.n_batch, i + 1, g.steps, calls)),
-            )
+
+            def after_step(i, x, shot=shot):
+                check_finite(x, f"shot {shot + 1}/{g.n_batch}, step {i + 1}/{g.steps}", GUIDANCE_FIX)
+                report(Progress("video", shot, g.n_batch, i + 1, g.steps, calls))
+
+            x = parallel_denoise(self._unet, x, condition, cond, sampler, windows, guidance, g.window_batch, generator,
+                                 callback=after_step)
             shots.append(x)
             condition = x[:, :, -1:]  # the next shot continues from this shot's last frame
         return torch.cat(shots, dim=2)
@@ -407,6 +415,7 @@ class MuseVPipeline:
         out = None
         for start in range(0, len(frames), chunk_size):
             images = self.vae.decode(frames[start : start + chunk_size].float().to(self.device), chunk_size)
+            check_finite(images, f"decoding frames {start}-{start + len(images) - 1}")
             # (x / 2 + 0.5) clamped, x255 truncated: as MuseV writes its videos
             chunk = ((images / 2 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             if out is None:

@@ -7,11 +7,13 @@ negative-prompt presets, and textual-inversion embeddings.
 Each weighted run is tokenized on its own; the prompt and the negative prompt are padded to the same
 number k <= 3 of 75-token chunks; every chunk is encoded separately as [BOS] 75 tokens [EOS] and the
 outputs are concatenated (77k vectors); each vector is scaled by its token's weight and the whole is
-rescaled to keep its original mean (spec: pipeline.md §5.1). The result is [negative; positive].
+rescaled to keep its original mean (spec: pipeline.md §5.1), unless that mean is ~0 (`restore_mean`).
+The result is [negative; positive].
 """
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .weights import WeightsError, atomic_path, read_state_dict
+from .weights import WeightsError, atomic_path, check_finite, read_state_dict
 
 CHUNK = 75  # tokens per chunk, between BOS and EOS
 
@@ -88,6 +90,9 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
         scale_from(start, 1 / 1.1)
     merged: list[list] = []
     for run in runs or [["", 1.0]]:
+        if not math.isfinite(run[1]):  # a weight of 400 digits, or thousands of nested brackets
+            raise PromptError(f"prompt weight of {run[0][:30]!r} in {text[:60]!r} is {run[1]}; "
+                              "write a weight such as (word:1.2)")
         if merged and merged[-1][1] == run[1]:
             merged[-1][0] += run[0]
         else:
@@ -112,7 +117,7 @@ def encode_prompt_pair(tokenizer, text_encoder, prompt: str, negative_prompt: st
                        max_chunks: int = 3) -> torch.Tensor:
     """(2, 77k, D) text embeddings, [negative; positive]. `negative_prompt` is a preset name
     (`NEGATIVE_PROMPTS`: Empty, V1..V5) or else taken as literal text."""
-    negative_prompt = NEGATIVE_PROMPTS.get(negative_prompt, negative_prompt)
+    negative_name, negative_prompt = negative_prompt, NEGATIVE_PROMPTS.get(negative_prompt, negative_prompt)
     pairs = [weighted_tokens(tokenizer, text, CHUNK * max_chunks) for text in (negative_prompt, prompt)]
     longest = max(len(ids) for ids, _ in pairs)
     k = max(1, min(max_chunks, (longest - 1) // CHUNK + 1))
@@ -132,11 +137,37 @@ def encode_prompt_pair(tokenizer, text_encoder, prompt: str, negative_prompt: st
     weights[:, :, 1:-1] = content_weights.unflatten(1, (k, CHUNK))
     weights = weights.flatten(1).to(embeddings)
 
-    # scale each vector by its weight, then restore each prompt's overall mean (computed in float32)
-    before = embeddings.float().mean(dim=(1, 2)).to(embeddings.dtype)
-    embeddings = embeddings * weights[..., None]
-    after = embeddings.float().mean(dim=(1, 2)).to(embeddings.dtype)
-    return embeddings * (before / after)[:, None, None]
+    # scale each vector by its weight, then restore each prompt's overall mean
+    names = (f"negative prompt {negative_name[:60]!r}", f"prompt {prompt[:60]!r}")
+    weighted = restore_mean(embeddings, embeddings * weights[..., None], names)
+    return check_finite(weighted, "text encoding", "lower any large prompt weight, e.g. (word:1.2)")
+
+
+# A mean smaller than this fraction of the mean |value| is a cancellation of positive and negative
+# values: dividing by it gives rounding noise (NaN for an exact 0). The demo's text encoder (final
+# LayerNorm without bias) gives 1e-8; the tests' encoders, with a LayerNorm bias as trained CLIP has,
+# give 0.15-0.45. At 1e-3 the float32 rounding of the mean (~2e-6 of the mean |value|) moves the
+# ratio by at most 0.2%.
+MEAN_TOLERANCE = 1e-3
+
+
+def restore_mean(plain: torch.Tensor, weighted: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+    """Rescale each row of `weighted` (n, L, D) to the mean of the same row of `plain` (means in float32),
+    as MuseV does. A row whose mean is ~0 (see MEAN_TOLERANCE) before or after weighting is left as
+    weighted; if only one of the two is ~0 its mean changes, and a warning names it."""
+    means, usable = [], []
+    for x in (plain, weighted):
+        mean = x.float().mean(dim=(1, 2))
+        means.append(mean.to(x.dtype))
+        usable.append(mean.abs() > MEAN_TOLERANCE * x.float().abs().mean(dim=(1, 2)))
+    before, after = means
+    for name, ok_before, ok_after in zip(names, usable[0].tolist(), usable[1].tolist()):
+        if ok_before != ok_after:
+            warnings.warn(f"{name}: the mean of its text embedding is ~0 {'after' if ok_before else 'before'} "
+                          "weighting, so it is not restored (the weights are applied as written)", stacklevel=3)
+    ratio = before / after
+    restore = usable[0] & usable[1] & ratio.isfinite()
+    return weighted * torch.where(restore, ratio, torch.ones_like(ratio))[:, None, None]
 
 
 def read_textual_inversion(path: str | Path, width: int) -> torch.Tensor:

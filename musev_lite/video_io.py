@@ -29,26 +29,50 @@ class MediaError(ValueError):
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image as RGB; transparent parts become white (as the original reads images)."""
+    """Open an image as 8-bit RGB (`to_rgb`)."""
     path = Path(path)
     if not path.is_file():
         raise MediaError(f"image {path}: no such file")
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                rgba = image.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(white, rgba).convert("RGB")
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
+            return to_rgb(image, f"image {path}")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
         raise MediaError(f"image {path}: not a readable image ({err})") from None
+
+
+def to_rgb(image: Image.Image, source: str = "image") -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. 16-bit (I;16, I;16B, I;16L, and I, which holds 16-bit data as
+    Pillow decodes it) is scaled by 255/65535 and float (F) by 255 from 0..1, rounded; other ranges of
+    I and F are refused, not clipped. Transparent parts (RGBA, LA, PA, premultiplied RGBa and La, or a
+    transparent colour of a P, L or RGB image) are composited on white, as the original reads images.
+    Other modes (1, L, P, CMYK, YCbCr, ...) are converted by Pillow. `source` names the image in errors."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(image).astype(np.float64)
+        top = 1.0 if mode == "F" else 65535.0
+        bad = ~np.isfinite(values) | (values < 0) | (values > top)
+        if bad.any():
+            raise MediaError(f"{source}: mode {mode} values must lie in 0..{top:g}, found {values[bad][0]:g}; "
+                             "save it as an 8- or 16-bit image")
+        return Image.fromarray(np.round(values * (255 / top)).astype(np.uint8)).convert("RGB")
+    if mode in ("La", "RGBa"):  # premultiplied alpha: over white, c*a/255 + 255*(1 - a/255) = stored c + 255 - a
+        values = np.asarray(image).astype(np.int16)
+        over_white = (values[..., :-1] + 255 - values[..., -1:]).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(over_white.squeeze(-1) if mode == "La" else over_white).convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as err:
+        raise MediaError(f"{source}: mode {mode} cannot be converted to RGB ({err}); save it as RGB") from None
 
 
 def as_pil(image) -> Image.Image:
     """A PIL image, a path, or a uint8 array (H,W,3) -> RGB PIL image."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, (str, os.PathLike)):
         return read_image(image)
     array = np.asarray(image)
@@ -74,10 +98,34 @@ def fit_image(image: Image.Image, height: int, width: int) -> Image.Image:
     return image.crop(box).resize((width, height), resample=Image.Resampling.LANCZOS)
 
 
+# Frames per second every writer accepts. Above 240 (the fastest cameras and displays) H.264 outgrows
+# level 5.2 at 1080p (2,073,600 macroblocks/s / 8160 = 254 fps), and at extreme rates the container's
+# microsecond duration rounds to 0 (1e9 fps: no duration). Below 1 fps a video is a slide show (more
+# likely a typo). Browsers play an animation frame of 10 ms or less at 100 ms, and GIF delays come in
+# steps of 10 ms, so GIF and WebP stop at 50 fps (20 ms).
+FPS_RANGE = (1.0, 240.0)
+ANIMATION_MAX_FPS = 50.0
+
+
+def check_fps(fps: float, formats: Iterable[str] = VIDEO_FORMATS) -> float:
+    """`fps` as a float if every format in `formats` can play it (FPS_RANGE, ANIMATION_MAX_FPS for
+    gif/webp), else MediaError. Call it before generating, not only when writing."""
+    low, high = FPS_RANGE
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not low <= fps <= high:
+        raise MediaError(f"fps = {fps!r} must be a number from {low:g} to {high:g}")
+    animated = sorted({f for f in formats if f in ("gif", "webp")})
+    if animated and fps > ANIMATION_MAX_FPS:
+        raise MediaError(f"fps = {fps!r} is too fast for {' and '.join(animated)} (browsers play frames shorter "
+                         f"than 20 ms at 100 ms): use fps <= {ANIMATION_MAX_FPS:g} or write mp4")
+    return float(fps)
+
+
 def write_mp4(path: Path, chunks: Iterable[np.ndarray], fps: float) -> int:
-    """H.264 / yuv420p mp4 from uint8 chunks (n,H,W,3); odd sizes are padded by one edge pixel."""
+    """H.264 / yuv420p mp4 from uint8 chunks (n,H,W,3); odd sizes are padded by one edge pixel. The
+    same frames give the same bytes (with the same x264)."""
     import av  # imported here: only video output needs the codec library
 
+    rate = Fraction(check_fps(fps, ("mp4",))).limit_denominator(1001)  # 30000/1001 stays exact
     count = 0
     with atomic_path(path) as tmp:
         with av.open(str(tmp), mode="w", format="mp4") as container:
@@ -86,10 +134,13 @@ def write_mp4(path: Path, chunks: Iterable[np.ndarray], fps: float) -> int:
                 for frame in chunk:
                     if stream is None:
                         h, w = frame.shape[:2]
-                        stream = container.add_stream("libx264", rate=_fps_fraction(fps))
+                        stream = container.add_stream("libx264", rate=rate)
                         stream.width, stream.height = w + w % 2, h + h % 2
                         stream.pix_fmt = "yuv420p"
-                        stream.options = {"crf": "17"}
+                        # Same frames, same bytes: x264's thread count (by default from the CPU count)
+                        # changes its output, and its AVX-512 macroblock-tree code varies from run to run.
+                        stream.options = {"crf": "17", "x264-params": "mbtree=0"}
+                        stream.codec_context.thread_count = 1
                     if frame.shape[0] % 2 or frame.shape[1] % 2:
                         frame = np.pad(frame, ((0, frame.shape[0] % 2), (0, frame.shape[1] % 2), (0, 0)), mode="edge")
                     container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
@@ -100,16 +151,10 @@ def write_mp4(path: Path, chunks: Iterable[np.ndarray], fps: float) -> int:
     return count
 
 
-def _fps_fraction(fps: float):
-    from fractions import Fraction
-
-    return Fraction(fps).limit_denominator(1001)
-
-
 def write_animation(path: Path, frames: list[Image.Image], fps: float) -> None:
     """Looping GIF or WebP (by suffix) through pillow."""
-    duration_ms = max(1, round(1000 / fps))
     fmt = "GIF" if path.suffix.lower() == ".gif" else "WEBP"
+    duration_ms = round(1000 / check_fps(fps, (fmt.lower(),)))
     extra = {"lossless": False, "quality": 90} if fmt == "WEBP" else {"disposal": 2}
     with atomic_path(path) as tmp:
         frames[0].save(tmp, format=fmt, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0, **extra)
@@ -235,7 +280,7 @@ def read_video(path: str | os.PathLike, height: int | None = None, width: int | 
             raise MediaError(f"video {path}: the file states no frame rate, so fps={fps} cannot be honoured; "
                              "use sample_rate instead")
         # source frame of output frame k: nearest to time k / fps (exact fractions), or k * sample_rate
-        step = Fraction(rate) / _fps_fraction(fps) if fps is not None else Fraction(sample_rate)
+        step = Fraction(rate) / Fraction(fps).limit_denominator(1001) if fps is not None else Fraction(sample_rate)
         wanted = (math.floor(k * step + Fraction(1, 2)) for k in count())
         frames, indices, next_index, decoded = [], [], next(wanted), 0
         try:

@@ -37,6 +37,28 @@ class WeightsError(ValueError):
     """A checkpoint file is missing, unreadable, unsafe, or does not fit the model."""
 
 
+class NumericError(ValueError):
+    """A tensor holds NaN or infinite values: stop rather than write a black video."""
+
+
+def check_finite(tensor: torch.Tensor, stage: str, fix: str = "") -> torch.Tensor:
+    """`tensor` unchanged if all its values are finite; else NumericError naming `stage`, what was
+    found and the fixes to try: `fix` (the caller's, for its stage), float32 for a half-precision
+    tensor, finite weights."""
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return tensor
+    nan = int(torch.isnan(tensor).sum())
+    fixes = [fix] if fix else []
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        fixes.append(f'run in float32 (model.dtype = "float32"): {str(tensor.dtype)[6:]} overflows easily')
+    fixes.append("check that the weights are finite numbers (convert them again)")
+    raise NumericError(
+        f"{stage}: {nan} NaN and {int((~finite).sum()) - nan} infinite values among {tensor.numel()}; "
+        "stopped instead of writing a broken video. Try: " + "; ".join(fixes)
+    )
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a flat name -> tensor dict from a `.safetensors` or pickled checkpoint, on the CPU."""
     path = Path(path)

@@ -81,7 +81,7 @@ CASES = {
     "overlap >= context": (["generation.context_overlap=12"], "context_overlap = 12 must be"),
     "unknown format": (['output.formats=["avi"]'], "output.formats entry = 'avi'"),
     "guidance < 1": (["generation.guidance_scale=0.9"], "guidance_scale = 0.9 must be >= 1"),
-    "fps <= 0": (["output.fps=-1"], "output.fps = -1.0 must be > 0"),
+    "fps <= 0": (["output.fps=-1"], "output.fps = -1.0 must be a number from 1 to 240"),
     "bad prompt weight": (["input.prompt=(face:1.2.3)"], "prompt weight '1.2.3'"),
     "no cuda": (["model.device=cuda"], "no CUDA device"),
     "negative seed": (["generation.seed=-5"], "generation.seed = -5 must be a non-negative integer"),

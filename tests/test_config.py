@@ -49,7 +49,7 @@ def test_override_syntax():
         ("[generation]\nguidance_scale = 0.5\n", "guidance_scale = 0.5 must be >= 1"),
         ('[model]\npreset = "musev3"\n', "model.preset = 'musev3' is not one of"),
         ('[output]\nformats = ["mov"]\n', "output.formats entry = 'mov' is not one of"),
-        ("[output]\nfps = 0\n", "output.fps = 0.0 must be > 0"),
+        ("[output]\nfps = 0\n", "output.fps = 0.0 must be a number from 1 to 240"),
         ('[generation]\nsampler = "dpm"\n', "generation.sampler = 'dpm' is not one of"),
         ("[generation]\nw_ind_noise = 2\n", r"w_ind_noise = 2.0 must be in \[0, 1\]"),
         ('[output]\nname = "a/b"\n', "must be a file stem"),

@@ -1,6 +1,7 @@
 """Weighted prompts against the ORIGINAL MuseV parser and chunking, presets, textual inversion."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -14,9 +15,10 @@ from musev_lite.prompts import (
     encode_prompt_pair,
     load_textual_inversion,
     parse_weights,
+    restore_mean,
 )
 from musev_lite.tokenizer import CLIPTokenizer
-from musev_lite.weights import WeightsError
+from musev_lite.weights import NumericError, WeightsError
 
 DATA = json.loads((FIXTURES / "tokenizer/cases.json").read_text())
 
@@ -84,6 +86,74 @@ def test_weighting_math():
     expected = direct[1] * c
     expected[2:5] *= 1.5
     assert max_abs_error(weighted[1], expected, "weighted tokens x1.5, all x mean factor") <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from musev_lite.pipeline import MuseVPipeline
+
+    return MuseVPipeline.demo()
+
+
+@pytest.mark.parametrize("prompt,negative", [("", "V2"), ("a", "V2"), ("a cat", ""), ("", ""), ("x", "Empty"),
+                                             ("(a cat:1.5)", ""), ("[[a]]", "(,:0)")])
+def test_zero_mean_embeddings_stay_finite(demo, prompt, negative):
+    """The demo's text encoder (final LayerNorm without bias) has a mean of ~0 (exactly 0 for some
+    prompts): the mean restore divided by it and made NaN latents. Now it is skipped, silently,
+    since a mean of ~0 before and after weighting is kept anyway."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        embeddings = encode_prompt_pair(demo.tokenizer, demo.text_encoder, prompt, negative)
+    assert torch.isfinite(embeddings).all()
+    assert not [w for w in caught if "mean" in str(w.message)]
+    # a LayerNorm output (unit weight, no bias) is at most sqrt(width); only the weights (<= 1.5) scale it
+    assert embeddings.abs().max() <= 1.5 * embeddings.shape[-1] ** 0.5
+
+
+def old_restore(plain, weighted):  # the formula before the guard, MuseV's
+    before = plain.float().mean(dim=(1, 2)).to(plain.dtype)
+    after = weighted.float().mean(dim=(1, 2)).to(weighted.dtype)
+    return weighted * (before / after)[:, None, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_normal_prompts_restore_bit_identical(dtype):
+    tok = CLIPTokenizer.byte_level()
+    torch.manual_seed(0)
+    encoder = RecordingEncoder(tok.vocab_size).eval()
+    with torch.no_grad():
+        plain = encoder(torch.tensor([tok("a dog"), tok("a cat")])).to(dtype)
+    weights = torch.ones(2, 77, dtype=dtype)
+    weights[1, 2:5], weights[0, 3] = 1.5, 1 / 1.1
+    weighted = plain * weights[..., None]
+    assert torch.equal(restore_mean(plain, weighted, ("n", "p")), old_restore(plain, weighted))
+    # end to end, weighted prompt and negative: the result keeps each row's mean (the restore ran)
+    out = encode_prompt_pair(tok, encoder, "a (cat:1.5)", "[a] dog")
+    assert torch.allclose(out.mean(dim=(1, 2)), encode_prompt_pair(tok, encoder, "a cat", "a dog").mean(dim=(1, 2)),
+                          atol=1e-6)
+
+
+def test_mean_lost_by_weighting_warns():
+    torch.manual_seed(0)
+    plain = torch.randn(2, 6, 4) + 1  # mean ~1
+    weighted = plain.clone()
+    weighted[1] -= weighted[1].mean()  # row 1: mean exactly ~0 after weighting
+    with pytest.warns(UserWarning, match="prompt 'p': the mean of its text embedding is ~0 after weighting"):
+        out = restore_mean(plain, weighted, ("negative prompt 'n'", "prompt 'p'"))
+    assert torch.equal(out[1], weighted[1])  # not rescaled
+    assert torch.equal(out[0], old_restore(plain, weighted)[0])
+    with pytest.warns(UserWarning, match="negative prompt 'n': .* ~0 before weighting"):
+        out = restore_mean(weighted.flip(0), plain.flip(0), ("negative prompt 'n'", "prompt 'p'"))
+    assert torch.isfinite(out).all() and torch.equal(out[0], plain[1])
+
+
+def test_non_finite_text_encoding_is_an_error():
+    tok = CLIPTokenizer.byte_level()
+    encoder = RecordingEncoder(tok.vocab_size)
+    with torch.no_grad():
+        encoder.text_model.final_layer_norm.bias[0] = float("inf")  # as an overflowing float16 encoder gives
+    with pytest.raises(NumericError, match=r"^text encoding: 0 NaN and 154 infinite values among 1232; stopped"):
+        encode_prompt_pair(tok, encoder, "a cat", "a dog")
 
 
 def test_long_prompts_chunk_and_truncate():

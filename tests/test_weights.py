@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from musev_lite.weights import (
+    NumericError,
     WeightsError,
+    check_finite,
     check_state_dict,
     load_component,
     load_weights,
@@ -77,3 +79,16 @@ def test_load_weights_fills_module():
     assert torch.equal(model.weight.data, state["weight"])
     with pytest.raises(WeightsError, match="bias"):
         load_weights(model, {"weight": state["weight"]}, "linear")
+
+
+def test_check_finite_names_the_stage_and_the_fix():
+    latents = torch.randn(1, 4, 3, 2, 2)
+    assert check_finite(latents, "step 3/20") is latents
+    latents[0, 0, 0, 0, :] = torch.tensor([float("nan"), float("inf")])
+    latents[0, 1, 0, 0, 0] = -float("inf")
+    with pytest.raises(NumericError, match=r"^step 3/20: 1 NaN and 2 infinite values among 48; stopped .* Try: "
+                                           r"lower generation.guidance_scale; check that the weights are finite"):
+        check_finite(latents, "step 3/20", "lower generation.guidance_scale")
+    with pytest.raises(ValueError, match=r"^decode: .* Try: run in float32 \(model.dtype = \"float32\"\): float16 "):
+        check_finite(latents.half(), "decode")
+    assert issubclass(NumericError, ValueError)  # the CLI prints ValueErrors as one "error:" line, exit 2
