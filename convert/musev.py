@@ -1,6 +1,6 @@
 """A released MuseV model -> one musev_lite weights folder (what `MuseVPipeline.from_pretrained` reads).
 
-As the original loads it (spec: model.md §1.1):
+As the original's loaders assemble it:
   * unet: the motion checkpoint `motion/<model>/unet/` (temporal layers, frame embedding, IP-Adapter
     K/V, ReferenceNet fusion; it may or may not carry SD1.5 weights), with the SD1.5 base model's UNet
     laid over it: the base's spatial weights win, and it may bring no key the 3D UNet lacks;
@@ -146,7 +146,7 @@ def convert(motion: Path, base: Path, dest: Path, preset: str | None = None, vae
     components = [checked("unet", unet_state, unet_config, UNet3D, str(motion / "unet"))]
     components += text_side(sd)
     if preset != "musev":
-        # the pose model has no ReferenceNet of its own: it uses musev_referencenet's (model.md §1)
+        # the pose model has no ReferenceNet of its own: MuseV's README runs it with musev_referencenet's
         refer_dir = referencenet_dir or motion.parent / "musev_referencenet" / "referencenet"
         if image_encoder_dir is None:
             raise WeightsError(f"{preset} needs the IP-Adapter image encoder: pass --image-encoder")

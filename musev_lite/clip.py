@@ -2,8 +2,9 @@
 IP-Adapter (OpenCLIP ViT-H/14) whose image embedding becomes the "image prompt" tokens.
 
 Both are the same pre-LayerNorm transformer encoder; the text tower adds a causal mask and returns
-every token's final hidden state (after the last LayerNorm, no clip-skip: model.md §9), the vision
-tower embeds 14x14 patches plus a class token and returns the projected class token (model.md §8).
+every token's final hidden state (after the last LayerNorm, no clip-skip, as MuseV), the vision
+tower embeds 14x14 patches plus a class token and returns the projected class token (IP-Adapter's
+`image_embeds`).
 Keys are transformers' (`text_model.*`, `vision_model.*`, `visual_projection.weight`).
 `clip_image_preprocess` reproduces transformers' default CLIPImageProcessor, which is what MuseV used.
 """

@@ -3,8 +3,8 @@
 The video's latent frames are cut into overlapping windows. At every sampler step, every window is
 denoised at the same noise level, each with the clean latent of the condition image prefixed at its
 local frame 0, and the noise predictions of overlapping windows are averaged frame by frame. No window
-waits for a finished neighbour, so errors do not pile up along the video (MuseV paper, "parallel
-denoising" figure; spec: pipeline.md §3-§4).
+waits for a finished neighbour, so errors do not pile up along the video (MuseV README's "parallel
+denoising" figure; docs/method.md#parallel-denoising).
 
     windows = context_windows(...)                 # which frames each UNet call sees
     latents = initial_latents(...)                 # VideoFusion noise, nudged toward the image
@@ -24,7 +24,7 @@ from .unet import Conditioning
 
 
 # ---------------------------------------------------------------------------------------------
-# Windows (pipeline.md §3.2)
+# Windows (docs/method.md#windows)
 
 
 def uniform_v2_windows(num_frames: int, context_frames: int, overlap: int) -> list[list[int]]:
@@ -70,7 +70,7 @@ def context_windows(
 
 
 # ---------------------------------------------------------------------------------------------
-# Starting noise (pipeline.md §4.2)
+# Starting noise (docs/method.md#starting-noise)
 
 
 def video_fusion_noise(
@@ -109,7 +109,7 @@ def initial_latents(
 
 
 # ---------------------------------------------------------------------------------------------
-# Guidance schedule (pipeline.md §4.3)
+# Guidance schedule (docs/method.md#guidance)
 
 
 def guidance_scales(start: float, num_steps: int, end: float | None = None, method: str = "linear") -> list[float]:
@@ -131,7 +131,7 @@ def guidance_scales(start: float, num_steps: int, end: float | None = None, meth
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop (pipeline.md §3.3-§3.4, §4.4)
+# The loop (docs/method.md#parallel-denoising)
 
 
 def window_groups(windows: list[list[int]], window_batch: int) -> list[list[list[int]]]:

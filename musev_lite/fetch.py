@@ -72,7 +72,8 @@ def plan(model: str, base: str = "majicmixRealv6Fp16") -> list[Remote]:
     files += [Remote(f"{sd}/scheduler/scheduler_config.json")] + _weights("vae/sd-vae-ft-mse")
     files += [Remote(path, optional=True) for path in NEGATIVE_EMBEDDINGS]
     if model != "musev":
-        # the pose model ships its own image projection but uses musev_referencenet's ReferenceNet (§1)
+        # the pose model ships its own image projection but no ReferenceNet: MuseV's README runs it with
+        # musev_referencenet's
         files += _weights("motion/musev_referencenet/referencenet")
         files += [Remote(f"motion/{model}/ip_adapter_image_proj.bin")]
         files += _weights(IMAGE_ENCODER, TRANSFORMERS, IMAGE_ENCODER_HINT)

@@ -2,8 +2,8 @@
 
 The tokens feed the UNet's decoupled cross-attention (`to_k_ip` / `to_v_ip`) and are the
 ReferenceNet's cross-attention context. For classifier-free guidance the unconditional tokens are
-the projection of a zero embedding, not zeros (spec: model.md §8). Keys: `proj.*`, `norm.*`, as the
-`image_proj` entry of the published `ip_adapter_image_proj.bin`.
+the projection of a zero embedding, not zeros (docs/method.md#referencenet-and-ip-adapter).
+Keys: `proj.*`, `norm.*`, as the `image_proj` entry of the published `ip_adapter_image_proj.bin`.
 """
 
 from __future__ import annotations

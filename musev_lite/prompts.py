@@ -7,8 +7,8 @@ negative-prompt presets, and textual-inversion embeddings.
 Each weighted run is tokenized on its own; the prompt and the negative prompt are padded to the same
 number k <= 3 of 75-token chunks; every chunk is encoded separately as [BOS] 75 tokens [EOS] and the
 outputs are concatenated (77k vectors); each vector is scaled by its token's weight and the whole is
-rescaled to keep its original mean (spec: pipeline.md §5.1), unless that mean is ~0 (`restore_mean`).
-The result is [negative; positive].
+rescaled to keep its original mean, unless that mean is ~0 (`restore_mean`). The result is
+[negative; positive].
 """
 
 from __future__ import annotations
@@ -196,8 +196,8 @@ def save_textual_inversion(path: str | Path, vectors: torch.Tensor) -> None:
 
 def load_textual_inversion(path: str | Path, tokenizer, text_encoder, word: str | None = None) -> list[int]:
     """Add an A1111 embedding as `word` (default: the file name). The word then stands for all its
-    vectors. (MuseV's text encoding used only the first vector of a multi-vector embedding,
-    pipeline.md §5.1; all of them are used here.)"""
+    vectors. (MuseV's text encoding used only the first vector of a multi-vector embedding, its
+    expansion to several tokens being commented out; all of them are used here.)"""
     table = text_encoder.text_model.embeddings.token_embedding
     vectors = read_textual_inversion(path, table.embedding_dim)
     if tokenizer.vocab_size != table.num_embeddings:

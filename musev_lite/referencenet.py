@@ -3,7 +3,7 @@
 Its feature maps (after conv_in, every down layer, every downsampler, and the mid block) are what
 the video UNet fuses by attention (`refer_emb_attns`) so every frame can copy appearance from the
 reference. The released ReferenceNet has no up path, plain SD ResNets, and uses the IP-Adapter image
-tokens, not the text, as its cross-attention context, at timestep 0 (spec: model.md §7).
+tokens, not the text, as its cross-attention context, at timestep 0 (docs/method.md#referencenet-and-ip-adapter).
 Keys are SD1.5's (`conv_in`, `time_embedding`, `down_blocks`, `mid_block`).
 """
 

@@ -59,7 +59,7 @@ class SchedulerConfig:
 
     `timestep_spacing=None` means "not in the file": each sampler then uses its own default, as
     diffusers does (Euler: linspace, DDIM: leading). MuseV builds its Euler from SD1.5's PNDM config,
-    which lacks the key, so its runs use linspace spacing (pipeline.md §4.1).
+    which lacks the key, so its runs use linspace spacing (docs/method.md#the-sampler).
     `set_alpha_to_one`, `clip_sample` and `clip_sample_range` are used by DDIM only.
     """
 

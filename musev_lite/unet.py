@@ -1,6 +1,6 @@
 """MuseV's video UNet: Stable Diffusion 1.5's UNet with temporal layers and visual conditioning.
 
-What it adds to SD1.5 (spec: model.md §3-§7):
+What it adds to SD1.5 (why: docs/method.md#the-video-unet):
   * a TemporalConvLayer after every ResNet and a TransformerTemporalModel (attention across frames,
     positions from a frame-index embedding) after every spatial transformer, each gated by |w|;
   * "reference-only" spatial self-attention: every frame also attends to the clean condition frame's
@@ -11,9 +11,9 @@ With `temporal=False` every temporal layer is skipped and it is the SD1.5 UNet (
 draw a first frame from text). Module and parameter names are the published diffusers keys, so the
 released checkpoints load with no renaming.
 
-Left out, because the original computes them for nothing: the AdaIN "temporal cond" (returns its
-input, model.md §6.7), the unconditional attn1 recompute under CFG (overwritten, §4.4), the spatial
-position embedding (disabled in every release, §6.5), need_zero_vis_cond_temb (never read, §1).
+Left out, because the original computes them for nothing (docs/method.md#left-out): the AdaIN
+"temporal cond" (returns its input), the unconditional attn1 recompute under CFG (overwritten), the
+spatial position embedding (disabled in every release), need_zero_vis_cond_temb (never read).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class UNet3DConfig:
     temporal_conv_groups: int = 32  # TemporalConvLayer's GroupNorm(32, C) is hard-coded in MuseV
     transformer_in_groups: int = 32  # transformer_in is built with the default 32 groups
     # MuseV passes its BasicTransformerBlock arguments by position into a newer diffusers signature,
-    # so norm1/norm3 get eps = 0.0 (norm2 keeps 1e-5); the released weights ran that way (§4.4).
+    # so norm1/norm3 get eps = 0.0 (norm2 keeps 1e-5); the released weights ran that way (docs/method.md#quirks).
     transformer_norm_eps: float = 0.0
     transformer_in: bool = True  # a temporal transformer right after conv_in (musev)
     anivv1: bool = False  # SiLU after the time/frame MLPs; frame positions x motion_speed
@@ -96,7 +96,8 @@ class Conditioning:
     """Everything besides the noisy frames that steers a UNet call.
 
     Tensors have one row per sample, batched [uncond; cond] by the pipeline (the negative prompt's
-    text, IP tokens of a zero image embedding, the same ReferenceNet features on both halves).
+    text, IP tokens of a zero image embedding, ReferenceNet features of the same image made with
+    each half's IP tokens or text).
     """
 
     text: torch.Tensor  # (B, L, D) prompt tokens
@@ -226,7 +227,7 @@ class Attention(nn.Module):
 
 
 class SpatialSelfAttention(Attention):
-    """attn1 of the spatial transformers, with MuseV's reference-only attention (§4.5).
+    """attn1 of the spatial transformers, with MuseV's reference-only attention (docs/method.md#the-condition-frame).
 
     With condition frames in a window, frame t of sample b attends to its own tokens and to the
     condition frames' tokens: K/V = [h[b, t]; h[b, :n_cond]].
@@ -247,7 +248,8 @@ class SpatialSelfAttention(Attention):
 
 
 class CrossAttention(Attention):
-    """attn2: text cross-attention, plus decoupled IP-Adapter attention to image tokens (§4.6)."""
+    """attn2: text cross-attention, plus decoupled IP-Adapter attention to image tokens
+    (docs/method.md#referencenet-and-ip-adapter)."""
 
     def forward(self, x, ctx: FrameContext):
         t = ctx.num_frames
@@ -322,7 +324,7 @@ class Transformer2DModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Temporal blocks (§5, §6.1)
+# Temporal blocks (docs/method.md#the-video-unet)
 
 
 def to_video(x, t: int):
@@ -390,7 +392,7 @@ class TransformerTemporalModel(nn.Module):
 
 
 class ReferEmbFuseAttention(Attention):
-    """Fuse a ReferenceNet feature map: frame tokens attend to [reference tokens; own tokens] (§6.2).
+    """Fuse a ReferenceNet feature map: frame tokens attend to [reference tokens; own tokens].
 
     No input norm; residual. The same reference serves every frame of a sample.
     """
@@ -603,7 +605,7 @@ class UNet3D(nn.Module):
             if refer is not None:
                 # MuseV slices ReferenceNet features as [1 + n*i : 1 + n*i + n], n = layers (+1 with a
                 # downsampler). For the last block that starts at 7, not 10: it reuses the h/4 maps
-                # 7 and 8 instead of the h/8 maps 10, 11. Trained that way, so kept (docs/method.md).
+                # 7 and 8 instead of the h/8 maps 10, 11. Trained that way, so kept (docs/method.md#quirks).
                 n = len(block.resnets) + (block.downsamplers is not None)
                 features = refer.down[1 + n * i : 1 + n * i + n]
             x, block_skips = block(x, emb, ctx, features)

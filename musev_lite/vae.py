@@ -1,7 +1,7 @@
 """The Stable Diffusion VAE (AutoencoderKL): images <-> latents 8x smaller, 4 channels.
 
 MuseV encodes the condition and reference images to the posterior *mean* (never a sample) times
-0.18215, and decodes frame by frame, in float32 whatever the rest runs in (spec: model.md §10).
+0.18215, and decodes frame by frame, in float32 whatever the rest runs in (its diffusers fork upcasts the VAE).
 `decode` takes a chunk size so memory stays flat however many frames a video has.
 Keys are diffusers' (`encoder.*`, `decoder.*`, `quant_conv`, `post_quant_conv`); files with the older
 attention names (`query`/`key`/`value`/`proj_attn`) go through `musev_lite.convert.sd15` first.

@@ -1,12 +1,15 @@
-"""The README stays true: every configuration key is documented, CI runs the README's commands."""
+"""The docs stay true: every configuration key is in the README, CI runs the README's commands, docs/method.md
+matches the code and is what the code points at."""
 
 import dataclasses
 import re
 
 from conftest import REPO
 from musev_lite.config import RunConfig
+from musev_lite.denoise import context_windows, uniform_v2_windows, uniform_windows
 
 README = (REPO / "README.md").read_text()
+METHOD = (REPO / "docs/method.md").read_text()
 
 
 def test_every_config_key_is_in_the_readme():
@@ -38,3 +41,50 @@ def test_weights_readme_commands_use_real_options():
         source = sources[module].read_text()
         for option in re.findall(r"(--[\w-]+)", args):
             assert f'"{option}"' in source, f"weights/README.md: {module} has no option {option}"
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/method.md: the code points there, not at files a user's clone lacks, and its diagrams are the code's
+
+
+def windows_diagram(schedule: str, num_frames: int, context_frames: int, overlap: int) -> str:
+    """Which frames each window holds, as text: a cell is the frame's position in its UNet call (the
+    condition frame C at 0), '.' not in the window; a window context_windows drops is shown as such."""
+    windows = context_windows(schedule, num_frames, context_frames, overlap)
+    raw = (uniform_v2_windows if schedule == "uniform_v2" else uniform_windows)(num_frames, context_frames, overlap)
+
+    def row(label, first, cells):
+        return f"{label:<14}{first:>3} |" + "".join(f"{cell:>3}" for cell in cells)
+
+    def positions(window):
+        position = {frame: i + 1 for i, frame in enumerate(window)}
+        return [position.get(frame, ".") for frame in range(num_frames)]
+
+    lines = [row("frame", "C", range(num_frames))]
+    lines += [row(f"window {k}", 0, positions(w)) for k, w in enumerate(windows)]
+    lines += [row("dropped", 0, positions(w)) for w in raw if w not in windows]
+    lines.append(row("averaged over", "", [sum(frame in w for w in windows) for frame in range(num_frames)]))
+    return "\n".join(lines)
+
+
+def test_method_diagram_matches_the_code():
+    diagrams = re.findall(r"<!-- windows: (\w+) (\d+) (\d+) (\d+) -->\n```text\n(.*?)\n```", METHOD, re.S)
+    assert len(diagrams) == 2, "docs/method.md should hold the uniform_v2 and uniform window diagrams"
+    for schedule, frames, context, overlap, shown in diagrams:
+        expected = windows_diagram(schedule, int(frames), int(context), int(overlap))
+        assert shown == expected, f"docs/method.md's {schedule} diagram is stale; it should read:\n{expected}"
+
+
+def test_code_points_only_at_docs_a_clone_has():
+    """No `§` references into the spec files (absent on a user's clone); every docs/method.md#anchor
+    cited in the code or the README, and every #anchor link inside docs/method.md, is one of its headings."""
+    headings = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", METHOD, re.M)}
+    for anchor in re.findall(r"\]\(#([\w-]+)\)", METHOD):
+        assert anchor in headings, f"docs/method.md links to #{anchor}, which is not one of its headings"
+    sources = sorted((REPO / "musev_lite").rglob("*.py")) + sorted((REPO / "convert").rglob("*.py"))
+    for path in sources + [REPO / "README.md"]:
+        text = path.read_text()
+        where = path.relative_to(REPO)
+        assert "§" not in text and "model.md" not in text and "pipeline.md" not in text, f"{where} cites the spec"
+        for anchor in re.findall(r"docs/method\.md#([\w-]+)", text):
+            assert anchor in headings, f"{where}: docs/method.md has no heading for #{anchor}"
