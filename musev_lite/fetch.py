@@ -4,6 +4,9 @@
 
 Files come from the Hugging Face repository TMElyralab/MuseV, laid out as MuseV's README clones it
 (`motion/`, `t2i/sd1.5/`, `vae/`, `IP-Adapter/`), into a downloads folder (default `checkpoints/`).
+The pose model (and any model with --controlnet) also gets the ControlNet MuseV's video2video loads
+for its pose control (`--controlnet_name dwpose_body_hand`): lllyasviel/control_v11p_sd15_openpose,
+into `controlnet/control_v11p_sd15_openpose/`, converted to the component `controlnet`.
 Downloads resume from `.part` files (HTTP Range), show progress on stderr, and are checked against
 a size and sha256 when those are known. Then the converters write the weights folder. weights/README.md
 lists every file. Plain urllib, nothing else.
@@ -21,6 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .convert.controlnet import read_controlnet, save_controlnet
 from .convert.musev import convert
 
 DEFAULT_BASE_URL = "https://huggingface.co/TMElyralab/MuseV/resolve/main"
@@ -51,6 +55,9 @@ IMAGE_ENCODER = "IP-Adapter/models/image_encoder"
 # the textual inversions MuseV's negative presets name, as its scripts load them (text2video.py)
 NEGATIVE_EMBEDDINGS = ("embedding/badhandv4.pt", "embedding/ng_deepnegative_v1_75t.pt",
                        "embedding/EasyNegativeV2.safetensors", "embedding/bad_prompt_version2-neg.pt")
+# MuseV's pose ControlNet: ControlNetModel.from_pretrained("lllyasviel/control_v11p_sd15_openpose") (MMCM controlnet.py)
+CONTROLNET_URL = "https://huggingface.co/lllyasviel/control_v11p_sd15_openpose/resolve/main"
+CONTROLNET_DIR = "controlnet/control_v11p_sd15_openpose"  # in the downloads folder
 IMAGE_ENCODER_HINT = (f"if your mirror lacks {IMAGE_ENCODER}/, put the files of "
                       f"https://huggingface.co/h94/IP-Adapter/tree/main/models/image_encoder there and run again")
 
@@ -78,6 +85,13 @@ def plan(model: str, base: str = "majicmixRealv6Fp16") -> list[Remote]:
         files += [Remote(f"motion/{model}/ip_adapter_image_proj.bin")]
         files += _weights(IMAGE_ENCODER, TRANSFORMERS, IMAGE_ENCODER_HINT)
     return files
+
+
+def plan_controlnet() -> list[Remote]:
+    """The files of the ControlNet repository (relative to CONTROLNET_URL and to CONTROLNET_DIR)."""
+    repository = CONTROLNET_URL.removesuffix("/resolve/main")
+    hint = f"the ControlNet is the diffusers folder {repository}; --controlnet-url names a mirror"
+    return [Remote("config.json", hint=hint), Remote(DIFFUSERS[0], DIFFUSERS[1:], hint=hint)]
 
 
 def download(url: str, target: Path, size: int | None = None, sha256: str | None = None, quiet: bool = False) -> Path:
@@ -159,13 +173,20 @@ def main(argv=None) -> int:
                         help="where the release files go; kept, so a second run downloads nothing (default: checkpoints)")
     parser.add_argument("--base", choices=BASE_MODELS, default="majicmixRealv6Fp16", help="the SD1.5 base model")
     parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help="the release, or a mirror of it")
+    parser.add_argument("--controlnet", action="store_true",
+                        help="also fetch and convert the pose ControlNet (always done for musev_referencenet_pose)")
+    parser.add_argument("--controlnet-url", default=CONTROLNET_URL, help="the ControlNet's repository, or a mirror of it")
     parser.add_argument("--dtype", choices=("keep", "fp16", "fp32"), default="keep", help="of the written weights")
     parser.add_argument("--download-only", action="store_true", help="fetch the files, do not convert")
     args = parser.parse_args(argv)
     downloads, dest = args.downloads, args.dest or Path("weights") / args.model
+    with_controlnet = args.controlnet or args.model == "musev_referencenet_pose"
     try:
         fetch_all(plan(args.model, args.base), downloads, args.base_url)
+        if with_controlnet:
+            fetch_all(plan_controlnet(), downloads / CONTROLNET_DIR, args.controlnet_url)
         if not args.download_only:
+            controlnet = read_controlnet(downloads / CONTROLNET_DIR) if with_controlnet else None  # checked first
             motion = downloads / "motion"
             embeddings = downloads / "embedding"
             convert(motion / args.model, downloads / "t2i/sd1.5" / args.base, dest, preset=args.model,
@@ -173,6 +194,8 @@ def main(argv=None) -> int:
                     image_encoder_dir=None if args.model == "musev" else downloads / IMAGE_ENCODER,
                     referencenet_dir=motion / "musev_referencenet/referencenet", dtype=args.dtype,
                     embeddings=embeddings if embeddings.is_dir() else None)
+            if controlnet is not None:
+                save_controlnet(dest, "controlnet", *controlnet, dtype=args.dtype)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

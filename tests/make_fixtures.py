@@ -547,6 +547,137 @@ def make_pose():
     (OUT / "pose" / "frames.json").write_text(json.dumps(frames) + "\n")
 
 
+CONTROLNET_TINY = dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, cross_attention_dim=32,
+                       attention_head_dim=2, conditioning_embedding_out_channels=(4, 8, 8, 16))
+SD15_CONTROLNET = dict(cross_attention_dim=768)  # control_v11p_sd15_openpose/config.json: diffusers' defaults + 768
+
+
+def ldm_controlnet_names(keys, hint_convs: int) -> dict:
+    """diffusers ControlNet key -> the original (ldm `cldm`) name. Written here by hand from the cldm layout
+    (time_embed, input_blocks, middle_block, zero_convs, middle_block_out, input_hint_block: conv, SiLU, ...),
+    then checked below against diffusers' own ldm -> diffusers converter, which decides."""
+    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+              "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+    names = {}
+    for key in keys:
+        part = key.split(".")
+        if part[0] == "time_embedding":
+            new = f"time_embed.{0 if part[1] == 'linear_1' else 2}.{part[2]}"
+        elif part[0] == "conv_in":
+            new = f"input_blocks.0.0.{part[1]}"
+        elif part[0] == "controlnet_cond_embedding":
+            index = {"conv_in": 0, "conv_out": 2 * hint_convs + 2}.get(part[1])
+            new = f"input_hint_block.{2 * int(part[2]) + 2 if index is None else index}.{part[-1]}"
+        elif part[0] == "controlnet_down_blocks":
+            new = f"zero_convs.{part[1]}.0.{part[2]}"
+        elif part[0] == "controlnet_mid_block":
+            new = f"middle_block_out.0.{part[1]}"
+        elif part[0] == "down_blocks":
+            level, kind = int(part[1]), part[2]
+            if kind == "downsamplers":
+                new = f"input_blocks.{3 * level + 3}.0.op.{part[-1]}"
+            else:
+                block = f"input_blocks.{3 * level + int(part[3]) + 1}"
+                rest = ".".join(part[4:])
+                new = f"{block}.1.{rest}" if kind == "attentions" else f"{block}.0.{resnet[part[4]]}.{part[5]}"
+        elif part[0] == "mid_block":
+            rest = ".".join(part[3:])
+            new = (f"middle_block.1.{rest}" if part[1] == "attentions"
+                   else f"middle_block.{2 * int(part[2])}.{resnet[part[3]]}.{part[4]}")
+        names[key] = new
+    return names
+
+
+def checked_ldm_names(model) -> dict:
+    """ldm names for `model`'s keys, confirmed by diffusers' single-file converter: it maps the renamed
+    state dict back to exactly the model's tensors (the same objects), one for one."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    state = model.state_dict()
+    names = ldm_controlnet_names(state, 2 * (len(model.config.conditioning_embedding_out_channels) - 1))
+    ldm = {f"control_model.{names[k]}": v for k, v in state.items()}
+    back = convert_controlnet_checkpoint(ldm, dict(model.config))
+    assert back.keys() == state.keys() and all(back[k] is state[k] for k in state), "ldm names do not round-trip"
+    assert len(set(names.values())) == len(names)
+    return names
+
+
+def make_controlnet():
+    """A tiny random diffusers ControlNetModel (SD1.5 structure), its residuals at conditioning scale 0.7, a
+    second ControlNet (other hint encoder and zero convs) summed by diffusers' MultiControlNetModel, the
+    original (ldm) names of every key as diffusers' single-file loader reads them, the full-size SD1.5
+    ControlNet's keys and shapes (meta device), and diffusers' controlnet_keep for control_guidance_start/end."""
+    from diffusers import (AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, StableDiffusionControlNetPipeline,
+                           UNet2DConditionModel)
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    torch.manual_seed(11)
+    net = ControlNetModel(**CONTROLNET_TINY).eval()
+    with torch.no_grad():
+        for p in net.parameters():  # the zero-initialised convs would make every residual 0
+            if not p.any():
+                p.normal_(0, 0.2)
+    net = round_to_fp16(net)
+    second = ControlNetModel(**CONTROLNET_TINY).eval()
+    second.load_state_dict(net.state_dict())
+    own = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
+    with torch.no_grad():
+        for name, p in second.named_parameters():
+            if name.startswith(own):
+                p.copy_((torch.randn_like(p) * 0.2).half().float())
+    generator = torch.Generator().manual_seed(12)
+    sample = torch.randn((2, 4, 6, 5), generator=generator)  # 6x5 latent: odd sizes on the way down
+    timestep = torch.tensor([499.5, 20.0])
+    text = torch.randn((2, 7, 32), generator=generator)
+    images = torch.rand((2, 2, 3, 48, 40), generator=generator).half().float()  # two control images per sample
+    with torch.no_grad():
+        down, mid = net(sample, timestep, text, images[0], conditioning_scale=0.7, return_dict=False)
+        multi_down, multi_mid = MultiControlNetModel([net, second])(
+            sample, timestep, text, list(images), [0.7, 1.3], return_dict=False)
+    io = {"sample": sample, "timestep": timestep, "text": text, "images": images.half(),
+          "mid": mid, "multi.mid": multi_mid}
+    io.update({f"down.{i}": d for i, d in enumerate(down)})
+    io.update({f"multi.down.{i}": d for i, d in enumerate(multi_down)})
+    save("controlnet", "weights", fp16_state(net))
+    save("controlnet", "second_own", {k: v for k, v in fp16_state(second).items() if k.startswith(own)})
+    save("controlnet", "io", io)
+    config = {k: v for k, v in net.config.items() if k != "_use_default_values"}  # a set: no stable order
+    (OUT / "controlnet" / "config.json").write_text(json.dumps(config, indent=1, default=list) + "\n")
+
+    with torch.device("meta"):
+        full = ControlNetModel(**SD15_CONTROLNET)
+    names = checked_ldm_names(full)
+    tiny_names = checked_ldm_names(net)
+    assert all(names[k] == v for k, v in tiny_names.items())
+    keys = {k: {"shape": list(v.shape), "ldm": names[k]} for k, v in full.state_dict().items()}
+    lines = ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in keys.items())
+    (OUT / "controlnet" / "sd15_keys.json").write_text(f"{{\n{lines}\n}}\n")
+
+    # control_guidance_start/end: the scale diffusers' pipeline gives the ControlNet at each step
+    torch.manual_seed(13)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16, 16, 16), layers_per_block=2, attention_head_dim=2,
+                                norm_num_groups=4, cross_attention_dim=32,
+                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    pipe = StableDiffusionControlNetPipeline(vae, None, None, unet, net, EulerDiscreteScheduler(), None, None,
+                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    net.register_forward_pre_hook(lambda module, args, kwargs: seen.append(float(kwargs["conditioning_scale"])),
+                                  with_kwargs=True)
+    cases = []
+    for steps in (1, 3, 7, 10, 20):
+        for start in (0.0, 0.1, 0.3, 0.7):
+            for end in (e for e in (0.3, 0.8, 0.9, 1.0) if e > start):  # diffusers refuses start >= end
+                seen.clear()
+                pipe(prompt_embeds=text[:1], image=images[0, :1], num_inference_steps=steps, guidance_scale=1.0,
+                     height=48, width=40, control_guidance_start=start, control_guidance_end=end, output_type="latent")
+                cases.append({"steps": steps, "start": start, "end": end, "keep": list(seen)})
+    (OUT / "controlnet" / "keep.json").write_text("[\n" + ",\n".join(json.dumps(c) for c in cases) + "\n]\n")
+
+
 PARTS = {
     "samplers": make_samplers,
     "vae": make_vae,
@@ -558,6 +689,7 @@ PARTS = {
     "lora": make_lora,
     "video_crop": make_video_crop,
     "pose": make_pose,
+    "controlnet": make_controlnet,
 }
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ def test_weights_readme_commands_use_real_options():
     """Every `python -m musev_lite.<cli> ... --option` in weights/README.md names an option that CLI has."""
     text = (REPO / "weights/README.md").read_text().replace("\\\n", " ")
     sources = {"musev_lite.fetch": REPO / "musev_lite/fetch.py", "musev_lite.convert.musev": REPO / "convert/musev.py",
-               "musev_lite.convert.sd15": REPO / "convert/sd15.py"}
+               "musev_lite.convert.sd15": REPO / "convert/sd15.py",
+               "musev_lite.convert.controlnet": REPO / "convert/controlnet.py"}
     commands = re.findall(r"python -m (musev_lite[\w.]*)([^\n`]*)", text)
     assert set(sources) <= {module for module, _ in commands}
     for module, args in commands:

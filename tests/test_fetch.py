@@ -9,10 +9,11 @@ from functools import partial
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from conftest import SHARED, make_release
+from conftest import FIXTURES, SHARED, make_release
 from musev_lite.convert.sd15 import read_vae_folder
-from musev_lite.fetch import FetchError, Remote, download, fetch_all, main, plan
+from musev_lite.fetch import CONTROLNET_URL, FetchError, Remote, download, fetch_all, main, plan, plan_controlnet
 from musev_lite.pipeline import MuseVPipeline
 from musev_lite.weights import load_component
 
@@ -125,6 +126,10 @@ def test_plans():
     assert "t2i/sd1.5/fantasticmix_v10/unet/config.json" in pose
     with pytest.raises(FetchError, match="model 'musev2' is unknown"):
         plan("musev2")
+    controlnet = plan_controlnet()  # a diffusers folder of its own repository
+    assert CONTROLNET_URL == "https://huggingface.co/lllyasviel/control_v11p_sd15_openpose/resolve/main"
+    assert [(r.path, r.alternatives) for r in controlnet] == [
+        ("config.json", ()), ("diffusion_pytorch_model.safetensors", ("diffusion_pytorch_model.bin",))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,4 +181,48 @@ def test_fetch_names_what_the_mirror_lacks(release, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "IP-Adapter/models/image_encoder/config.json: HTTP 404" in err
     assert "https://huggingface.co/h94/IP-Adapter/tree/main/models/image_encoder" in err
+    assert not dest.exists()
+
+
+def pose_release(root):
+    """The pose model's motion folder (the referencenet model's files stand in for it) and, in the same
+    mirror, the ControlNet's repository as a diffusers folder (.bin: found after a 404 for .safetensors)."""
+    pose = root / "motion/musev_referencenet_pose"
+    shutil.copytree(root / "motion/musev_referencenet/unet", pose / "unet")
+    shutil.copy(root / "motion/musev_referencenet/ip_adapter_image_proj.bin", pose)
+    hub = root / "lllyasviel/control_v11p_sd15_openpose"
+    hub.mkdir(parents=True)
+    (hub / "config.json").write_text((FIXTURES / "controlnet/config.json").read_text())
+    weights = load_file(FIXTURES / "controlnet/weights.safetensors")
+    torch.save(weights, hub / "diffusion_pytorch_model.bin")
+    return weights
+
+
+def test_fetch_pose_model_with_its_controlnet(release, tmp_path, capsys):
+    root, _ = release
+    weights = pose_release(root)
+    dest, downloads = tmp_path / "weights", tmp_path / "checkpoints"
+    with serving(root) as url:
+        assert main(["musev_referencenet_pose", "--dest", str(dest), "--downloads", str(downloads), "--base-url", url,
+                     "--controlnet-url", f"{url}/lllyasviel/control_v11p_sd15_openpose"]) == 0
+        fetched = [path for path, _ in RangeHandler.requests]
+    assert "/lllyasviel/control_v11p_sd15_openpose/diffusion_pytorch_model.bin" in fetched
+    assert (downloads / "controlnet/control_v11p_sd15_openpose/config.json").is_file()
+    state, config = load_component(dest, "controlnet")
+    assert state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in weights)
+    assert config["block_out_channels"] == [8, 16, 16, 16]
+    assert MuseVPipeline.from_pretrained(dest).referencenet is not None  # the rest of the folder is complete
+
+
+def test_fetch_names_a_missing_controlnet(release, tmp_path, capsys):
+    root, _ = release
+    pose_release(root)
+    shutil.rmtree(root / "lllyasviel")
+    dest = tmp_path / "weights"
+    with serving(root) as url:
+        code = main(["musev_referencenet", "--controlnet", "--dest", str(dest), "--downloads", str(tmp_path / "dl"),
+                     "--base-url", url, "--controlnet-url", f"{url}/lllyasviel/control_v11p_sd15_openpose"])
+    err = capsys.readouterr().err
+    assert code == 2 and "control_v11p_sd15_openpose/config.json: HTTP 404" in err
+    assert "https://huggingface.co/lllyasviel/control_v11p_sd15_openpose; --controlnet-url names a mirror" in err
     assert not dest.exists()
