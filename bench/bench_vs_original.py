@@ -52,11 +52,16 @@ FIXTURES = SHARED / "reference/fixtures"
 
 
 def sdpa(q, k, v, attn_bias=None, p=0.0, scale=None, op=None):
-    """xformers' memory_efficient_attention, (B, M, H, K) or (B, M, K), through SDPA."""
-    if q.ndim == 4:
-        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale).transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
+    """xformers' memory_efficient_attention through SDPA's fused kernel. xformers takes (B, M, H, K) or
+    (B, M, K); SDPA wants (B, H, M, K) and runs its fused CPU kernel only on 4-D inputs, so the 3-D case (the
+    original's head_to_batch_dim layout, B = batch x heads) gets a heads axis of 1, as our attention has."""
+    three = q.ndim == 3
+    if three:
+        q, k, v = (x.unsqueeze(2) for x in (q, k, v))  # (B, M, 1, K)
+        attn_bias = None if attn_bias is None else attn_bias.unsqueeze(1)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, M, K)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale).transpose(1, 2)
+    return out.squeeze(2) if three else out
 
 
 def original_unet_class():
