@@ -31,6 +31,16 @@ def fp16_state(model) -> dict:
     return {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
 
 
+def compact_json(value) -> str:
+    """json.dumps(indent=1), with lists of scalars (and of such lists) kept on one line."""
+    import re
+
+    text = json.dumps(value, indent=1)
+    for inner in (r"[^\[\]{}]", r"(?:[^\[\]{}]|\[[^\[\]{}]*\])"):
+        text = re.sub(rf"\[\s+({inner}*?)\s+\]", lambda m: "[" + re.sub(r"\n\s*", " ", m.group(1)) + "]", text)
+    return text
+
+
 def save(part: str, name: str, tensors: dict) -> None:
     (OUT / part).mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, OUT / part / f"{name}.safetensors")
@@ -678,6 +688,573 @@ def make_controlnet():
     (OUT / "controlnet" / "keep.json").write_text("[\n" + ",\n".join(json.dumps(c) for c in cases) + "\n]\n")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# video2video: the ORIGINAL MuseV predictor + pipeline with a tiny random ControlNet
+
+CONTROLNET_CONFIG = dict(  # diffusers ControlNetModel matching the shared musev_referencenet fixture's UNet
+    block_out_channels=(32, 32, 32, 32), layers_per_block=2, cross_attention_dim=32, norm_num_groups=16,
+    attention_head_dim=2, conditioning_embedding_out_channels=(8, 16, 16, 32))
+CONTROLNET_SEED = 11
+ZERO_CONV_SCALE = 0.5  # the 13 output 1x1 convs ("zero convs", zero at init in diffusers) are random too
+CONDITIONING_GAIN = 16.0  # the conditioning embedding's conv_out (zero at init too): control ~ latent at step 0
+
+
+def controlnet_init_spec(state: dict) -> list:
+    """[key, shape, mean, std] per ControlNet tensor, in state-dict order: the seeded draw of `seeded_weights`.
+    Matrices and kernels N(0, 1/fan_in); norm weights 1 + 0.1 N; biases 0.1 N; the zero convs' weights x
+    ZERO_CONV_SCALE and the conditioning embedding's conv_out weight x CONDITIONING_GAIN (without it the control
+    image would move the residuals by 1% where the latent moves them by 100%)."""
+    spec = []
+    for key, value in state.items():
+        if value.ndim > 1:
+            mean, std = 0.0, value[0].numel() ** -0.5
+            if key.startswith(("controlnet_down_blocks.", "controlnet_mid_block.")):
+                std *= ZERO_CONV_SCALE
+            if key == "controlnet_cond_embedding.conv_out.weight":
+                std *= CONDITIONING_GAIN
+        else:
+            mean, std = (1.0 if "norm" in key and key.endswith(".weight") else 0.0), 0.1
+        spec.append([key, list(value.shape), mean, float(f"{std:.6g}")])
+    return spec
+
+
+def seeded_weights(spec: list, seed: int) -> dict:
+    """fp16 tensors drawn in `spec` order from one seeded generator (plain torch: a test can rebuild them)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {key: (mean + std * torch.randn(shape, generator=generator)).half() for key, shape, mean, std in spec}
+
+
+def tensors_sha256(tensors: dict) -> str:
+    """Digest of names, dtypes, shapes and bytes, in the dict's order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key, value in tensors.items():
+        value = value.detach().contiguous()
+        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def crop_resize_frames(raw: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """What the original's batch_dynamic_crop_resize_images (MMCM image_process.py:202-261) does to a video
+    chunk (c, t, h, w) uint8 of the target aspect: drop the last row and column, bilinear back to (height,
+    width) with torch's uint8 kernel (uint8 out). Checked against the original at generation time."""
+    h, w = raw.shape[-2:]
+    assert w * height == h * width, "only the same-aspect case is written out here"
+    return torch.nn.functional.interpolate(raw[..., : h - 1, : w - 1], (height, width), mode="bilinear")
+
+
+def _original_musev(musev: Path, mmcm: Path, ip_adapter: Path):
+    """Import the original predictor and models from checkouts, with stand-ins for what a CPU box without CUDA
+    wheels lacks: xformers (memory_efficient_attention = torch SDPA, 3-D inputs unsqueezed to 4-D so the fused
+    kernel runs; an explicit softmax after `xformers.ops.math = True`), torchvision (imported, never called on
+    this path; PyPI's wheel needs CUDA torch), webp, the mmcm package __init__s (they import every MMCM tool),
+    MMCM's colour correction (skimage; only for need_hist_match) and its ControlNet-processor loader
+    (controlnet_aux, mmpose; the fixture hands its processor over directly)."""
+    import importlib.machinery
+    import logging
+    import types
+
+    import torch.nn.functional as F
+
+    def module(name, path=None):  # a package when `path` (a list of folders) is given
+        m = types.ModuleType(name)
+        m.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=path is not None)
+        if path is not None:
+            m.__path__ = [str(p) for p in path]
+        sys.modules[name] = m
+        return m
+
+    def not_on_this_path(*args, **kwargs):
+        raise RuntimeError("not used by the video2video fixture")
+
+    def attention(q, k, v, attn_bias=None, p=0.0, scale=None, op=None):  # xformers layout (B, M, [H,] K)
+        three = q.ndim == 3
+        q, k, v = (x.unsqueeze(2) if three else x for x in (q, k, v))
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, M, K)
+        bias = attn_bias.unsqueeze(1) if three and attn_bias is not None else attn_bias
+        if xformers.ops.math:
+            logits = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+            out = (logits + (0 if bias is None else bias)).softmax(-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        out = out.transpose(1, 2)
+        return out.squeeze(2) if three else out
+
+    sys.path[:0] = [str(musev), str(ip_adapter)]
+    for name in ("mmcm", "mmcm/vision", "mmcm/vision/process", "mmcm/vision/data", "mmcm/vision/utils",
+                 "mmcm/vision/feature_extractor"):
+        module(name.replace("/", "."), [mmcm / name])
+    colour = module("mmcm.vision.process.correct_color")
+    colour.hist_match_color_video_batch = colour.hist_match_video_bcthw = not_on_this_path
+    module("mmcm.vision.feature_extractor.controlnet").load_controlnet_model = not_on_this_path
+    module("torchvision", [])
+    module("webp")
+    xformers = module("xformers", [])
+    xformers.ops = module("xformers.ops")
+    xformers.ops.memory_efficient_attention, xformers.ops.math = attention, False
+    logging.disable(logging.INFO)  # the original logs tensors at DEBUG level
+
+    import diffusers.models.attention_processor
+    from diffusers.utils import import_utils
+
+    import_utils._xformers_available = True  # the predictor switches to xformers when it is importable
+    diffusers.models.attention_processor.xformers = xformers
+    import musev.pipelines.pipeline_controlnet_predictor as predictor
+    from ip_adapter.ip_adapter import ImageProjModel
+    from mmcm.vision.data.video_dataset import SequentialDataset
+    from mmcm.vision.process import image_process
+    from musev.models.referencenet import ReferenceNet2D
+    from musev.models.unet_3d_condition import UNet3DConditionModel
+    from musev.schedulers import EulerDiscreteScheduler
+
+    return types.SimpleNamespace(
+        xformers=xformers, predictor=predictor, image_process=image_process, ImageProjModel=ImageProjModel,
+        ReferenceNet2D=ReferenceNet2D, UNet3DConditionModel=UNet3DConditionModel,
+        SequentialDataset=SequentialDataset, EulerDiscreteScheduler=EulerDiscreteScheduler)
+
+
+V2V_FRAMES, V2V_TILE = 6, 8  # one chunk of time_size 6 (control frame 0 = the condition image's): 5 frames made
+V2V_HW = (128, 192)
+V2V_CALL = dict(  # run_pipe_video2video kwargs, as scripts/inference/video2video.py passes its defaults
+    time_size=V2V_FRAMES, step=V2V_FRAMES, sample_rate=1, need_return_videos=False, need_return_condition=False,
+    controlnet_conditioning_scale=1.0, control_guidance_start=0.0, control_guidance_end=1.0, end_to_end=True,
+    video_strength=1.0, height=V2V_HW[0], width=V2V_HW[1], noise_type="video_fusion", max_batch_num=1,
+    strength=0.8, need_img_based_video_noise=True, video_num_inference_steps=2, fix_condition_images=False,
+    video_guidance_scale=3.5, guidance_scale=7.5, num_inference_steps=30, redraw_condition_image=False,
+    img_weight=1e-3, w_ind_noise=0.5, n_vision_condition=1, motion_speed=8.0, need_hist_match=False,
+    video_guidance_scale_end=None, video_guidance_scale_method="linear", vision_condition_latent_index=None,
+    fixed_refer_image=True, redraw_condition_image_with_referencenet=True, refer_face_image=None,
+    fixed_refer_face_image=True, facein_scale=1.0, redraw_condition_image_with_facein=True,
+    ip_adapter_face_scale=1.0, redraw_condition_image_with_ip_adapter_face=False, fixed_ip_adapter_image=True,
+    ip_adapter_scale=1.0, redraw_condition_image_with_ipdapter=True, prompt_only_use_image_prompt=False,
+    controlnet_processor_params={"detect_resolution": 128, "image_resolution": 128},
+    record_mid_video_noises=False, record_mid_video_latents=False, video_overlap=1,
+    context_schedule="uniform_v2", context_frames=4, context_stride=1, context_overlap=2, context_batch_size=1,
+    interpolation_factor=1, video_has_condition=True)
+V2V_CASES = {  # which2video -> how video2video.py sets the predictor up for it
+    "video_middle": dict(need_video2video=False, video_is_middle=True),
+    "video": dict(need_video2video=True, video_is_middle=False),
+}
+
+
+def _v2v_pipeline(orig, shared: Path, meta: dict, i2v_tensors: dict):
+    """The predictor's pipeline (PR:110-309) from the shared fixture's models and a tiny random ControlNet."""
+    from unittest import mock
+
+    from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    variant = shared / "reference/fixtures/musev_referencenet"
+    released = meta["variants"]["musev_referencenet"]
+
+    def loaded(model_class, folder, kwargs=None, file="diffusion_pytorch_model.safetensors", prefix=""):
+        if kwargs is None:
+            config = json.loads((variant / folder / "config.json").read_text())
+            kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+        model = model_class(**kwargs)
+        state = load_file(variant / folder / file)
+        model.load_state_dict({k.removeprefix(prefix): v.float() for k, v in state.items()})
+        return model.eval()
+
+    controlnet = ControlNetModel(**CONTROLNET_CONFIG)
+    spec = controlnet_init_spec(controlnet.state_dict())
+    weights = seeded_weights(spec, CONTROLNET_SEED)
+    controlnet.load_state_dict({k: v.float() for k, v in weights.items()})
+    text = CLIPTextConfig(**{k: released["text_encoder"]["config"][k] for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "max_position_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id")})
+    torch.manual_seed(4)
+    text_encoder = CLIPTextModel(text).eval()
+    vocab = shared / "reference/clip_tokenizer"
+
+    class FixedClipImageEmbeds(torch.nn.Module):  # the CLIP-ViT-H image encoder's place
+        def __init__(self, embeds):
+            super().__init__()
+            self.register_buffer("embeds", embeds)
+
+        def extract_images(self, images, target_height, target_width, return_type):
+            return self.embeds
+
+    pipe = orig.predictor.MusevControlNetPipeline(
+        vae=loaded(AutoencoderKL, "vae"), unet=loaded(orig.UNet3DConditionModel, "unet"),
+        scheduler=PNDMScheduler.from_config(meta["variants"]["musev_referencenet"]["runs"]["t13_linspace3"][
+            "checkpoint_scheduler_config"]),
+        controlnet=controlnet.eval(), text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77),
+        safety_checker=None, feature_extractor=None, referencenet=loaded(orig.ReferenceNet2D, "referencenet"),
+        vision_clip_extractor=FixedClipImageEmbeds(i2v_tensors["inputs.clip_image_embeds"]),
+        ip_adapter_image_proj=loaded(orig.ImageProjModel, ".", released["image_proj_constructor_kwargs"],
+                                     "ip_adapter_image_proj.safetensors", "image_proj."))
+    pipe.scheduler = orig.EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # PR:258-261
+    pipe.enable_vae_slicing()  # PR:284
+    randn = torch.randn
+    with mock.patch("torch.cuda.is_available", lambda: True), \
+            mock.patch("torch.randn", lambda *a, device=None, **k: randn(*a, **k)):
+        pipe.enable_xformers_memory_efficient_attention()  # PR:288-290; its CUDA self-test run on CPU
+    return pipe, spec, weights
+
+
+def _v2v_run(orig, pipe, inputs: dict, case: str) -> dict:
+    """One run_pipe_video2video call, everything captured by hooks/wrappers around the original objects."""
+    import functools
+
+    record = dict(controlnet=[], unet=[], steps=[], add_noise=[], referencenet=[], processor=[], pipeline=[],
+                  text_ids=[])
+    state = dict(step=0, window=0, residuals=None)
+
+    class Chunks(orig.SequentialDataset):  # DecordVideoDataset with the frames in memory instead of a file
+        @property
+        def total_frames(self):
+            return len(self.raw_datas)
+
+        def get_batch_raw_data(self, indexs):
+            return self.raw_datas[indexs]
+
+    def processor(data, **kwargs):  # stands in for the DWPose processor: this chunk's control frames, uint8
+        record["processor"].append(dict(data_shape=list(data.shape), **kwargs))
+        control = crop_resize_frames(torch.from_numpy(inputs["control_video"]).permute(3, 0, 1, 2), *V2V_HW)
+        return control.transpose(0, 1).numpy()  # (t, c, h, w)
+
+    def on_controlnet(module, args, kwargs, output):
+        record["controlnet"].append(dict(step=state["step"], window=state["window"], args=args, kwargs=kwargs,
+                                         output=output))
+        state["residuals"] = output
+
+    def on_unet(module, args, kwargs, output):
+        same = (kwargs["down_block_additional_residuals"] is state["residuals"][0]
+                and kwargs["mid_block_additional_residual"] is state["residuals"][1])
+        record["unet"].append(dict(step=state["step"], window=state["window"], args=args, kwargs=kwargs,
+                                   output=output[0], residuals_from_controlnet=same))
+        state["window"] += 1
+
+    def on_referencenet(module, args, kwargs, output):
+        record["referencenet"].append(dict(step=state["step"], kwargs=kwargs, output=output))
+
+    scheduler = pipe.scheduler
+    step, add_noise = scheduler.step, scheduler.add_noise
+
+    @functools.wraps(step)  # keeps the signature: the pipeline inspects it for noise_type
+    def recording_step(model_output, timestep, sample, **kwargs):
+        out = step(model_output, timestep, sample, **kwargs)
+        record["steps"].append(dict(t=timestep, eps=model_output.clone(), before=sample.clone(),
+                                    after=out.prev_sample.clone()))
+        state.update(step=state["step"] + 1, window=0)
+        return out
+
+    @functools.wraps(add_noise)
+    def recording_add_noise(original_samples, noise, timesteps):
+        out = add_noise(original_samples, noise, timesteps)
+        record["add_noise"].append(dict(init=original_samples.clone(), noise=noise.clone(), t=timesteps.clone(),
+                                        out=out.clone()))
+        return out
+
+    pipeline_class = type(pipe)
+    pipeline_module = sys.modules[pipeline_class.__module__]
+    prepare_global_context = pipeline_module.prepare_global_context
+
+    def recording_context(**kwargs):
+        record["global_context"] = prepare_global_context(**kwargs)
+        return record["global_context"]
+
+    class RecordingPipeline(pipeline_class):
+        def __call__(self, *args, **kwargs):
+            record["pipeline"].append(kwargs)
+            record["pipeline_output"] = super().__call__(*args, **kwargs)
+            return record["pipeline_output"]
+
+    predictor = object.__new__(orig.predictor.DiffusersPipelinePredictor)  # its __init__ loads from disk
+    predictor.pipeline, predictor.controlnet_processor, predictor.controlnet_processor_params = pipe, processor, {}
+    pipe.__class__ = RecordingPipeline
+    scheduler.step, scheduler.add_noise = recording_step, recording_add_noise
+    pipeline_module.prepare_global_context = recording_context
+    hooks = [pipe.controlnet.register_forward_hook(on_controlnet, with_kwargs=True),
+             pipe.unet.register_forward_hook(on_unet, with_kwargs=True),
+             pipe.referencenet.register_forward_hook(on_referencenet, with_kwargs=True),
+             pipe.text_encoder.register_forward_pre_hook(lambda m, args: record["text_ids"].append(args[0].tolist()))]
+    video = inputs["rgb_video" if case == "video" else "control_video"]
+    try:
+        with torch.no_grad():
+            predictor.run_pipe_video2video(
+                video=Chunks(video, time_size=V2V_FRAMES, step=V2V_FRAMES, sample_rate=1, drop_last=True,
+                             data_type="rgb", channels_order="c t h w"),
+                prompt=inputs["prompt"], negative_prompt=inputs["negative_prompt"],
+                video_negative_prompt=inputs["negative_prompt"], generator=torch.Generator("cpu").manual_seed(1000),
+                condition_images=inputs["condition_images"], refer_image=inputs["refer_image"],
+                ip_adapter_image=inputs["condition_images"], **V2V_CALL, **V2V_CASES[case])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        del scheduler.step, scheduler.add_noise
+        pipeline_module.prepare_global_context = prepare_global_context
+        pipe.__class__ = pipeline_class
+    record.update(sigmas=scheduler.sigmas.tolist(), timesteps=scheduler.timesteps.tolist(),
+                  init_noise_sigma=float(scheduler.init_noise_sigma))
+    return record
+
+
+def _v2v_stored(r: dict) -> dict:
+    """The per-run tensors the fixture keeps: initial latents, guided eps per step, returned latents."""
+    return {"latents.x_T": r["steps"][0]["before"],
+            **{f"steps.{i}.noise_pred_guided": s["eps"] for i, s in enumerate(r["steps"])},
+            "final.latents": torch.from_numpy(r["pipeline_output"].latents)}
+
+
+def _v2v_calls(r: dict, text, ip, cond, control, checks: dict) -> tuple[list, list]:
+    """Every UNet and ControlNet call of a run, checked and described for the manifest."""
+    from einops import rearrange
+
+    windows, steps = [c[0] for c in r["global_context"]], r["steps"]
+    unet_calls, controlnet_calls = [], []
+    for u, c in zip(r["unet"], r["controlnet"], strict=True):
+        assert (u["step"], u["window"]) == (c["step"], c["window"]) and u["residuals_from_controlnet"]
+        window, sample, kw = windows[u["window"]], u["args"][0], u["kwargs"]
+        # the clean condition latent at frame 0 of both guidance halves, then the window scaled by its sigma
+        x, sigma = steps[u["step"]]["before"][:, :, window], r["sigmas"][u["step"]]
+        assert torch.equal(sample[:, :, :1], cond.expand(2, -1, -1, -1, -1))
+        checks.setdefault("unet_sample_vs_x_over_sqrt_sigma2_plus_1", []).append(
+            (sample[:, :, 1:] - torch.cat([x, x]) / (sigma**2 + 1) ** 0.5).abs().max().item())
+        assert torch.equal(kw["encoder_hidden_states"], text) and torch.equal(kw["vision_clip_emb"], ip)
+        unet_calls.append(dict(
+            step=u["step"], window=u["window"], frames=window, sample_shape=list(sample.shape),
+            timestep=float(u["args"][1]), sample_index=kw["sample_index"].tolist(),
+            vision_conditon_frames_sample_index=kw["vision_conditon_frames_sample_index"].tolist(),
+            sample_frame_rate=kw["sample_frame_rate"], ip_adapter_scale=kw["ip_adapter_scale"],
+            do_classifier_free_guidance=kw["do_classifier_free_guidance"],
+            encoder_hidden_states="text.prompt_embeds (2, 154, 32); the UNet repeats it per frame",
+            vision_clip_emb="ip.image_emb", down_block_refer_embs="the ReferenceNet's 12 features of step 0",
+            down_block_additional_residuals="this window's ControlNet call's 12 residuals (the same tensors)",
+            mid_block_additional_residual="this window's ControlNet call's mid residual"))
+        sample_c, t, ehs = c["args"]
+        kw, rows = c["kwargs"], c["args"][0].shape[0] // 2
+        assert torch.equal(sample_c, rearrange(sample, "b c t h w -> (b t) c h w"))
+        assert torch.equal(ehs, text.repeat_interleave(rows, 0))  # [negative] x (L+1), then [prompt] x (L+1)
+        image = kw["controlnet_cond"]
+        seen = [next((j for j in range(control.shape[1]) if torch.equal(row, control[:, j])), None) for row in image]
+        assert seen == ([0] + [1 + f for f in window]) * 2, seen
+        down, mid = c["output"]
+        controlnet_calls.append(dict(
+            step=c["step"], window=c["window"], frames=window, sample_shape=list(sample_c.shape),
+            sample="the UNet call's input as (b t) c h w: [uncond: cond latent, window; cond: the same]",
+            timestep=float(t), encoder_hidden_states_shape=list(ehs.shape),
+            encoder_hidden_states="text.prompt_embeds.repeat_interleave(L+1, 0): the negative rows first",
+            controlnet_cond_shape=list(image.shape), control_frames=seen,
+            controlnet_cond_row_sums=[round(v, 6) for v in image.double().flatten(1).sum(1).tolist()],
+            conditioning_scale=kw["conditioning_scale"], guess_mode=kw["guess_mode"],
+            controlnet_cond_latents=kw["controlnet_cond_latents"], return_dict=kw["return_dict"],
+            residual_shapes=[list(d.shape) for d in [*down, mid]],
+            residual_abs_mean=[round(d.abs().mean().item(), 5) for d in [*down, mid]]))
+    assert len(controlnet_calls) == len(windows) * len(steps)
+    # per step: windows averaged (P:2077-2079), then guidance 3.5 (P:2100-2105): the eps of the Euler step
+    for i, s in enumerate(steps):
+        acc, count = torch.zeros_like(torch.cat([s["eps"]] * 2)), torch.zeros(1, 1, s["eps"].shape[2], 1, 1)
+        for u in r["unet"]:
+            if u["step"] == i:
+                acc[:, :, windows[u["window"]]] += u["output"][:, :, 1:]
+                count[:, :, windows[u["window"]]] += 1
+        acc = acc / count
+        guided = acc[:1] + 3.5 * (acc[1:] - acc[:1])
+        checks.setdefault("eps_vs_window_average_then_cfg", []).append((guided - s["eps"]).abs().max().item())
+    assert max(checks["eps_vs_window_average_then_cfg"]) < 1e-5
+    return unet_calls, controlnet_calls
+
+
+def _v2v_write(runs, again, math, frames, tiles, inputs, spec, weights, i2v, i2v_tensors, provenance):
+    """Checks what the runs recorded, then writes tests/fixtures/video2video (see make_video2video)."""
+    import hashlib
+
+    import numpy as np
+
+    first_unet = runs["video_middle"]["unet"][0]
+    text, ip = first_unet["kwargs"]["encoder_hidden_states"], first_unet["kwargs"]["vision_clip_emb"]
+    cond = first_unet["args"][0][:1, :, :1]  # frame 0 of every UNet input: the clean condition latent
+    refer = runs["video_middle"]["referencenet"][0]["kwargs"]["sample"]  # (2, 4, h, w), two equal halves
+    assert torch.equal(refer[:1], refer[1:])
+    known = {  # arrays that reach __call__, by what they are
+        "control video frame 0 after the crop-resize": frames["control_video"][None, :, :1],
+        "control video frames 1..5 after the crop-resize": frames["control_video"][None, :, 1:],
+        "RGB video frames 1..5 after the crop-resize": frames["rgb_video"][None, :, 1:],
+        "the shared inputs.condition_images after the predictor's crop-resize": frames["condition_images"],
+        "the shared inputs.refer_image after the predictor's crop-resize": frames["refer_image"],
+    }
+
+    def describe(value):
+        if isinstance(value, (torch.Tensor, np.ndarray)):
+            kind, value = type(value).__name__, torch.as_tensor(value)
+            name = next((k for k, v in known.items() if v.shape == value.shape and torch.equal(v, value)), None)
+            assert name is not None, f"an unknown array {value.shape} reached the pipeline"
+            return {"type": kind, "dtype": dtype(value), "shape": list(value.shape), "is": name}
+        if isinstance(value, torch.Generator):
+            return "the predictor's generator, torch.Generator('cpu').manual_seed(1000)"
+        return value
+
+    def dtype(value):
+        return str(value.dtype).removeprefix("torch.")
+
+    def source(module):
+        return hashlib.sha256(Path(sys.modules[module].__file__).read_bytes()).hexdigest()[:16]
+
+    manifest = {
+        "what": "the ORIGINAL MuseV video2video path (run_pipe_video2video -> MusevControlNetPipeline.__call__) "
+                "with a tiny random ControlNet; see tests/make_fixtures.py: make_video2video",
+        "provenance": dict(provenance, source_sha256={m: source(m) for m in (
+            "musev.pipelines.pipeline_controlnet", "musev.pipelines.pipeline_controlnet_predictor",
+            "diffusers.models.controlnet")}),
+        "shared_models": "../shared/reference/fixtures/musev_referencenet: unet/, referencenet/, vae/, "
+                         "ip_adapter_image_proj.safetensors (fp16 on disk, run in fp32)",
+        "vision_clip_extractor": "a stand-in returning the shared inputs.clip_image_embeds (1, 1024)",
+        "shared_inputs": {k: tensors_sha256({k: i2v_tensors[k]}) for k in
+                          ("inputs.condition_images", "inputs.refer_image", "inputs.clip_image_embeds")},
+        "controlnet": {"class": "diffusers ControlNetModel (TMElyralab fork, tme = 0.24.0.dev0)",
+                       "config": {k: list(v) if isinstance(v, tuple) else v for k, v in CONTROLNET_CONFIG.items()},
+                       "weights": "seeded_weights(init_spec, seed) of tests/make_fixtures.py: fp16, run in fp32",
+                       "seed": CONTROLNET_SEED, "sha256": tensors_sha256(weights), "init_spec": spec},
+        "images": {"condition_images": "the shared inputs.condition_images, taken as the image file",
+                   "refer_image": "the shared inputs.refer_image, taken as the image file",
+                   "crop_resize": "MMCM batch_dynamic_crop_resize_images_v2 (PR:888-918): PIL, last row and column "
+                                  "dropped, Lanczos to 128x192, as musev_lite.video_io.fit_image",
+                   "crop_resized_sha256": {k: tensors_sha256({k: frames[k]})
+                                           for k in ("condition_images", "refer_image")}},
+        "video": {"frames": V2V_FRAMES,
+                  "raw_frames": f"<name>_tiles (t, {V2V_HW[0] // V2V_TILE}, {V2V_HW[1] // V2V_TILE}, 3) uint8, each "
+                                f"pixel repeated {V2V_TILE}x{V2V_TILE}: (t, 128, 192, 3) uint8 as decord reads a file",
+                  "crop_resize": "crop_resize_frames (= MMCM batch_dynamic_crop_resize_images, PR:938-942, checked): "
+                                 "last row and column dropped, uint8 bilinear back to 128x192",
+                  "crop_resized_sha256": {k: tensors_sha256({k: frames[k]}) for k in ("control_video", "rgb_video")}},
+        "prompt": inputs["prompt"], "negative_prompt": inputs["negative_prompt"],
+        "cases": {},
+    }
+    save("video2video", "inputs", {"control_video_tiles": tiles["control_video"], "rgb_video_tiles": tiles["rgb_video"],
+                                   "text.prompt_embeds": text, "cond.condition_latents": cond, "ip.image_emb": ip,
+                                   "refnet.refer_latent": refer[:1]})
+    for case, r in runs.items():
+        steps, tensors = r["steps"], _v2v_stored(r)
+        x_t, final = tensors["latents.x_T"], tensors["final.latents"]
+        checks = {}
+        unet_calls, controlnet_calls = _v2v_calls(r, text, ip, cond, frames["control_video"].float() / 255, checks)
+        assert torch.equal(final[:, :, :1], cond) and torch.equal(final[:, :, 1:], steps[-1]["after"])
+        # initial latents from the generator: video_fusion_noise (musev/utils/noise_util.py:31-83), two draws
+        generator = torch.Generator().manual_seed(1000)
+        common = torch.randn((1, 4, 1, *x_t.shape[3:]), generator=generator)
+        individual = torch.randn(tuple(x_t.shape), generator=generator)
+        half = torch.tensor(0.5)
+        noise = torch.sqrt(1 - half) * common + torch.sqrt(half) * individual
+        if case == "video":  # P:417: scheduler.add_noise(VAE latents of the RGB frames, noise, first timestep)
+            (added,) = r["add_noise"]
+            assert torch.equal(added["noise"], noise) and added["t"].tolist() == [r["timesteps"][0]]
+            assert torch.equal(added["out"], x_t)
+            checks["x_T_vs_init_plus_sigma0_noise"] = (added["init"] + noise * r["sigmas"][0] - x_t).abs().max().item()
+        else:  # P:322-344, 413: a 1e-3 share of the condition latent, times init_noise_sigma
+            assert not r["add_noise"]
+            expected = (1e-3**0.5 * cond.expand_as(x_t) + (1 - 1e-3) ** 0.5 * noise) * r["init_noise_sigma"]
+            checks["x_T_vs_img_based_video_noise"] = (expected - x_t).abs().max().item()
+        (referencenet,) = r["referencenet"]
+        kw = referencenet["kwargs"]
+        assert torch.equal(kw["sample"], refer) and torch.equal(kw["encoder_hidden_states"], ip)
+        checks["ip_tokens_vs_shared_t13_linspace3"] = (ip - i2v_tensors["ip.image_emb"]).abs().max().item()
+        assert r["text_ids"] == i2v["text_encoder_calls"]  # same prompts, same tokenizer path as the shared run
+        checks["token_ids"] = "the 4 text-encoder calls (2 chunks of 77 per prompt) got the shared run's token ids"
+        save("video2video", case, tensors)
+        manifest["cases"][case] = dict(
+            predictor_kwargs=dict(
+                V2V_CALL, **V2V_CASES[case], video=("the RGB" if case == "video" else "the control") + " video",
+                prompt="prompt", negative_prompt="negative_prompt", video_negative_prompt="negative_prompt",
+                condition_images="the shared inputs.condition_images", refer_image="the shared inputs.refer_image",
+                ip_adapter_image="the shared inputs.condition_images",
+                generator="torch.Generator('cpu').manual_seed(1000)"),
+            controlnet_processor_calls=r["processor"],
+            pipeline_call_kwargs={k: describe(v) for k, v in r["pipeline"][0].items()},
+            windows=[c[0] for c in r["global_context"]], timesteps=r["timesteps"], sigmas=r["sigmas"],
+            init_noise_sigma=r["init_noise_sigma"], guidance=[3.5] * len(steps),
+            controlnet_calls=controlnet_calls, unet_calls=unet_calls,
+            referencenet_calls=[dict(step=referencenet["step"], sample="refnet.refer_latent twice (uncond = cond)",
+                                     timestep=float(kw["timestep"]), encoder_hidden_states="ip.image_emb",
+                                     num_frames=kw["num_frames"], return_ndim=kw["return_ndim"])],
+            out_videos_shape=list(r["pipeline_output"].videos.shape), checks=checks,
+            determinism={name: {k: (v - tensors[k]).abs().max().item() for k, v in _v2v_stored(other[case]).items()}
+                         for name, other in (("same_settings_again", again), ("math_attention_not_sdpa", math))},
+            tensors={k: dict(shape=list(v.shape), dtype=dtype(v)) for k, v in tensors.items()})
+    (OUT / "video2video" / "manifest.json").write_text(compact_json(manifest) + "\n")
+
+
+def make_video2video():
+    """The ORIGINAL MuseV video2video (pose2video) path with a tiny random ControlNet, for parity tests.
+
+    What ran: `DiffusersPipelinePredictor.run_pipe_video2video` (MuseV musev/pipelines/
+    pipeline_controlnet_predictor.py:760-1290) and through it `MusevControlNetPipeline.__call__`
+    (pipeline_controlnet.py:1295-2202), unedited, with scripts/inference/video2video.py's defaults (V2V_CALL),
+    on one 6-frame chunk, on CPU in float32, 1 torch thread. Models: the shared `musev_referencenet` fixture's
+    UNet3D, ReferenceNet, IP-Adapter projection and VAE (read from ../shared/reference/fixtures, not copied);
+    a tiny diffusers ControlNetModel (CONTROLNET_CONFIG) with every weight random (zero convs included) and
+    fp16-rounded; a tiny random CLIPTextModel with the real CLIP tokenizer; a stand-in CLIP image encoder
+    returning the shared fixture's embedding. Set up as the predictor: Euler from the SD1.5 scheduler config
+    (linspace), VAE slicing, the original enable_xformers_memory_efficient_attention (xformers = torch SDPA).
+
+    Cases, both with the shared condition image (control frame 0 belongs to it: video_has_condition), the
+    shared ReferenceNet image, IP image = condition image, 2 Euler steps, guidance 3.5, context_frames 4 /
+    overlap 2 -> windows [0..3], [2..4] over the 5 generated frames:
+      video_middle  video_is_middle: the video is the control video (MuseV's pose2video, its README command)
+      video         which2video=video: the video is RGB, its frames 1..5 (VAE means) are the initial latents
+                    noised to the first timestep; the control frames come from a stand-in processor (the
+                    DWPose detector's place) giving the same control frames as in video_middle.
+
+    Files in tests/fixtures/video2video/ (~390 KB):
+      inputs.safetensors   control_video_tiles, rgb_video_tiles (6, 16, 24, 3) uint8 (each pixel repeated 8x8 is
+                           a raw 128x192 frame); text.prompt_embeds (2, 154, 32) [negative; prompt];
+                           cond.condition_latents (1, 4, 1, 16, 24); ip.image_emb (2, 4, 32) [proj(0); proj(clip)];
+                           refnet.refer_latent (1, 4, 16, 24), the ReferenceNet's input
+      <case>.safetensors   latents.x_T, steps.<i>.noise_pred_guided (1, 4, 5, 16, 24) (window-averaged, guided:
+                           what the Euler step got); final.latents (1, 4, 6, 16, 24) (cond latent at frame 0)
+      manifest.json        set-up, the ControlNet's config and weights (controlnet_init_spec + seeded_weights:
+                           rebuilt by the tests from 20 KB of JSON instead of 930 KB of fp16, sha256 checked),
+                           predictor and __call__ kwargs, windows, timesteps, every ControlNet / UNet / ReferenceNet
+                           call, the checks made while running and the spread of a rerun with another attention.
+    Needs, at generation time only: the original's environment (see bench/bench_vs_original.py) and checkouts
+    of TMElyralab/MuseV, TMElyralab/MMCM and tencent-ailab/IP-Adapter in MUSEV_SRC, MMCM_SRC, IP_ADAPTER_SRC.
+    """
+    import os
+
+    import diffusers
+    import ftfy
+    import numpy as np
+    import transformers
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    shared = Path(os.environ.get("MUSEV_LITE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    meta = json.loads((shared / "reference/fixtures/manifest.json").read_text())
+    i2v = meta["variants"]["musev_referencenet"]["runs"]["t13_linspace3"]
+    i2v_tensors = load_file(shared / "reference/fixtures/musev_referencenet/t13_linspace3.safetensors")
+    orig = _original_musev(*(Path(os.environ[k]) for k in ("MUSEV_SRC", "MMCM_SRC", "IP_ADAPTER_SRC")))
+    pipe, spec, weights = _v2v_pipeline(orig, shared, meta, i2v_tensors)
+
+    generator = torch.Generator().manual_seed(12)
+    tiles = {name: torch.randint(0, 256, (V2V_FRAMES, V2V_HW[0] // V2V_TILE, V2V_HW[1] // V2V_TILE, 3),
+                                 generator=generator, dtype=torch.uint8) for name in ("control_video", "rgb_video")}
+    raw = {name: t.repeat_interleave(V2V_TILE, 1).repeat_interleave(V2V_TILE, 2) for name, t in tiles.items()}
+    inputs = dict(control_video=raw["control_video"].numpy(), rgb_video=raw["rgb_video"].numpy(),
+                  condition_images=i2v_tensors["inputs.condition_images"].numpy(),
+                  refer_image=i2v_tensors["inputs.refer_image"].numpy(),
+                  prompt=meta["prompt"], negative_prompt=meta["video_negative_prompt"]["text"])
+    frames = {}  # what the predictor's crop-resize makes of each chunk (c, t, h, w) and image, uint8
+    for name in raw:
+        frames[name] = crop_resize_frames(raw[name].permute(3, 0, 1, 2), *V2V_HW)
+        theirs = orig.image_process.batch_dynamic_crop_resize_images(inputs[name].transpose(3, 0, 1, 2), *V2V_HW)
+        assert torch.equal(theirs, frames[name])
+    for name in ("condition_images", "refer_image"):
+        frames[name] = torch.from_numpy(orig.image_process.batch_dynamic_crop_resize_images_v2(inputs[name], *V2V_HW))
+    runs = {case: _v2v_run(orig, pipe, inputs, case) for case in V2V_CASES}
+    again = {case: _v2v_run(orig, pipe, inputs, case) for case in V2V_CASES}
+    orig.xformers.ops.math = True
+    math = {case: _v2v_run(orig, pipe, inputs, case) for case in V2V_CASES}
+    _v2v_write(runs, again, math, frames, tiles, inputs, spec, weights, i2v, i2v_tensors,
+               dict(torch=torch.__version__, diffusers=diffusers.__version__, transformers=transformers.__version__,
+                    ftfy=ftfy.__version__, numpy=np.__version__, python=sys.version.split()[0],
+                    torch_num_threads=torch.get_num_threads()))
+
+
 PARTS = {
     "samplers": make_samplers,
     "vae": make_vae,
@@ -690,6 +1267,7 @@ PARTS = {
     "video_crop": make_video_crop,
     "pose": make_pose,
     "controlnet": make_controlnet,
+    "video2video": make_video2video,
 }
 
 if __name__ == "__main__":
