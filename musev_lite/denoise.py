@@ -13,14 +13,16 @@ denoising" figure; docs/method.md#parallel-denoising).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .settings import CONTEXT_SCHEDULES, GUIDANCE_METHODS
-from .unet import Conditioning
+from .unet import Conditioning, ControlResiduals
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +150,40 @@ def window_groups(windows: list[list[int]], window_batch: int) -> list[list[list
     return groups
 
 
+@dataclass
+class WindowControl:
+    """ControlNet conditioning of a video (video2video, docs/method.md#video2video).
+
+    `frames[j]` (F, H, W, 3) uint8 are net j's control images: frame 0 belongs to the condition frame,
+    frame 1 + f to latent frame f. For every window the net(s) see the same frames the UNet sees (the
+    clean condition latent first), with control images [frame 0] + [1 + f for f in window], on both
+    guidance halves and with the text only (no IP tokens), as MuseV runs its ControlNet.
+    """
+
+    net: Callable[..., ControlResiduals]  # controlnet.MultiControlNet
+    frames: list[torch.Tensor]
+    scales: list[float]
+    start: float = 0.0  # share of the steps before the ControlNet starts (control_guidance_start)
+    end: float = 1.0  # ... and after which it stops (control_guidance_end)
+
+    def residuals(self, sample: torch.Tensor, t, cond: Conditioning, group: list[list[int]], step: int,
+                  steps: int) -> ControlResiduals | None:
+        """Residuals for a UNet call on `sample` (2 k b, 4, 1 + L, h, w) holding the windows of `group`."""
+        if step / steps < self.start or (step + 1) / steps > self.end:  # as diffusers' controlnet_keep
+            return None
+        k, n = len(group), sample.shape[2]
+        b = sample.shape[0] // (2 * k)
+        frames = sample.transpose(1, 2).flatten(0, 1)  # ((2 k b) n) 4 h w, the UNet's frame order
+        text = cond.text.repeat_interleave(n, 0)  # one text row per frame
+        index = torch.tensor([[0] + [1 + f for f in window] for window in group])  # k n
+        images = []
+        for video in self.frames:
+            chosen = video[index].permute(0, 1, 4, 2, 3).to(frames.device, torch.float32) / 255  # k n 3 H W
+            chosen = chosen.repeat_interleave(b, 0).repeat(2, 1, 1, 1, 1)  # (2 k b) n 3 H W: both halves alike
+            images.append(chosen.flatten(0, 1))
+        return self.net(frames, t, text, images, self.scales)
+
+
 def parallel_denoise(
     unet: Callable[..., torch.Tensor],
     latents: torch.Tensor,
@@ -160,6 +196,8 @@ def parallel_denoise(
     generator: torch.Generator | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     temporal: bool = True,
+    control: WindowControl | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
     """Denoise `latents` (B,4,T,h,w) window by window, every step, around a clean condition frame.
 
@@ -167,11 +205,14 @@ def parallel_denoise(
     `condition_latent` (B,4,n,h,w) is the clean latent of the condition image(s), put in front of every
     window on both guidance halves; `cond` is batched [uncond; cond] (2B). Windows of equal length are
     stacked along the batch, `window_batch` per call; the result equals the one-window-at-a-time loop
-    of the original. `generator` goes to the sampler's step (MuseV's Euler draws from it).
+    of the original. `generator` goes to the sampler's step (MuseV's Euler draws from it). `control`
+    adds ControlNet residuals per window; `start` skips the first sampler steps (SDEdit strength).
     """
     n_cond = condition_latent.shape[2]
     groups = window_groups(windows, window_batch)
-    for i, t in enumerate(sampler.timesteps):
+    steps = len(sampler.timesteps)
+    for i in range(start, steps):
+        t = sampler.timesteps[i]
         noise_sum = torch.zeros((2 * latents.shape[0], *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
         count = torch.zeros(latents.shape[2], dtype=latents.dtype, device=latents.device)
         for group in groups:
@@ -180,7 +221,10 @@ def parallel_denoise(
             x = sampler.scale_model_input(torch.cat([x, x]), i)  # [uncond; cond]
             condition = condition_latent.repeat(2 * k, 1, 1, 1, 1).to(x)  # clean, unscaled
             sample = torch.cat([condition, x], dim=2)  # (2 k b) 4 (n+L) h w: condition at frame 0
-            noise = unet(sample, t, cond.repeat(k), condition_frames=n_cond, temporal=temporal)
+            call_cond = cond.repeat(k)
+            if control is not None:
+                call_cond = dataclasses.replace(call_cond, control=control.residuals(sample, t, call_cond, group, i, steps))
+            noise = unet(sample, t, call_cond, condition_frames=n_cond, temporal=temporal)
             noise = noise[:, :, n_cond:]  # the condition frame's prediction is not used
             uncond, cond_noise = noise.chunk(2)
             for j, window in enumerate(group):
