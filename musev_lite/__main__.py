@@ -2,11 +2,11 @@
 
     musev-lite run CONFIG.toml [--set section.key=value ...] [--print-config]
     musev-lite fetch MODEL [--dest DIR ...]
-    musev-lite convert {musev,sd15} ...
+    musev-lite convert {musev,sd15,controlnet} ...
     musev-lite --version
 
 Each command is the module of the same name (`python -m musev_lite.run`, `.fetch`, `.convert.musev`,
-`.convert.sd15`), called with the remaining arguments.
+`.convert.sd15`, `.convert.controlnet`), called with the remaining arguments.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import sys
 from . import __version__
 
 COMMANDS = {"run": "musev_lite.run", "fetch": "musev_lite.fetch"}
-CONVERTERS = {"musev": "musev_lite.convert.musev", "sd15": "musev_lite.convert.sd15"}
+CONVERTERS = {"musev": "musev_lite.convert.musev", "sd15": "musev_lite.convert.sd15",
+              "controlnet": "musev_lite.convert.controlnet"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"musev_lite {__version__}")
     parser.add_argument("command", choices=[*COMMANDS, "convert"],
                         help="run: make a video from a TOML configuration; fetch: download and convert a released "
-                             "model; convert: convert checkpoints you have (musev or sd15)")
+                             "model; convert: convert checkpoints you have (musev, sd15 or controlnet)")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments")
     args = parser.parse_args(argv)
     module, rest = COMMANDS.get(args.command), args.args

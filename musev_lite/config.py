@@ -18,7 +18,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .settings import DTYPES, FORMATS, PRESETS, ConfigError, GenerationConfig, in_range, one_of, require, suggest, typed
+from .settings import DTYPES, FORMATS, PRESETS, TASKS, ConfigError, GenerationConfig, in_range, one_of, require, suggest, typed
 from .video_io import MediaError, check_fps
 
 
@@ -41,12 +41,27 @@ class ModelConfig:
 
 
 @dataclass
+class ControlConfig:
+    """One `[[input.control]]` table: a control video for a ControlNet (video2video)."""
+
+    path: str = ""  # a rendered control video (pose, depth, edges), or OpenPose / DWPose keypoint JSON
+    controlnet: str = "controlnet"  # the ControlNet: a component of model.weights_dir
+    scale: float = 1.0
+    pose_canvas: list[int] = field(default_factory=list)  # [height, width] of pixel keypoints without a canvas
+
+
+@dataclass
 class InputConfig:
+    task: str = "auto"  # one of TASKS; auto: from the inputs given
     image: str = ""  # condition image; empty: the first frame is drawn from the prompt
     prompt: str = ""
     negative_prompt: str = "V2"  # a preset (Empty, V1..V5) or literal text
     refer_image: str = ""  # ReferenceNet image; empty: the condition image
     ip_adapter_image: str = ""  # IP-Adapter image; empty: the condition image
+    video: str = ""  # video2video: an RGB video to start from
+    video_sample_rate: int = 1  # video2video: every n-th frame of the videos (MuseV's sample_rate)
+    video_fps: float = 0.0  # video2video: resample the videos to this frame rate instead (0: use video_sample_rate)
+    control: list[ControlConfig] = field(default_factory=list)  # [[input.control]] path = "pose.mp4"
 
 
 @dataclass
@@ -84,8 +99,8 @@ def build_config(data: dict) -> RunConfig:
         for key, value in values.items():
             if key not in fields:
                 raise ConfigError(f"unknown key {section}.{key}{suggest(key, fields)}")
-            if fields[key] == "list[LoraConfig]":
-                value = lora_list(value)
+            if fields[key] in TABLES:
+                value = table_list(f"{section}.{key}", value, TABLES[fields[key]])
             else:
                 value = typed(f"{section}.{key}", value, fields[key])
             setattr(target, key, value)
@@ -93,22 +108,25 @@ def build_config(data: dict) -> RunConfig:
     return config
 
 
-def lora_list(value) -> list[LoraConfig]:
-    """`[[model.lora]]` tables (or one inline table) -> LoraConfig entries, each checked."""
+def table_list(where: str, value, cls) -> list:
+    """`[[where]]` tables (or one inline table) -> `cls` entries, each key checked."""
     tables = [value] if isinstance(value, dict) else value
     require(isinstance(tables, list) and all(isinstance(t, dict) for t in tables),
-            'model.lora must be tables: [[model.lora]] path = "style.safetensors", scale = 0.8')
-    fields = {f.name: f.type for f in dataclasses.fields(LoraConfig)}
+            f"{where} must be tables: [[{where}]] path = \"...\"")
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
     entries = []
     for n, table in enumerate(tables):
-        entry = LoraConfig()
+        entry = cls()
         for key, item in table.items():
-            require(key in fields, f"unknown key model.lora[{n}].{key}{suggest(key, fields)}")
-            setattr(entry, key, typed(f"model.lora[{n}].{key}", item, fields[key]))
-        require(entry.path != "", f"model.lora[{n}].path is empty; give the LoRA file")
-        in_range(f"model.lora[{n}].scale", entry.scale, -10, 10)
+            require(key in fields, f"unknown key {where}[{n}].{key}{suggest(key, fields)}")
+            setattr(entry, key, typed(f"{where}[{n}].{key}", item, fields[key]))
+        require(entry.path != "", f"{where}[{n}].path is empty; give the file")
+        in_range(f"{where}[{n}].scale", entry.scale, -10, 10)
         entries.append(entry)
     return entries
+
+
+TABLES = {"list[LoraConfig]": LoraConfig, "list[ControlConfig]": ControlConfig}
 
 
 def check(config: RunConfig) -> None:
@@ -117,7 +135,21 @@ def check(config: RunConfig) -> None:
     one_of("model.preset", m.preset, PRESETS)
     one_of("model.dtype", m.dtype, DTYPES)
     require(m.preset == "tiny" or m.weights_dir != "", "model.weights_dir is empty; set it to a converted weights folder")
-    g.validate(has_image=i.image != "")
+    one_of("input.task", i.task, TASKS)
+    video2video = i.video != "" or len(i.control) > 0
+    if i.task != "auto":
+        implied = "video2video" if video2video else "image2video" if i.image else "text2image2video"
+        require(i.task == implied, f"input.task = {i.task!r} but the inputs make it {implied!r} "
+                "(video2video: input.video and/or [[input.control]]; image2video: input.image; else text2image2video)")
+    require(i.video_sample_rate >= 1, f"input.video_sample_rate = {i.video_sample_rate} must be at least 1")
+    require(i.video_fps == 0 or 1 <= i.video_fps <= 240, f"input.video_fps = {i.video_fps} must be 0 or in [1, 240]")
+    for n, c in enumerate(i.control):
+        require(c.pose_canvas == [] or (len(c.pose_canvas) == 2 and min(c.pose_canvas) > 0),
+                f"input.control[{n}].pose_canvas = {c.pose_canvas} must be [height, width] in pixels")
+    if video2video and i.control and not i.video:
+        require(i.image != "", "pose2video ([[input.control]] without input.video) needs input.image: "
+                "the person to animate, whose pose is control frame 0")
+    g.validate(has_image=i.image != "" or i.video != "")
     require(len(o.formats) > 0, "output.formats is empty; use e.g. [\"mp4\"]")
     for fmt in o.formats:
         one_of("output.formats entry", fmt, FORMATS)

@@ -10,7 +10,9 @@ One call is five stages, each a method below (docs/method.md tells the method):
   2. `image_conditioning`: IP-Adapter tokens and ReferenceNet features, once per call;
   3. `draw_first_frame`: without a condition image, the first frame is drawn from the prompt in 2D mode;
   4. `denoise_shots`: per shot, VideoFusion noise, then parallel denoising around the clean condition
-     latent; the next shot continues from this shot's last latent;
+     latent; the next shot continues from this shot's last latent. Video2video (`video=` RGB frames to
+     start from and/or `control=` control videos for ControlNets) is one pass over the whole video:
+     `denoise_video`;
   5. `decode`: the latents, a few frames at a time, into uint8 frames.
 """
 
@@ -28,7 +30,16 @@ import torch
 from PIL import Image
 
 from .clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection, clip_image_preprocess
-from .denoise import context_windows, guidance_scales, initial_latents, parallel_denoise, window_groups
+from .controlnet import ControlNet, ControlNetConfig, MultiControlNet
+from .denoise import (
+    WindowControl,
+    context_windows,
+    guidance_scales,
+    initial_latents,
+    parallel_denoise,
+    video_fusion_noise,
+    window_groups,
+)
 from .ip_adapter import ImageProjection, ImageProjectionConfig
 from .lora import load_lora, merge_lora, unmerge_lora
 from .prompts import encode_prompt_pair, load_textual_inversion, save_textual_inversion
@@ -38,7 +49,7 @@ from .settings import OUTPUT_TYPES, ConfigError, GenerationConfig
 from .tokenizer import CLIPTokenizer
 from .unet import Conditioning, UNet3D, UNet3DConfig
 from .vae import AutoencoderKL, VAEConfig
-from .video_io import as_pil, fit_image
+from .video_io import as_pil, crop_resize, fit_image
 from .weights import (
     EMBEDDING_SUFFIXES,
     EMBEDDINGS,
@@ -71,6 +82,17 @@ class Progress:
 
 
 @dataclass
+class ControlVideo:
+    """A control video for a ControlNet (video2video): rendered pose / depth / edge frames, frame 0 for
+    the condition image, frame 1 + f for generated frame f (MuseV's pairing)."""
+
+    frames: np.ndarray  # uint8 (F, H, W, 3)
+    controlnet: str = "controlnet"  # which of the pipeline's ControlNets (a weights-folder component)
+    scale: float = 1.0
+    at_video_size: bool = False  # the frames already have the video's size (e.g. drawn from keypoints): no crop
+
+
+@dataclass
 class VideoResult:
     frames: np.ndarray | list[Image.Image]  # uint8 (F, H, W, 3), or PIL images
     latents: torch.Tensor  # (1, 4, F, H/8, W/8), clean
@@ -87,10 +109,12 @@ def _load(cls, config_cls, weights_dir: Path, name: str, device, dtype):
 class MuseVPipeline:
     def __init__(self, unet: UNet3D, vae: AutoencoderKL, text_encoder, tokenizer, scheduler: SchedulerConfig,
                  referencenet: ReferenceNet | None = None, image_proj: ImageProjection | None = None,
-                 image_encoder: CLIPVisionModelWithProjection | None = None):
+                 image_encoder: CLIPVisionModelWithProjection | None = None,
+                 controlnets: dict[str, ControlNet] | None = None):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler = scheduler
         self.referencenet, self.image_proj, self.image_encoder = referencenet, image_proj, image_encoder
+        self.controlnets = controlnets or {}  # name (weights-folder component) -> ControlNet
         self.files: list[str] = []  # what was loaded, for the sidecar
         self.textual_inversions: dict[str, torch.Tensor] = {}  # word -> its vectors
         self.loras: list[tuple[str, float]] = []  # (file, scale) merged into the UNet and text encoder
@@ -109,6 +133,8 @@ class MuseVPipeline:
             model = getattr(self, name)
             if model is not None:
                 model.to(device=device, dtype=None if name == "vae" else dtype)
+        for net in self.controlnets.values():
+            net.to(device=device, dtype=dtype)
         return self
 
     @classmethod
@@ -136,6 +162,8 @@ class MuseVPipeline:
                 image_encoder=_load(CLIPVisionModelWithProjection, CLIPVisionConfig, weights_dir, "image_encoder",
                                     device, dtype),
             )
+        extra["controlnets"] = {path.stem: _load(ControlNet, ControlNetConfig, weights_dir, path.stem, device, dtype)
+                                for path in sorted(weights_dir.glob("controlnet*.json"))}
         pipe = cls(unet, vae, text_encoder, tokenizer, SchedulerConfig.from_json(weights_dir / "scheduler.json"), **extra)
         embeddings = sorted(p for p in (weights_dir / EMBEDDINGS).glob("*") if p.suffix in EMBEDDING_SUFFIXES)
         for path in embeddings:
@@ -173,6 +201,8 @@ class MuseVPipeline:
                     key = "text_model.embeddings.token_embedding.weight"
                     state[key] = state[key][: self.tokenizer.base_vocab_size]
                 save_component(weights_dir, name, state, dataclasses.asdict(model.config))
+        for name, net in self.controlnets.items():
+            save_component(weights_dir, name, net.state_dict(), dataclasses.asdict(net.config))
         for word, vectors in self.textual_inversions.items():
             save_textual_inversion(weights_dir / EMBEDDINGS / f"{word}.safetensors", vectors)
         self.tokenizer.save(weights_dir / "tokenizer")
@@ -197,8 +227,11 @@ class MuseVPipeline:
             image_proj=ImageProjection(ImageProjectionConfig(vision_config.projection_dim, unet_config.cross_attention_dim)),
             image_encoder=CLIPVisionModelWithProjection(vision_config),
         )
+        controlnet = ControlNet(ControlNetConfig(block_out_channels=(32, 32, 32, 32), heads=2, norm_num_groups=16,
+                                                 cross_attention_dim=32, conditioning_embedding_out_channels=(8, 8, 16, 16)))
         models = {k: m.to(device).eval() for k, m in models.items()}
-        return cls(tokenizer=tokenizer, scheduler=SchedulerConfig.from_dict(SD15_SCHEDULER), **models)
+        return cls(tokenizer=tokenizer, scheduler=SchedulerConfig.from_dict(SD15_SCHEDULER),
+                   controlnets={"controlnet": controlnet.to(device).eval()}, **models)
 
     # -----------------------------------------------------------------------------------------
     # One call, stage by stage
@@ -216,6 +249,8 @@ class MuseVPipeline:
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         condition_latents: torch.Tensor | None = None,
+        video: np.ndarray | None = None,
+        control: list[ControlVideo] | None = None,
         fit_images: bool = True,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
@@ -232,8 +267,17 @@ class MuseVPipeline:
         instead of `image`. `fit_images=False`: the images already have the video's size and are used
         as they are (MuseV's centre crop is not the identity even at that size). `latents` (1,4,F,h,w):
         the first shot's starting noise instead of a draw. `generator` instead of `config.seed`.
+
+        Video2video: `video` (F, H, W, 3) uint8 RGB frames to start from (SDEdit, `video_strength`) and/or
+        `control`, one control video per ControlNet; all F frames long. Frame 0 pairs with the condition
+        image (the RGB video's frame 0 when no `image` is given); the other F - 1 frames are generated in
+        one parallel-denoising pass, whatever `num_frames` / `n_batch` say.
         """
         config = (config or GenerationConfig()).replace(**settings)
+        control = control or []
+        video, control = self.check_videos(video, control, image, condition_latents)
+        if video is not None and image is None and condition_latents is None:
+            image = video[0]  # the RGB video's first frame is the condition image
         has_image = image is not None or condition_latents is not None
         config.validate(has_image=has_image)
         if output_type not in OUTPUT_TYPES:
@@ -247,6 +291,7 @@ class MuseVPipeline:
         height, width = self.video_size(image, condition_latents, config)
         image, refer_image, ip_adapter_image = self.fit_images(image, refer_image, ip_adapter_image, height, width,
                                                                fit_images)
+        video, control = self.fit_videos(video, control, height, width, fit_images)
         text = self.encode_text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         if condition_latents is not None:
             if image is not None or config.redraw_condition_image:
@@ -264,13 +309,17 @@ class MuseVPipeline:
             refer_image = frame0 if config.redraw_condition_image or refer_image is None else refer_image
             ip_adapter_image = frame0 if config.redraw_condition_image or ip_adapter_image is None else ip_adapter_image
         cond = self.image_conditioning(refer_image, ip_adapter_image, text, config)
-        video_latents = self.denoise_shots(condition, cond, config, generator, latents, report, drawn=not has_image)
+        if video is None and not control:
+            video_latents = self.denoise_shots(condition, cond, config, generator, latents, report, drawn=not has_image)
+        else:
+            video_latents = self.denoise_video(condition, cond, config, generator, video, control, report)
         frames = self.decode(video_latents, progress=lambda done, total: report(Progress("decode", 0, 1, done, total, 0)))
         if output_type == "pil":
             frames = [Image.fromarray(f) for f in frames]
         return VideoResult(frames, video_latents, seed)
 
-    def video_size(self, image, condition_latents, config: GenerationConfig) -> tuple[int, int]:
+    @staticmethod
+    def video_size(image, condition_latents, config: GenerationConfig) -> tuple[int, int]:
         """(height, width): as set, else the condition image's (or latent's), else MuseV's 512x320;
         floored to `size_multiple` as MuseV does."""
         if condition_latents is not None:
@@ -394,19 +443,104 @@ class MuseVPipeline:
             else:
                 x = initial_latents((1, 4, frames, *shape_hw), generator, sampler.init_noise_sigma, g.w_ind_noise,
                                     condition, g.img_weight).to(self.device)
-            windows = context_windows(g.context_schedule, frames, g.context_frames, g.context_overlap)
-            guidance = guidance_scales(g.guidance_scale, g.steps, g.guidance_scale_end, g.guidance_method)
-            calls = len(window_groups(windows, g.window_batch))
-
-            def after_step(i, x, shot=shot):
-                check_finite(x, f"shot {shot + 1}/{g.n_batch}, step {i + 1}/{g.steps}", GUIDANCE_FIX)
-                report(Progress("video", shot, g.n_batch, i + 1, g.steps, calls))
-
-            x = parallel_denoise(self._unet, x, condition, cond, sampler, windows, guidance, g.window_batch, generator,
-                                 callback=after_step)
-            shots.append(x)
-            condition = x[:, :, -1:]  # the next shot continues from this shot's last frame
+            shots.append(self.denoise_shot(x, condition, cond, sampler, config, generator, report, shot))
+            condition = shots[-1][:, :, -1:]  # the next shot continues from this shot's last frame
         return torch.cat(shots, dim=2)
+
+    def denoise_video(self, condition: torch.Tensor, cond: Conditioning, config: GenerationConfig, generator,
+                      video: torch.Tensor | None, control: list[ControlVideo], report) -> torch.Tensor:
+        """Video2video: frames 1.. of the input video(s) in one parallel-denoising pass, (1, 4, F, h, w)
+        with the condition latent first. With an RGB `video` the pass starts from its latents noised to
+        step N (1 - video_strength) (MuseV: strength 1, the first step); else from VideoFusion noise
+        as image2video. Every window's ControlNet sees the control frames of its frames."""
+        g = config
+        frames = len(video if video is not None else control[0].frames) - 1
+        shape = (1, 4, frames, *condition.shape[-2:])
+        sampler = make_sampler(g.sampler, self.scheduler, g.steps, noise_type="video_fusion")
+        start = 0
+        if video is None:
+            x = initial_latents(shape, generator, sampler.init_noise_sigma, g.w_ind_noise, condition,
+                                g.img_weight).to(self.device)
+        else:
+            start = g.steps - min(int(g.steps * g.video_strength), g.steps)  # as diffusers' img2img
+            init = self.encode_frames(video[1:])
+            noise = video_fusion_noise(shape, generator, g.w_ind_noise).to(self.device)
+            x = init if start == g.steps else sampler.add_noise(init, noise, start)
+        window_control = None
+        if control:
+            nets = [self.controlnets[c.controlnet] for c in control]
+            window_control = WindowControl(MultiControlNet(nets), [c.frames for c in control], [c.scale for c in control],
+                                           g.control_guidance_start, g.control_guidance_end)
+        x = self.denoise_shot(x, condition, cond, sampler, config, generator, report, 0, window_control, start)
+        return torch.cat([condition, x], dim=2)
+
+    def denoise_shot(self, x, condition, cond, sampler, config: GenerationConfig, generator, report, shot: int,
+                     control: WindowControl | None = None, start: int = 0) -> torch.Tensor:
+        """One parallel-denoising pass over the latents `x` around `condition`, with progress and a
+        NaN/Inf check after every step."""
+        g = config
+        windows = context_windows(g.context_schedule, x.shape[2], g.context_frames, g.context_overlap)
+        guidance = guidance_scales(g.guidance_scale, g.steps, g.guidance_scale_end, g.guidance_method)
+        calls = len(window_groups(windows, g.window_batch))
+
+        def after_step(i, latents):
+            check_finite(latents, f"shot {shot + 1}/{g.n_batch}, step {i + 1}/{g.steps}", GUIDANCE_FIX)
+            report(Progress("video", shot, g.n_batch, i + 1, g.steps, calls))
+
+        return parallel_denoise(self._unet, x, condition, cond, sampler, windows, guidance, g.window_batch, generator,
+                                callback=after_step, control=control, start=start)
+
+    def check_videos(self, video, control: list[ControlVideo], image, condition_latents):
+        """The RGB and control videos as uint8 tensors (F, H, W, 3) of one length F >= 2, each control
+        naming a ControlNet this pipeline has; a control video needs a condition image."""
+        def frames(array, what):
+            array = np.asarray(array)
+            if array.dtype != np.uint8 or array.ndim != 4 or array.shape[3] != 3:
+                raise ConfigError(f"{what} must be uint8 frames (F, H, W, 3); got {array.dtype} {array.shape}")
+            if len(array) < 2:
+                raise ConfigError(f"{what} has {len(array)} frame(s); video2video needs at least 2 (frame 0 pairs "
+                                  "with the condition image, the rest are generated)")
+            return torch.from_numpy(np.ascontiguousarray(array))
+
+        video = None if video is None else frames(video, "video")
+        checked = []
+        for n, c in enumerate(control):
+            if c.controlnet not in self.controlnets:
+                have = ", ".join(self.controlnets) or "none"
+                raise ConfigError(f"control[{n}] names ControlNet {c.controlnet!r}, but this pipeline has {have}; "
+                                  "convert one into the weights folder (python -m musev_lite.convert.controlnet)")
+            checked.append(dataclasses.replace(c, frames=frames(c.frames, f"control[{n}] video")))
+        lengths = {len(v) for v in [video] + [c.frames for c in checked] if v is not None}
+        if len(lengths) > 1:
+            raise ConfigError(f"the RGB and control videos have different lengths {sorted(lengths)}; give videos of "
+                              "the same frames (same length and frame rate)")
+        if checked and video is None and image is None and condition_latents is None:
+            raise ConfigError("a control video (pose2video) needs a condition image: the person to animate "
+                              "(input.image), its pose being control frame 0")
+        return video, checked
+
+    @staticmethod
+    def fit_videos(video, control: list[ControlVideo], height: int, width: int, fit: bool = True):
+        """Every frame crop-resized to the video size as MuseV's video reader does; `fit=False`: the
+        frames must already have it."""
+        def fitted(frames, what):
+            if not fit:
+                if tuple(frames.shape[1:3]) != (height, width):
+                    raise ConfigError(f"{what} frames are {frames.shape[2]}x{frames.shape[1]} but the video is "
+                                      f"{width}x{height}; pass fit_images=True to crop and resize them")
+                return frames
+            return torch.stack([torch.from_numpy(crop_resize(f.numpy(), height, width)) for f in frames])
+
+        video = None if video is None else fitted(video, "video")
+        control = [c if c.at_video_size and tuple(c.frames.shape[1:3]) == (height, width)
+                   else dataclasses.replace(c, frames=fitted(c.frames, f"control[{n}]")) for n, c in enumerate(control)]
+        return video, control
+
+    @torch.no_grad()
+    def encode_frames(self, frames: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
+        """uint8 frames (F, H, W, 3) -> clean latents (1, 4, F, h, w), `chunk_size` frames at a time."""
+        chunks = [self.encode_images(list(frames[i : i + chunk_size].numpy())) for i in range(0, len(frames), chunk_size)]
+        return torch.cat(chunks).transpose(0, 1)[None]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk_size: int = 8, progress=None) -> np.ndarray:

@@ -16,12 +16,24 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import __version__
 from .config import ConfigError, RunConfig, load_config, to_toml
-from .pipeline import MuseVPipeline, Progress
-from .video_io import contact_sheet, read_image, write_animation, write_image, write_json, write_mp4, write_png_frames
+from .pipeline import ControlVideo, MuseVPipeline, Progress
+from .pose import draw_pose, read_keypoints
+from .video_io import (
+    VideoFrames,
+    contact_sheet,
+    read_image,
+    read_video,
+    write_animation,
+    write_image,
+    write_json,
+    write_mp4,
+    write_png_frames,
+)
 from .weights import missing_weights
 
 DEMO_NOTE = ("note: preset 'tiny' runs seeded random weights: a pipeline demo, not a trained model, so its frames "
@@ -39,6 +51,73 @@ def check_inputs(config: RunConfig) -> dict:
             except ValueError as err:
                 raise ConfigError(f"input.{key}: {err}") from None
     return images
+
+
+def read_videos(config: RunConfig) -> tuple[VideoFrames | None, list]:
+    """video2video inputs, read now so a bad file fails before any model is loaded: the RGB video and
+    every control (a video as VideoFrames, keypoint JSON as its PoseFrames), sampled alike."""
+    i = config.input
+    fps, sample_rate = i.video_fps or None, None if i.video_fps else i.video_sample_rate
+
+    def read(path, where):
+        try:
+            return read_video(path, fps=fps, sample_rate=sample_rate)
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+    video = read(i.video, "input.video") if i.video else None
+    controls = []
+    for n, c in enumerate(i.control):
+        where = f"input.control[{n}]"
+        if Path(c.path).is_dir() or c.path.endswith(".json"):
+            if i.video_fps:
+                raise ConfigError(f"{where}: keypoint JSON has no frame rate, so input.video_fps cannot apply; "
+                                  "use input.video_sample_rate")
+            try:
+                poses = read_keypoints(c.path, tuple(c.pose_canvas) or None)[::i.video_sample_rate]
+            except ValueError as err:
+                raise ConfigError(f"{where}: {err}") from None
+            controls.append(poses)
+        else:
+            controls.append(read(c.path, where))
+    lengths = {name: len(source.frames) if isinstance(source, VideoFrames) else len(source)
+               for name, source in [("input.video", video)] + [(f"input.control[{n}]", c) for n, c in enumerate(controls)]
+               if source is not None}
+    for name, length in lengths.items():
+        if length < 2:
+            raise ConfigError(f"{name} gives {length} frame(s); video2video needs at least 2 (frame 0 pairs with the "
+                              "condition image, the others are generated)")
+    if len(set(lengths.values())) > 1:
+        raise ConfigError(f"the videos give different numbers of frames ({', '.join(f'{k}: {v}' for k, v in lengths.items())}); "
+                          "use videos of the same length and frame rate")
+    return video, controls
+
+
+def control_videos(config: RunConfig, controls: list, height: int, width: int) -> list[ControlVideo]:
+    """The controls as the pipeline takes them; keypoints are drawn at the video size."""
+    out = []
+    for c, source in zip(config.input.control, controls):
+        if isinstance(source, VideoFrames):
+            out.append(ControlVideo(source.frames, c.controlnet, c.scale))
+        else:
+            frames = np.stack([draw_pose(frame, height, width) for frame in source])
+            out.append(ControlVideo(frames, c.controlnet, c.scale, at_video_size=True))
+    return out
+
+
+def describe_video2video(video: VideoFrames | None, controls: list, config: RunConfig) -> str:
+    """What video2video will do, for stderr: which frames were read and how many are generated."""
+    lengths = [len(video.frames)] if video is not None else []
+    lengths += [len(c.frames) if isinstance(c, VideoFrames) else len(c) for c in controls]
+    parts = []
+    for name, source in [("input.video", video)] + [(f"input.control[{n}]", c) for n, c in enumerate(controls)]:
+        if isinstance(source, VideoFrames):
+            parts.append(f"{name}: {len(source.frames)} of {source.source_frames} frames "
+                         f"({source.source_fps or 0:.4g} fps -> {source.fps or 0:.4g} fps)")
+        elif source is not None:
+            parts.append(f"{name}: {len(source)} keypoint frames")
+    return (f"video2video: {'; '.join(parts)}; frame 0 pairs with the condition image, the other "
+            f"{min(lengths) - 1} frames are generated in one parallel-denoising pass")
 
 
 def check_output_dir(config: RunConfig) -> Path:
@@ -140,17 +219,26 @@ def write_outputs(config: RunConfig, out: Path, stem: str, frames, sidecar: dict
 def run(config_path: str, overrides: list[str]) -> list[Path]:
     config = load_config(config_path, overrides)
     images = check_inputs(config)
+    video, controls = read_videos(config)
     out = check_output_dir(config)
     pipe = load_pipeline(config)
     g, i = config.generation, config.input
     seed = g.seed if g.seed is not None else random.randrange(10**8)
-    drawn = "image" not in images
-    total = g.n_batch * g.steps + (g.first_frame_steps if drawn or g.redraw_condition_image else 0)
+    video2video = video is not None or bool(controls)
+    drawn = "image" not in images and video is None
+    total = (1 if video2video else g.n_batch) * g.steps + (g.first_frame_steps if drawn or g.redraw_condition_image else 0)
+    extra = {}
+    if video2video:
+        print(describe_video2video(video, controls, config), file=sys.stderr)
+        first = images.get("image", video.frames[0] if video is not None else None)
+        height, width = pipe.video_size(first, None, g)
+        extra = dict(video=None if video is None else video.frames,
+                     control=control_videos(config, controls, height, width))
     started = time.monotonic()
     result = pipe(
         i.prompt, images.get("image"), g.replace(seed=seed), negative_prompt=i.negative_prompt,
         refer_image=images.get("refer_image"), ip_adapter_image=images.get("ip_adapter_image"),
-        callback=ProgressPrinter(total),
+        callback=ProgressPrinter(total), **extra,
     )
     stem = config.output.name or f"{Path(config_path).stem}-{seed}"
     sidecar = {

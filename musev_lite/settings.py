@@ -20,6 +20,7 @@ SAMPLERS = ("euler", "ddim")
 CONTEXT_SCHEDULES = ("uniform_v2", "uniform")
 GUIDANCE_METHODS = ("linear", "two_stage", "three_stage", "fix_two_stage")
 OUTPUT_TYPES = ("uint8", "pil")
+TASKS = ("auto", "image2video", "text2image2video", "video2video")
 
 MAX_GUIDANCE = 100.0  # far above anything useful (MuseV uses 3.5 and 7.5), low enough to stay finite
 MAX_STEPS = 1000  # the training schedule has 1000 timesteps
@@ -62,6 +63,10 @@ def typed(where: str, value, annotation: str):
         require(isinstance(value, list) and all(isinstance(v, str) for v in value),
                 f"{where} must be a list of strings, e.g. [\"mp4\", \"gif\"]; got {value!r}")
         return value
+    if base == "list[int]":
+        require(isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+                f"{where} must be a list of integers, e.g. [1080, 1920]; got {value!r}")
+        return value
     if (isinstance(value, bool) and base != "bool") or not isinstance(value, kinds[base]):
         wanted = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}[base]
         raise ConfigError(f"{where} must be {wanted}; got {value!r}")
@@ -98,6 +103,9 @@ class GenerationConfig:
     ip_adapter_scale: float = 1.0
     sampler: str = "euler"  # one of SAMPLERS
     seed: int | None = None  # None: a random seed, reported back
+    video_strength: float = 1.0  # video2video from an RGB video: 1 = from noise at the first step (MuseV), 0 = the video
+    control_guidance_start: float = 0.0  # share of the steps before the ControlNets start
+    control_guidance_end: float = 1.0  # share of the steps after which they stop
 
     def replace(self, **overrides) -> GenerationConfig:
         """A copy with some settings changed; an unknown name is a ConfigError with a suggestion."""
@@ -146,4 +154,10 @@ class GenerationConfig:
         in_range("generation.motion_speed", self.motion_speed, 0, 100)
         require(self.motion_speed > 0, f"generation.motion_speed = {self.motion_speed} must be > 0")
         require(self.seed is None or 0 <= self.seed < 2**63, f"generation.seed = {self.seed} must be a non-negative integer")
+        in_range("generation.video_strength", self.video_strength, 0, 1)
+        in_range("generation.control_guidance_start", self.control_guidance_start, 0, 1)
+        in_range("generation.control_guidance_end", self.control_guidance_end, 0, 1)
+        require(self.control_guidance_start < self.control_guidance_end,
+                f"generation.control_guidance_start = {self.control_guidance_start} must be smaller than "
+                f"generation.control_guidance_end = {self.control_guidance_end}")
         return self

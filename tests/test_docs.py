@@ -89,3 +89,16 @@ def test_code_points_only_at_docs_a_clone_has():
         assert "§" not in text and "model.md" not in text and "pipeline.md" not in text, f"{where} cites the spec"
         for anchor in re.findall(r"docs/method\.md#([\w-]+)", text):
             assert anchor in headings, f"{where}: docs/method.md has no heading for #{anchor}"
+
+
+def test_generation_defaults_in_the_readme_are_the_dataclass_defaults():
+    """The README's Configuration table states each generation default as GenerationConfig has it (the one
+    place defaults are written), as TOML (`unset` for None)."""
+    from musev_lite.config import toml_value
+    from musev_lite.settings import GenerationConfig
+
+    rows = re.findall(r"^\| (`generation\.[^|]+) \| ([^|]+) \|", README, re.M)
+    documented = {key: default.strip() for keys, default in rows for key in re.findall(r"`generation\.(\w+)`", keys)}
+    defaults = {f.name: "unset" if f.default is None else f"`{toml_value(f.default)}`"
+                for f in dataclasses.fields(GenerationConfig)}
+    assert documented == defaults
