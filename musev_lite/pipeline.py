@@ -381,8 +381,8 @@ class MuseVPipeline:
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
         """PIL images -> clean latents (n, 4, h, w): VAE posterior mean x scaling factor."""
-        pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
-        pixels = pixels.to(self.device, torch.float32) / 127.5 - 1
+        pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).contiguous()
+        pixels = pixels.to(self.device, torch.float32) / 127.5 - 1  # n 3 H W in [-1, 1]
         return check_finite(self.vae.encode(pixels), "image encoding (VAE)")
 
     @torch.no_grad()
