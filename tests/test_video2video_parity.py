@@ -15,11 +15,20 @@ from safetensors.torch import load_file
 from conftest import FIXTURES, SHARED, max_abs_error, original_fixture_models
 from make_fixtures import seeded_weights
 from musev_lite.controlnet import ControlNet, ControlNetConfig, MultiControlNet
-from musev_lite.denoise import WindowControl, context_windows, initial_latents, parallel_denoise, window_groups
-from musev_lite.samplers import EulerSampler, SchedulerConfig, SD15_SCHEDULER
+from musev_lite.denoise import (
+    WindowControl,
+    context_windows,
+    initial_latents,
+    parallel_denoise,
+    video_fusion_noise,
+    window_groups,
+)
+from musev_lite.pipeline import MuseVPipeline
+from musev_lite.samplers import SD15_SCHEDULER, EulerSampler, SchedulerConfig
 from musev_lite.unet import Conditioning
+from musev_lite.vae import AutoencoderKL, VAEConfig
 from musev_lite.video_io import crop_resize
-from musev_lite.weights import load_weights
+from musev_lite.weights import config_from_dict, load_weights, read_state_dict
 
 ROOT = FIXTURES / "video2video"
 MANIFEST = json.loads((ROOT / "manifest.json").read_text())
@@ -93,3 +102,20 @@ def test_video_middle_starting_noise_is_the_original():
     x_t = initial_latents(tensors["latents.x_T"].shape, generator, MANIFEST["cases"]["video_middle"]["init_noise_sigma"],
                           0.5, INPUTS["cond.condition_latents"], 1e-3)
     assert max_abs_error(x_t, tensors["latents.x_T"], "video_middle x_T") <= 1e-5
+
+
+def test_video_starting_latents_are_the_original(models):
+    """x_T of `video`: the VAE latents of RGB frames 1.. (our crop-resize, our VAE with the fixture's
+    weights) noised to the first step with the seeded VideoFusion noise, no image-based nudge."""
+    root = SHARED / "reference/fixtures/musev_referencenet/vae"
+    vae = AutoencoderKL(config_from_dict(VAEConfig, json.loads((root / "config.json").read_text()))).eval()
+    load_weights(vae, {k: v.float() for k, v in read_state_dict(root / "diffusion_pytorch_model.safetensors").items()},
+                 "the fixture's VAE")
+    unet, _, _ = models
+    pipe = MuseVPipeline(unet, vae, None, None, SchedulerConfig.from_dict(SD15_SCHEDULER))
+    rgb, _ = pipe.fit_videos(raw_frames("rgb_video"), [], 128, 192)
+    init = pipe.encode_frames(rgb[1:])
+    sampler = EulerSampler(SchedulerConfig.from_dict(SD15_SCHEDULER), 2, "video_fusion")
+    noise = video_fusion_noise(init.shape, torch.Generator().manual_seed(1000), 0.5)
+    tensors = load_file(ROOT / "video.safetensors")
+    assert max_abs_error(sampler.add_noise(init, noise, 0), tensors["latents.x_T"], "video x_T") <= 1e-4
