@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +90,30 @@ class ControlVideo:
     controlnet: str = "controlnet"  # which of the pipeline's ControlNets (a weights-folder component)
     scale: float = 1.0
     at_video_size: bool = False  # the frames already have the video's size (e.g. drawn from keypoints): no crop
+
+
+@dataclass
+class Shot:
+    """What `generate` yields when a shot is done: its frames (the condition frame first, for shot 0)."""
+
+    index: int
+    frames: np.ndarray  # uint8 (n, H, W, 3)
+    latents: torch.Tensor  # (1, 4, n, H/8, W/8), clean
+    seed: int | None
+
+
+@dataclass
+class RunState:
+    """Where a generation is, after a sampler step or a shot: `generate(..., resume=state)` continues from
+    it to the same video, bit for bit. Small: latents, not frames."""
+
+    shot: int  # the shot in progress (n_batch: all done)
+    step: int  # sampler steps done in it (0: not started)
+    condition: torch.Tensor  # (1, 4, 1, h, w) its condition latent
+    latents: torch.Tensor | None  # (1, 4, n, h, w) its latents after `step` steps; None before the first
+    first_condition: torch.Tensor  # frame 0's latent (the reference images' stand-in when it was drawn)
+    generator: torch.Tensor  # torch.Generator.get_state() at that point
+    seed: int | None
 
 
 @dataclass
@@ -237,7 +261,20 @@ class MuseVPipeline:
     # One call, stage by stage
 
     @torch.no_grad()
-    def __call__(
+    def __call__(self, *args, output_type: str = "uint8", **kwargs) -> VideoResult:
+        """The whole video at once: every shot `generate` yields, joined. Takes `generate`'s arguments;
+        `output_type="pil"` gives PIL images instead of a uint8 array."""
+        if output_type not in OUTPUT_TYPES:
+            raise ConfigError(f"output_type = {output_type!r}: use one of {', '.join(OUTPUT_TYPES)}")
+        shots = list(self.generate(*args, **kwargs))
+        frames = np.concatenate([shot.frames for shot in shots])
+        latents = torch.cat([shot.latents for shot in shots], dim=2)
+        if output_type == "pil":
+            frames = [Image.fromarray(f) for f in frames]
+        return VideoResult(frames, latents, shots[0].seed)
+
+    @torch.no_grad()
+    def generate(
         self,
         prompt: str = "",
         image=None,
@@ -255,10 +292,12 @@ class MuseVPipeline:
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         callback: Callable[[Progress], None] | None = None,
-        output_type: str = "uint8",
+        resume: RunState | None = None,
+        on_state: Callable[[RunState], None] | None = None,
         **settings,
-    ) -> VideoResult:
-        """Generate `n_batch` shots of `num_frames` new frames after the condition image.
+    ) -> Iterator[Shot]:
+        """Generate `n_batch` shots of `num_frames` new frames after the condition image, yielding each
+        shot's decoded frames as it is done, so a long video never sits in memory as a whole.
 
         `config` holds the generation settings (MuseV's defaults); keyword `settings` override some of
         them, e.g. `pipe(prompt, image, steps=4)`. Without `image` the first frame is drawn from the
@@ -267,6 +306,9 @@ class MuseVPipeline:
         instead of `image`. `fit_images=False`: the images already have the video's size and are used
         as they are (MuseV's centre crop is not the identity even at that size). `latents` (1,4,F,h,w):
         the first shot's starting noise instead of a draw. `generator` instead of `config.seed`.
+        `on_state(RunState)` is called after every sampler step and every shot; `resume=` one of those
+        states (with the same arguments otherwise) continues from it: the shots after it are yielded
+        and equal those of the uninterrupted run.
 
         Video2video: `video` (F, H, W, 3) uint8 RGB frames to start from (SDEdit, `video_strength`) and/or
         `control`, one control video per ControlNet; all F frames long. Frame 0 pairs with the condition
@@ -280,9 +322,7 @@ class MuseVPipeline:
             image = video[0]  # the RGB video's first frame is the condition image
         has_image = image is not None or condition_latents is not None
         config.validate(has_image=has_image)
-        if output_type not in OUTPUT_TYPES:
-            raise ConfigError(f"output_type = {output_type!r}: use one of {', '.join(OUTPUT_TYPES)}")
-        seed = config.seed
+        seed = config.seed if resume is None else resume.seed
         if generator is None:
             seed = random.randrange(10**8) if seed is None else seed
             generator = torch.Generator("cpu").manual_seed(seed)
@@ -293,7 +333,9 @@ class MuseVPipeline:
                                                                fit_images)
         video, control = self.fit_videos(video, control, height, width, fit_images)
         text = self.encode_text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        if condition_latents is not None:
+        if resume is not None:
+            condition = resume.first_condition.to(self.device)
+        elif condition_latents is not None:
             if image is not None or config.redraw_condition_image:
                 raise ConfigError("condition_latents replace the condition image: give no image and leave "
                                   "redraw_condition_image off")
@@ -309,14 +351,27 @@ class MuseVPipeline:
             refer_image = frame0 if config.redraw_condition_image or refer_image is None else refer_image
             ip_adapter_image = frame0 if config.redraw_condition_image or ip_adapter_image is None else ip_adapter_image
         cond = self.image_conditioning(refer_image, ip_adapter_image, text, config)
-        if video is None and not control:
-            video_latents = self.denoise_shots(condition, cond, config, generator, latents, report, drawn=not has_image)
+        if resume is None:
+            resume = RunState(0, 0, condition, None, condition, generator.get_state(), seed)
         else:
-            video_latents = self.denoise_video(condition, cond, config, generator, video, control, report)
-        frames = self.decode(video_latents, progress=lambda done, total: report(Progress("decode", 0, 1, done, total, 0)))
-        if output_type == "pil":
-            frames = [Image.fromarray(f) for f in frames]
-        return VideoResult(frames, video_latents, seed)
+            generator.set_state(resume.generator)
+
+        def state(shot: int, step: int, shot_condition, latents) -> None:
+            if on_state is not None:
+                on_state(RunState(shot, step, shot_condition, latents, condition, generator.get_state(), seed))
+
+        if video is None and not control:
+            shots = self.denoise_shots(cond, config, generator, latents, report, not has_image, resume, state)
+            total = config.n_batch * config.num_frames + has_image  # frames of the whole video
+        else:
+            shots = self.denoise_video(cond, config, generator, video, control, report, resume, state)
+            total = len(video if video is not None else control[0].frames)
+        decoded = 0
+        for index, shot_latents in shots:
+            frames = self.decode(shot_latents, progress=lambda done, _: report(
+                Progress("decode", index, config.n_batch, decoded + done, total, 0)))
+            decoded += len(frames)
+            yield Shot(index, frames, shot_latents, seed)
 
     @staticmethod
     def video_size(image, condition_latents, config: GenerationConfig) -> tuple[int, int]:
@@ -424,18 +479,22 @@ class MuseVPipeline:
         return parallel_denoise(self._unet, x, no_condition, cond, sampler, [[0]], [config.first_frame_guidance] * steps,
                                 generator=generator, temporal=False, callback=after_step)
 
-    def denoise_shots(self, condition: torch.Tensor, cond: Conditioning, config: GenerationConfig, generator,
-                      latents, report, drawn: bool) -> torch.Tensor:
-        """Every shot's latents after the condition latent, (1, 4, F, h, w). Each shot starts from
-        VideoFusion noise and is denoised in parallel windows around its condition latent: the image's
-        for the first shot, the last latent of the shot before for the others."""
+    def denoise_shots(self, cond: Conditioning, config: GenerationConfig, generator, latents, report, drawn: bool,
+                      resume: RunState, state) -> Iterator[tuple[int, torch.Tensor]]:
+        """(shot, its latents (1, 4, n, h, w)) shot by shot, from `resume` on; shot 0's start with the
+        condition latent. Each shot starts from VideoFusion noise and is denoised in parallel windows
+        around its condition latent: the image's for the first shot, the last latent of the shot before
+        for the others."""
         g = config
+        condition = resume.condition
         shape_hw = tuple(condition.shape[-2:])
-        shots = [condition]
-        for shot in range(g.n_batch):
+        for shot in range(resume.shot, g.n_batch):
             frames = g.num_frames - 1 if shot == 0 and drawn else g.num_frames
             sampler = make_sampler(g.sampler, self.scheduler, g.steps, noise_type="video_fusion")
-            if shot == 0 and latents is not None:
+            start = 0
+            if shot == resume.shot and resume.latents is not None:
+                x, start = resume.latents.to(self.device), resume.step
+            elif shot == 0 and latents is not None:
                 if tuple(latents.shape) != (1, 4, frames, *shape_hw):
                     raise ConfigError(f"latents have shape {tuple(latents.shape)}; this call needs "
                                       f"{(1, 4, frames, *shape_hw)} (batch, channels, new frames, height/8, width/8)")
@@ -443,22 +502,27 @@ class MuseVPipeline:
             else:
                 x = initial_latents((1, 4, frames, *shape_hw), generator, sampler.init_noise_sigma, g.w_ind_noise,
                                     condition, g.img_weight).to(self.device)
-            shots.append(self.denoise_shot(x, condition, cond, sampler, config, generator, report, shot))
-            condition = shots[-1][:, :, -1:]  # the next shot continues from this shot's last frame
-        return torch.cat(shots, dim=2)
+            x = self.denoise_shot(x, condition, cond, sampler, config, generator, report, shot, start=start,
+                                  state=lambda step, x, shot=shot, c=condition: state(shot, step, c, x))
+            yield shot, (torch.cat([condition, x], dim=2) if shot == 0 else x)
+            condition = x[:, :, -1:]  # the next shot continues from this shot's last frame
+            state(shot + 1, 0, condition, None)
 
-    def denoise_video(self, condition: torch.Tensor, cond: Conditioning, config: GenerationConfig, generator,
-                      video: torch.Tensor | None, control: list[ControlVideo], report) -> torch.Tensor:
-        """Video2video: frames 1.. of the input video(s) in one parallel-denoising pass, (1, 4, F, h, w)
-        with the condition latent first. With an RGB `video` the pass starts from its latents noised to
-        step N (1 - video_strength) (MuseV: strength 1, the first step); else from VideoFusion noise
-        as image2video. Every window's ControlNet sees the control frames of its frames."""
+    def denoise_video(self, cond: Conditioning, config: GenerationConfig, generator, video: torch.Tensor | None,
+                      control: list[ControlVideo], report, resume: RunState, state) -> Iterator[tuple[int, torch.Tensor]]:
+        """Video2video: frames 1.. of the input video(s) in one parallel-denoising pass, yielded as one shot
+        (1, 4, F, h, w) with the condition latent first. With an RGB `video` the pass starts from its latents
+        noised to step N (1 - video_strength) (MuseV: strength 1, the first step); else from VideoFusion
+        noise as image2video. Every window's ControlNet sees the control frames of its frames."""
         g = config
+        condition = resume.condition
         frames = len(video if video is not None else control[0].frames) - 1
         shape = (1, 4, frames, *condition.shape[-2:])
         sampler = make_sampler(g.sampler, self.scheduler, g.steps, noise_type="video_fusion")
         start = 0
-        if video is None:
+        if resume.latents is not None:
+            x, start = resume.latents.to(self.device), resume.step
+        elif video is None:
             x = initial_latents(shape, generator, sampler.init_noise_sigma, g.w_ind_noise, condition,
                                 g.img_weight).to(self.device)
         else:
@@ -471,13 +535,15 @@ class MuseVPipeline:
             nets = [self.controlnets[c.controlnet] for c in control]
             window_control = WindowControl(MultiControlNet(nets), [c.frames for c in control], [c.scale for c in control],
                                            g.control_guidance_start, g.control_guidance_end)
-        x = self.denoise_shot(x, condition, cond, sampler, config, generator, report, 0, window_control, start)
-        return torch.cat([condition, x], dim=2)
+        x = self.denoise_shot(x, condition, cond, sampler, config, generator, report, 0, window_control, start,
+                              state=lambda step, x: state(0, step, condition, x))
+        yield 0, torch.cat([condition, x], dim=2)
+        state(1, 0, x[:, :, -1:], None)
 
     def denoise_shot(self, x, condition, cond, sampler, config: GenerationConfig, generator, report, shot: int,
-                     control: WindowControl | None = None, start: int = 0) -> torch.Tensor:
-        """One parallel-denoising pass over the latents `x` around `condition`, with progress and a
-        NaN/Inf check after every step."""
+                     control: WindowControl | None = None, start: int = 0, state=None) -> torch.Tensor:
+        """One parallel-denoising pass over the latents `x` around `condition`, with progress, a NaN/Inf
+        check and `state(steps done, latents)` after every step."""
         g = config
         windows = context_windows(g.context_schedule, x.shape[2], g.context_frames, g.context_overlap)
         guidance = guidance_scales(g.guidance_scale, g.steps, g.guidance_scale_end, g.guidance_method)
@@ -486,6 +552,8 @@ class MuseVPipeline:
         def after_step(i, latents):
             check_finite(latents, f"shot {shot + 1}/{g.n_batch}, step {i + 1}/{g.steps}", GUIDANCE_FIX)
             report(Progress("video", shot, g.n_batch, i + 1, g.steps, calls))
+            if state is not None:
+                state(i + 1, latents)
 
         return parallel_denoise(self._unet, x, condition, cond, sampler, windows, guidance, g.window_batch, generator,
                                 callback=after_step, control=control, start=start)

@@ -158,3 +158,25 @@ def test_generator_is_drawn_as_in_the_original(pipe):
         torch.randn((1, 4, 1, 5, 9), generator=replay)
         torch.randn((1, 4, 3, 5, 9), generator=replay)
     assert torch.equal(generator.get_state(), replay.get_state())
+
+
+@pytest.mark.parametrize("image, at", [(IMAGE, (1, 1)), (IMAGE, (1, 0)), (None, (0, 1))])
+def test_resume_from_any_state_gives_the_same_shots(pipe, image, at):
+    """A run resumed from a RunState taken mid-shot or between shots yields the shots of the uninterrupted
+    run after that point, bit for bit (latents and frames), with or without a drawn first frame."""
+    states = []
+    args = dict(num_frames=4, n_batch=2, seed=3, height=32, width=48, **FAST)
+    whole = list(pipe.generate("a face", image, on_state=states.append, **args))
+    assert [(s.shot, s.step) for s in states] == [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)]
+    state = next(s for s in states if (s.shot, s.step) == at)
+    resumed = list(pipe.generate("a face", image, resume=state, **args))
+    assert [s.index for s in resumed] == [s.index for s in whole[at[0]:]]
+    for a, b in zip(resumed, whole[at[0]:]):
+        assert torch.equal(a.latents, b.latents) and np.array_equal(a.frames, b.frames)
+
+
+def test_generate_yields_the_video_shot_by_shot(pipe):
+    shots = list(pipe.generate("a face", IMAGE, num_frames=3, n_batch=3, seed=2, **FAST))
+    assert [len(s.frames) for s in shots] == [4, 3, 3]  # the condition frame comes with shot 0
+    whole = pipe("a face", IMAGE, num_frames=3, n_batch=3, seed=2, **FAST)
+    assert np.array_equal(np.concatenate([s.frames for s in shots]), whole.frames)
