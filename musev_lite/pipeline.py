@@ -335,16 +335,9 @@ class MuseVPipeline:
         text = self.encode_text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         if resume is not None:
             condition = resume.first_condition.to(self.device)
-        elif condition_latents is not None:
-            if image is not None or config.redraw_condition_image:
-                raise ConfigError("condition_latents replace the condition image: give no image and leave "
-                                  "redraw_condition_image off")
-            condition = self.check_condition_latents(condition_latents, height, width)
-        elif image is not None and not config.redraw_condition_image:
-            condition = self.encode_images([image])[:, :, None]  # 1 4 1 h w
-        else:  # text -> first frame -> video, or MuseV's img2img redraw of the condition image
-            first = self.image_conditioning(refer_image, ip_adapter_image, text, config)
-            condition = self.draw_first_frame(image, first, (height // 8, width // 8), config, generator, report)
+        else:
+            condition = self.condition_latent(image, condition_latents, refer_image, ip_adapter_image, text,
+                                              (height, width), config, generator, report)
         if image is None or config.redraw_condition_image:
             # frame 0 as an image stands in for missing reference images; a redraw replaces them
             frame0 = Image.fromarray(self.decode(condition)[0])
@@ -372,6 +365,20 @@ class MuseVPipeline:
                 Progress("decode", index, config.n_batch, decoded + done, total, 0)))
             decoded += len(frames)
             yield Shot(index, frames, shot_latents, seed)
+
+    def condition_latent(self, image, condition_latents, refer_image, ip_adapter_image, text, size: tuple[int, int],
+                         config: GenerationConfig, generator, report) -> torch.Tensor:
+        """Frame 0's clean latent (1, 4, 1, h, w): given, the image's, or drawn in 2D mode (no image, or
+        MuseV's img2img redraw of the image)."""
+        if condition_latents is not None:
+            if image is not None or config.redraw_condition_image:
+                raise ConfigError("condition_latents replace the condition image: give no image and leave "
+                                  "redraw_condition_image off")
+            return self.check_condition_latents(condition_latents, *size)
+        if image is not None and not config.redraw_condition_image:
+            return self.encode_images([image])[:, :, None]  # 1 4 1 h w
+        first = self.image_conditioning(refer_image, ip_adapter_image, text, config)
+        return self.draw_first_frame(image, first, (size[0] // 8, size[1] // 8), config, generator, report)
 
     @staticmethod
     def video_size(image, condition_latents, config: GenerationConfig) -> tuple[int, int]:
