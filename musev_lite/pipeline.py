@@ -31,6 +31,7 @@ from .clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionMod
 from .denoise import context_windows, guidance_scales, initial_latents, parallel_denoise, window_groups
 from .ip_adapter import ImageProjection, ImageProjectionConfig
 from .lora import load_lora, merge_lora, unmerge_lora
+from .memory import check_memory
 from .prompts import encode_prompt_pair, load_textual_inversion, save_textual_inversion
 from .referencenet import ReferenceNet
 from .samplers import SD15_SCHEDULER, SchedulerConfig, make_sampler
@@ -54,6 +55,7 @@ from .weights import (
 )
 
 DEFAULT_SIZE = (512, 320)  # (height, width) without a condition image: MuseV's training size
+WORKING_SIZE = max(DEFAULT_SIZE)  # a bigger condition image is scaled down to this long side
 GUIDANCE_FIX = "lower generation.guidance_scale / guidance_scale_end / ip_adapter_scale"
 MODEL_PARTS = REQUIRED + REFERENCENET_PARTS
 
@@ -75,6 +77,31 @@ class VideoResult:
     frames: np.ndarray | list[Image.Image]  # uint8 (F, H, W, 3), or PIL images
     latents: torch.Tensor  # (1, 4, F, H/8, W/8), clean
     seed: int | None
+
+
+def fit_video_size(image_size: tuple[int, int] | None, height: int = 0, width: int = 0,
+                   multiple: int = 8) -> tuple[int, int]:
+    """(height, width) of a video: `height` and `width` as set; an unset one follows the condition image
+    (`image_size` = (h, w)): both unset, the image scaled down (never up) to a long side of at most
+    WORKING_SIZE, aspect kept; one set, the other by the image's aspect. Without an image, MuseV's 512x320.
+    Then floored to `multiple`, as MuseV's scripts floor to 64. (MuseV itself takes an image's own size,
+    which for a photo is more than any machine's memory; the model was trained at 512x320.)"""
+    if image_size is None:
+        h, w = height or DEFAULT_SIZE[0], width or DEFAULT_SIZE[1]
+    else:
+        ih, iw = image_size
+        if height and width:
+            h, w = height, width
+        elif height or width:
+            h, w = height or ih * width // iw, width or iw * height // ih
+        else:
+            long = max(ih, iw, WORKING_SIZE)
+            h, w = ih * WORKING_SIZE // long, iw * WORKING_SIZE // long
+    h, w = h // multiple * multiple, w // multiple * multiple
+    if h < 8 or w < 8:
+        raise ConfigError(f"video size {w}x{h} (width x height) is too small; set generation.height/width "
+                          f"to at least {multiple}")
+    return h, w
 
 
 def _load(cls, config_cls, weights_dir: Path, name: str, device, dtype):
@@ -245,6 +272,7 @@ class MuseVPipeline:
         report = callback or (lambda progress: None)
 
         height, width = self.video_size(image, condition_latents, config)
+        check_memory(self, height, width, config)
         image, refer_image, ip_adapter_image = self.fit_images(image, refer_image, ip_adapter_image, height, width,
                                                                fit_images)
         text = self.encode_text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
@@ -271,20 +299,12 @@ class MuseVPipeline:
         return VideoResult(frames, video_latents, seed)
 
     def video_size(self, image, condition_latents, config: GenerationConfig) -> tuple[int, int]:
-        """(height, width): as set, else the condition image's (or latent's), else MuseV's 512x320;
-        floored to `size_multiple` as MuseV does."""
-        if condition_latents is not None:
-            size = (condition_latents.shape[-2] * 8, condition_latents.shape[-1] * 8)
-        elif image is not None:
-            image = as_pil(image)
-            size = (image.height, image.width)
-        else:
-            size = DEFAULT_SIZE
-        multiple = config.size_multiple
-        height, width = (config.height or size[0]) // multiple * multiple, (config.width or size[1]) // multiple * multiple
-        if height < 8 or width < 8:
-            raise ConfigError(f"video size {height}x{width} is too small; give height/width of at least {multiple}")
-        return height, width
+        """(height, width) of the video: `fit_video_size` of the condition image, or the condition latent's."""
+        if condition_latents is not None:  # the latent fixes the size
+            h, w = condition_latents.shape[-2] * 8, condition_latents.shape[-1] * 8
+            return fit_video_size(None, config.height or h, config.width or w, config.size_multiple)
+        size = None if image is None else as_pil(image).size[::-1]
+        return fit_video_size(size, config.height, config.width, config.size_multiple)
 
     @staticmethod
     def fit_images(image, refer_image, ip_adapter_image, height: int, width: int, fit: bool = True):
