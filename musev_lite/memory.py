@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from .denoise import context_windows, window_groups
 from .settings import ConfigError, GenerationConfig
 
 UNET_FACTOR = 32  # measured 23.3-25.4 at the tiny preset, 25.5-29.4 with SD1.5's channel doubling (64-256)
@@ -40,8 +39,9 @@ def estimate_memory(pipe, height: int, width: int, config: GenerationConfig, con
     g = config
     h, w = height // 8, width // 8
     frames = g.n_batch * g.num_frames + 1
-    windows = context_windows(g.context_schedule, g.num_frames, g.context_frames, g.context_overlap)
-    call_frames = 2 * max(len(group) * (1 + len(group[0])) for group in window_groups(windows, g.window_batch))
+    # windows of a shot (counted, not listed: a shot may be long), at most window_batch of them per call
+    windows = max(1, math.ceil((g.num_frames - g.context_overlap) / (g.context_frames - g.context_overlap)))
+    call_frames = 2 * min(g.window_batch, windows) * (1 + min(g.context_frames, g.num_frames))
     positions = sum(c * math.ceil(h / 2**level) * math.ceil(w / 2**level)
                     for level, c in enumerate(pipe.unet.config.block_out_channels))
     unet = call_frames * positions * UNET_FACTOR * pipe.dtype.itemsize * (1.5 if control_frames else 1)

@@ -79,13 +79,33 @@ class VideoResult:
     seed: int | None
 
 
+def resolve_device(device, key: str = "device") -> str:
+    """`device` (a name or torch.device) checked against what this torch has; "auto" picks cuda, then mps,
+    then cpu. `key` names the setting in errors."""
+    name = str(device)
+    has = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        return next(kind for kind in ("cuda", "mps", "cpu") if has[kind])
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{key} = {name!r} is not a torch device; use \"auto\", \"cpu\", \"cuda\", "
+                          "\"cuda:1\" or \"mps\"") from None
+    if not has.get(device.type, False):
+        raise ConfigError(f"{key} = {name!r} but this torch has no {device.type.upper()} device; "
+                          f"use \"auto\" or one of {', '.join(k for k, ok in has.items() if ok)}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{key} = {name!r} but there are {torch.cuda.device_count()} CUDA devices")
+    return name
+
+
 def fit_video_size(image_size: tuple[int, int] | None, height: int = 0, width: int = 0,
                    multiple: int = 8) -> tuple[int, int]:
     """(height, width) of a video: `height` and `width` as set; an unset one follows the condition image
     (`image_size` = (h, w)): both unset, the image scaled down (never up) to a long side of at most
     WORKING_SIZE, aspect kept; one set, the other by the image's aspect. Without an image, MuseV's 512x320.
-    Then floored to `multiple`, as MuseV's scripts floor to 64. (MuseV itself takes an image's own size,
-    which for a photo is more than any machine's memory; the model was trained at 512x320.)"""
+    Then floored to `multiple`, as MuseV's scripts floor to 64. (MuseV's scripts take an image's own size,
+    which for a camera photo needs far more memory than a machine has; the model was trained at 512x320.)"""
     if image_size is None:
         h, w = height or DEFAULT_SIZE[0], width or DEFAULT_SIZE[1]
     else:
@@ -99,7 +119,8 @@ def fit_video_size(image_size: tuple[int, int] | None, height: int = 0, width: i
             h, w = ih * WORKING_SIZE // long, iw * WORKING_SIZE // long
     h, w = h // multiple * multiple, w // multiple * multiple
     if h < 8 or w < 8:
-        raise ConfigError(f"video size {w}x{h} (width x height) is too small; set generation.height/width "
+        source = f" from the image's {image_size[1]}x{image_size[0]}" if image_size and not (height and width) else ""
+        raise ConfigError(f"video size {w}x{h} (width x height){source} is too small; set generation.height/width "
                           f"to at least {multiple}")
     return h, w
 
@@ -147,6 +168,7 @@ class MuseVPipeline:
             if dtype not in (torch.float32, torch_dtype):
                 raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one of them")
             dtype = torch_dtype
+        device = resolve_device(device)
         weights_dir = Path(weights_dir)
         missing = missing_weights(weights_dir)
         if missing:
@@ -209,6 +231,7 @@ class MuseVPipeline:
     def demo(cls, seed: int = 0, device="cpu") -> MuseVPipeline:
         """The `tiny` preset at seeded random weights with a byte-level tokenizer: exercises every part
         of the pipeline offline in seconds. A pipeline demo, not a trained model: its videos are noise."""
+        device = resolve_device(device)
         torch.manual_seed(seed)
         tokenizer = CLIPTokenizer.byte_level()
         unet_config = UNet3DConfig.preset("tiny")
@@ -260,6 +283,9 @@ class MuseVPipeline:
         as they are (MuseV's centre crop is not the identity even at that size). `latents` (1,4,F,h,w):
         the first shot's starting noise instead of a draw. `generator` instead of `config.seed`.
         """
+        if config is not None and not isinstance(config, GenerationConfig):
+            raise ConfigError(f"config must be a GenerationConfig or None, got {type(config).__name__} {config!r:.40}; "
+                              "give settings as keywords, e.g. pipe(prompt, image, steps=4)")
         config = (config or GenerationConfig()).replace(**settings)
         has_image = image is not None or condition_latents is not None
         config.validate(has_image=has_image)
@@ -269,6 +295,8 @@ class MuseVPipeline:
         if generator is None:
             seed = random.randrange(10**8) if seed is None else seed
             generator = torch.Generator("cpu").manual_seed(seed)
+        elif not isinstance(generator, torch.Generator):
+            raise ConfigError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         report = callback or (lambda progress: None)
 
         height, width = self.video_size(image, condition_latents, config)

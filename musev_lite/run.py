@@ -38,7 +38,7 @@ from PIL import Image  # noqa: E402
 
 from . import __version__  # noqa: E402
 from .config import ConfigError, OutputConfig, RunConfig, load_config, to_toml  # noqa: E402
-from .pipeline import MuseVPipeline, Progress  # noqa: E402
+from .pipeline import MuseVPipeline, Progress, resolve_device  # noqa: E402
 from .video_io import (  # noqa: E402
     OutputSet,
     contact_sheet,
@@ -84,27 +84,9 @@ def check_output_dir(config: RunConfig) -> Path:
     return out
 
 
-def resolve_device(name: str) -> str:
-    """`model.device` checked against what this torch has; "auto" picks cuda, then mps, then cpu."""
-    has = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name == "auto":
-        return next(kind for kind in ("cuda", "mps", "cpu") if has[kind])
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"model.device = {name!r} is not a torch device; use \"auto\", \"cpu\", \"cuda\", "
-                          "\"cuda:1\" or \"mps\"") from None
-    if not has.get(device.type, False):
-        raise ConfigError(f"model.device = {name!r} but this torch has no {device.type.upper()} device; "
-                          f"use \"auto\" or one of {', '.join(k for k, ok in has.items() if ok)}")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"model.device = {name!r} but there are {torch.cuda.device_count()} CUDA devices")
-    return name
-
-
 def load_pipeline(config: RunConfig) -> MuseVPipeline:
     m = config.model
-    device, dtype = resolve_device(m.device), getattr(torch, m.dtype)
+    device, dtype = resolve_device(m.device, "model.device"), getattr(torch, m.dtype)
     if m.preset == "tiny":
         print(DEMO_NOTE, file=sys.stderr)
         pipe = MuseVPipeline.demo(seed=0, device=device).to(dtype=dtype)

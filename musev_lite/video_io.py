@@ -36,6 +36,8 @@ class MediaError(ValueError):
 def read_image(path: str | os.PathLike) -> Image.Image:
     """Open an image as 8-bit RGB (`to_rgb`)."""
     path = Path(path)
+    if path.is_dir():
+        raise MediaError(f"image {path}: is a folder, not an image file")
     if not path.is_file():
         raise MediaError(f"image {path}: no such file")
     try:
@@ -415,6 +417,8 @@ def read_video(path: str | os.PathLike, height: int | None = None, width: int | 
             raise MediaError(f"video {path}: fps must be a positive number, got {fps!r}")
         if sample_rate != 1:
             raise MediaError(f"video {path}: give fps or sample_rate, not both (fps={fps}, sample_rate={sample_rate})")
+    if path.is_dir():
+        raise MediaError(f"video {path}: is a folder, not a video file")
     if not path.is_file():
         raise MediaError(f"video {path}: no such file")
     try:

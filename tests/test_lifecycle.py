@@ -241,7 +241,7 @@ def test_size_policy(image, height, width, multiple, expected):
 
 
 def test_too_small_a_size_is_refused():
-    with pytest.raises(ConfigError, match=r"video size 8x0 \(width x height\) is too small"):
+    with pytest.raises(ConfigError, match=r"video size 8x0 \(width x height\) from the image's 10x5 is too small"):
         fit_video_size((5, 10), 0, 0, 8)
 
 
