@@ -138,6 +138,8 @@ def textual_inversions(folder: Path, width: int) -> dict[str, torch.Tensor]:
 def convert(motion: Path, base: Path, dest: Path, preset: str | None = None, vae: Path | None = None,
             image_encoder_dir: Path | None = None, referencenet_dir: Path | None = None,
             tokenizer: Path | None = None, dtype: str = "keep", embeddings: Path | None = None) -> Path:
+    if not Path(motion).is_dir():
+        raise WeightsError(f"--motion {motion}: no such folder (checkpoints/motion/<model> of the release)")
     preset = preset or motion.name
     if preset not in MODELS:
         raise WeightsError(f"cannot tell the model from {motion.name!r}; pass --preset ({', '.join(MODELS)})")

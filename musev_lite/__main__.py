@@ -38,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"convert needs a converter first: one of {', '.join(CONVERTERS)} "
                          "(e.g. musev-lite convert musev --help)")
         module, rest = CONVERTERS[rest[0]], rest[1:]
-    return importlib.import_module(module).main(rest)
+    try:
+        command = importlib.import_module(module)  # seconds (torch): Ctrl-C here is one line, not a traceback
+    except KeyboardInterrupt:
+        print("interrupted while starting: nothing was written", file=sys.stderr)
+        return 130
+    return command.main(rest)
 
 
 if __name__ == "__main__":

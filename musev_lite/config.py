@@ -6,8 +6,9 @@
     [output]      where and in which formats to write
 
 `load_config(path, overrides)` reads the file, applies `--set section.key=value` overrides, checks
-every key, type and range, and raises ConfigError naming the key and what to do. Relative paths are
-relative to the current directory. The README's "Configuration" section lists every key.
+every key, type and range, and raises ConfigError naming the key and what to do. A relative path in
+the file is relative to the file's folder (`PATH_KEYS`); one given with `--set`, or a default, to the
+working directory. The README's "Configuration" section lists every key.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from .settings import DTYPES, FORMATS, PRESETS, TASKS, ConfigError, GenerationConfig, in_range, one_of, require, suggest, typed
 from .video_io import MediaError, check_fps
@@ -71,6 +73,7 @@ class OutputConfig:
     formats: list[str] = field(default_factory=lambda: ["mp4"])  # one or more of settings.FORMATS
     fps: float = 12.0
     contact_sheet: bool = True
+    overwrite: bool = False  # replace outputs of the same name; false: refuse to start
 
 
 @dataclass
@@ -79,12 +82,53 @@ class RunConfig:
     input: InputConfig = field(default_factory=InputConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    # Not a setting (no annotation, so no dataclass field): "section.key" -> how its relative path was
+    # resolved, filled by load_config for the errors about that file (`path_note`).
+    path_notes = MappingProxyType({})
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def path_note(self, key: str) -> str:
+        """" (input.image = 'face.png' is relative to the config file's folder, examples)" for a path
+        setting given as a relative path, else ""."""
+        note = self.path_notes.get(key)
+        return f" ({note})" if note else ""
+
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
+
+# Every setting that is a path, as (section, key); "lora.path" is the `path` of each [[model.lora]] table.
+PATH_KEYS = [("model", "weights_dir"), ("model", "lora.path"), ("input", "image"), ("input", "refer_image"),
+             ("input", "ip_adapter_image"), ("input", "video"), ("input", "control.path"), ("output", "dir")]
+
+
+def relative_paths(data: dict):
+    """(table, key, "section.key") of every relative path PATH_KEYS finds in `data` (a config's tables)."""
+    for section, key in PATH_KEYS:
+        table = data.get(section)
+        name, _, item = key.partition(".")
+        if not isinstance(table, dict) or name not in table:
+            continue
+        if item:  # a list of tables (or one), each with its path under `item`
+            tables = table[name] if isinstance(table[name], list) else [table[name]]
+            places = [(t, item, f"{section}.{name}[{n}].{item}") for n, t in enumerate(tables) if isinstance(t, dict)]
+        else:
+            places = [(table, name, f"{section}.{name}")]
+        for holder, field_name, where in places:
+            value = holder.get(field_name)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                yield holder, field_name, where
+
+
+def resolve_paths(data: dict, folder: Path) -> dict[str, str]:
+    """Make the relative paths in a config file's tables relative to its `folder`, in place; return
+    {"section.key": how it was resolved} for error messages."""
+    notes = {}
+    for holder, key, where in relative_paths(data):
+        notes[where] = f"{where} = {holder[key]!r} is relative to the config file's folder, {folder.resolve()}"
+        holder[key] = str(folder / holder[key])
+    return notes
 
 
 def build_config(data: dict) -> RunConfig:
@@ -201,6 +245,7 @@ def parse_override(text: str) -> tuple[str, str, object]:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     data: dict = {}
+    notes = {}
     if path is not None:
         path = Path(path)
         try:
@@ -211,10 +256,17 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"config file {path} cannot be read ({err})") from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        notes = resolve_paths(data, path.parent)
     for text in overrides:
         section, key, value = parse_override(text)
         data.setdefault(section, {})
         if not isinstance(data[section], dict):
             raise ConfigError(f"--set {text!r}: [{section}] is not a table")
         data[section][key] = value
-    return build_config(data)
+        notes = {k: v for k, v in notes.items() if k.partition("[")[0] != f"{section}.{key}"}
+        for holder, name, where in relative_paths({section: {key: value}}):
+            notes[where] = (f"{where} = {holder[name]!r} is given with --set, so it is relative to the working "
+                            f"directory, {Path.cwd()}")
+    config = build_config(data)
+    config.path_notes = MappingProxyType(notes)
+    return config

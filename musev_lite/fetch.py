@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +99,6 @@ def download(url: str, target: Path, size: int | None = None, sha256: str | None
     """Fetch `url` to `target`, resuming `target.part`; the target appears only when complete and checked."""
     if target.is_file() and (size is None or target.stat().st_size == size):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     have = part.stat().st_size if part.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -116,15 +116,20 @@ def download(url: str, target: Path, size: int | None = None, sha256: str | None
             if have and response.status != 206:  # the server ignored Range: start over
                 have = 0
             total = int(response.headers.get("Content-Length", 0)) + have or size
-            with open(part, "ab" if have else "wb") as out:
-                done, last = have, 0.0
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    done += len(chunk)
-                    if not quiet and time.monotonic() - last > 1:
-                        last = time.monotonic()
-                        share = f" ({100 * done / total:.0f}%)" if total else ""
-                        print(f"  {target.name}: {done / 1e6:.1f} MB{share}", file=sys.stderr, flush=True)
+            try:  # folders are made only once the server answers: a failed fetch leaves none behind
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(part, "ab" if have else "wb") as out:
+                    done, last = have, 0.0
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                        done += len(chunk)
+                        if not quiet and time.monotonic() - last > 1:
+                            last = time.monotonic()
+                            share = f" ({100 * done / total:.0f}%)" if total else ""
+                            print(f"  {target.name}: {done / 1e6:.1f} MB{share}", file=sys.stderr, flush=True)
+            except OSError as err:
+                raise FetchError(f"{part}: cannot be written ({err.strerror or err}); choose another --downloads "
+                                 "folder or free some space") from None
     got = part.stat().st_size
     if size is not None and got != size:
         raise FetchError(f"{url}: got {got} bytes, expected {size}; run the command again to resume")
@@ -182,6 +187,9 @@ def main(argv=None) -> int:
     downloads, dest = args.downloads, args.dest or Path("weights") / args.model
     with_controlnet = args.controlnet or args.model == "musev_referencenet_pose"
     try:
+        for option, url in (("--base-url", args.base_url), ("--controlnet-url", args.controlnet_url)):
+            if urllib.parse.urlsplit(url).scheme not in ("http", "https", "file"):
+                raise FetchError(f"{option} {url!r} is not a URL; give http://, https:// or file://...")
         fetch_all(plan(args.model, args.base), downloads, args.base_url)
         if with_controlnet:
             fetch_all(plan_controlnet(), downloads / CONTROLNET_DIR, args.controlnet_url)

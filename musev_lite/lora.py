@@ -113,6 +113,11 @@ def load_lora(path: str | os.PathLike) -> LoRA:
     other_base = _other_base_by_name(state, metadata)
     if other_base:
         raise _other_base_error(path, other_base)
+    broken = [key for key, value in state.items()
+              if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all())]
+    if broken:
+        raise LoraError(f"{path}: {len(broken)} tensor(s) hold NaN or infinite values: {name_list(broken, 20)}; "
+                        "the file is broken (download or train it again)")
     found: dict[tuple[str, str], dict] = {}  # (component, dotted module path) -> {role: tensor}
     unknown = []
     for key, value in state.items():

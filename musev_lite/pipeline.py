@@ -42,6 +42,7 @@ from .denoise import (
 )
 from .ip_adapter import ImageProjection, ImageProjectionConfig
 from .lora import load_lora, merge_lora, unmerge_lora
+from .memory import check_memory
 from .prompts import encode_prompt_pair, load_textual_inversion, save_textual_inversion
 from .referencenet import ReferenceNet
 from .samplers import SD15_SCHEDULER, SchedulerConfig, make_sampler
@@ -65,6 +66,7 @@ from .weights import (
 )
 
 DEFAULT_SIZE = (512, 320)  # (height, width) without a condition image: MuseV's training size
+WORKING_SIZE = max(DEFAULT_SIZE)  # a bigger condition image is scaled down to this long side
 GUIDANCE_FIX = "lower generation.guidance_scale / guidance_scale_end / ip_adapter_scale"
 MODEL_PARTS = REQUIRED + REFERENCENET_PARTS
 
@@ -123,6 +125,52 @@ class VideoResult:
     seed: int | None
 
 
+def resolve_device(device, key: str = "device") -> str:
+    """`device` (a name or torch.device) checked against what this torch has; "auto" picks cuda, then mps,
+    then cpu. `key` names the setting in errors."""
+    name = str(device)
+    has = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        return next(kind for kind in ("cuda", "mps", "cpu") if has[kind])
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{key} = {name!r} is not a torch device; use \"auto\", \"cpu\", \"cuda\", "
+                          "\"cuda:1\" or \"mps\"") from None
+    if not has.get(device.type, False):
+        raise ConfigError(f"{key} = {name!r} but this torch has no {device.type.upper()} device; "
+                          f"use \"auto\" or one of {', '.join(k for k, ok in has.items() if ok)}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{key} = {name!r} but there are {torch.cuda.device_count()} CUDA devices")
+    return name
+
+
+def fit_video_size(image_size: tuple[int, int] | None, height: int = 0, width: int = 0,
+                   multiple: int = 8) -> tuple[int, int]:
+    """(height, width) of a video: `height` and `width` as set; an unset one follows the condition image
+    (`image_size` = (h, w)): both unset, the image scaled down (never up) to a long side of at most
+    WORKING_SIZE, aspect kept; one set, the other by the image's aspect. Without an image, MuseV's 512x320.
+    Then floored to `multiple`, as MuseV's scripts floor to 64. (MuseV's scripts take an image's own size,
+    which for a camera photo needs far more memory than a machine has; the model was trained at 512x320.)"""
+    if image_size is None:
+        h, w = height or DEFAULT_SIZE[0], width or DEFAULT_SIZE[1]
+    else:
+        ih, iw = image_size
+        if height and width:
+            h, w = height, width
+        elif height or width:
+            h, w = height or ih * width // iw, width or iw * height // ih
+        else:
+            long = max(ih, iw, WORKING_SIZE)
+            h, w = ih * WORKING_SIZE // long, iw * WORKING_SIZE // long
+    h, w = h // multiple * multiple, w // multiple * multiple
+    if h < 8 or w < 8:
+        source = f" from the image's {image_size[1]}x{image_size[0]}" if image_size and not (height and width) else ""
+        raise ConfigError(f"video size {w}x{h} (width x height){source} is too small; set generation.height/width "
+                          f"to at least {multiple}")
+    return h, w
+
+
 def _load(cls, config_cls, weights_dir: Path, name: str, device, dtype):
     state, config = load_component(weights_dir, name)
     model = cls(config_from_dict(config_cls, config))
@@ -170,6 +218,7 @@ class MuseVPipeline:
             if dtype not in (torch.float32, torch_dtype):
                 raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one of them")
             dtype = torch_dtype
+        device = resolve_device(device)
         weights_dir = Path(weights_dir)
         missing = missing_weights(weights_dir)
         if missing:
@@ -236,6 +285,7 @@ class MuseVPipeline:
     def demo(cls, seed: int = 0, device="cpu") -> MuseVPipeline:
         """The `tiny` preset at seeded random weights with a byte-level tokenizer: exercises every part
         of the pipeline offline in seconds. A pipeline demo, not a trained model: its videos are noise."""
+        device = resolve_device(device)
         torch.manual_seed(seed)
         tokenizer = CLIPTokenizer.byte_level()
         unet_config = UNet3DConfig.preset("tiny")
@@ -315,6 +365,9 @@ class MuseVPipeline:
         image (the RGB video's frame 0 when no `image` is given); the other F - 1 frames are generated in
         one parallel-denoising pass, whatever `num_frames` / `n_batch` say.
         """
+        if config is not None and not isinstance(config, GenerationConfig):
+            raise ConfigError(f"config must be a GenerationConfig or None, got {type(config).__name__} {config!r:.40}; "
+                              "give settings as keywords, e.g. pipe(prompt, image, steps=4)")
         config = (config or GenerationConfig()).replace(**settings)
         control = control or []
         video, control = self.check_videos(video, control, image, condition_latents)
@@ -326,9 +379,16 @@ class MuseVPipeline:
         if generator is None:
             seed = random.randrange(10**8) if seed is None else seed
             generator = torch.Generator("cpu").manual_seed(seed)
+        elif not isinstance(generator, torch.Generator):
+            raise ConfigError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         report = callback or (lambda progress: None)
 
         height, width = self.video_size(image, condition_latents, config)
+        if video is None and not control:
+            check_memory(self, height, width, config)
+        else:  # video2video: one pass over the video's frames
+            length = len(video if video is not None else control[0].frames)
+            check_memory(self, height, width, config.replace(num_frames=length - 1, n_batch=1), length * len(control))
         image, refer_image, ip_adapter_image = self.fit_images(image, refer_image, ip_adapter_image, height, width,
                                                                fit_images)
         video, control = self.fit_videos(video, control, height, width, fit_images)
@@ -382,20 +442,12 @@ class MuseVPipeline:
 
     @staticmethod
     def video_size(image, condition_latents, config: GenerationConfig) -> tuple[int, int]:
-        """(height, width): as set, else the condition image's (or latent's), else MuseV's 512x320;
-        floored to `size_multiple` as MuseV does."""
-        if condition_latents is not None:
-            size = (condition_latents.shape[-2] * 8, condition_latents.shape[-1] * 8)
-        elif image is not None:
-            image = as_pil(image)
-            size = (image.height, image.width)
-        else:
-            size = DEFAULT_SIZE
-        multiple = config.size_multiple
-        height, width = (config.height or size[0]) // multiple * multiple, (config.width or size[1]) // multiple * multiple
-        if height < 8 or width < 8:
-            raise ConfigError(f"video size {height}x{width} is too small; give height/width of at least {multiple}")
-        return height, width
+        """(height, width) of the video: `fit_video_size` of the condition image, or the condition latent's."""
+        if condition_latents is not None:  # the latent fixes the size
+            h, w = condition_latents.shape[-2] * 8, condition_latents.shape[-1] * 8
+            return fit_video_size(None, config.height or h, config.width or w, config.size_multiple)
+        size = None if image is None else as_pil(image).size[::-1]
+        return fit_video_size(size, config.height, config.width, config.size_multiple)
 
     @staticmethod
     def fit_images(image, refer_image, ip_adapter_image, height: int, width: int, fit: bool = True):

@@ -117,6 +117,9 @@ def encode_prompt_pair(tokenizer, text_encoder, prompt: str, negative_prompt: st
                        max_chunks: int = 3) -> torch.Tensor:
     """(2, 77k, D) text embeddings, [negative; positive]. `negative_prompt` is a preset name
     (`NEGATIVE_PROMPTS`: Empty, V1..V5) or else taken as literal text."""
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if not isinstance(text, str):
+            raise PromptError(f"{name} must be a string, got {type(text).__name__} {text!r:.60}")
     negative_name, negative_prompt = negative_prompt, NEGATIVE_PROMPTS.get(negative_prompt, negative_prompt)
     pairs = [weighted_tokens(tokenizer, text, CHUNK * max_chunks) for text in (negative_prompt, prompt)]
     longest = max(len(ids) for ids, _ in pairs)

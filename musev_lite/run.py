@@ -1,29 +1,48 @@
 """Command line: `python -m musev_lite.run config.toml [--set section.key=value ...]`.
 
 Reads and checks the configuration, loads the models, generates with progress on stderr, writes the
-outputs (atomically) and prints their paths. Any mistake in the configuration, inputs or weights is
-one line on stderr starting with "error:" and exit code 2; nothing is written then.
+outputs and prints their paths. Any mistake in the configuration, inputs or weights is one line on
+stderr starting with "error:" and exit code 2; nothing is written then. The outputs appear together
+or not at all (`video_io.OutputSet`): SIGINT (Ctrl-C) and SIGTERM stop the run with exit code 130 /
+143, leave no temporary file, and say what was (not) written.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import random
+import signal
 import sys
-import tempfile
-import time
-import warnings
-from pathlib import Path
 
-import numpy as np
-import torch
 
-from . import __version__
-from .config import ConfigError, RunConfig, load_config, to_toml
-from .pipeline import ControlVideo, MuseVPipeline, Progress
-from .pose import draw_pose, read_keypoints
-from .video_io import (
+def exit_while_starting(signum, frame):
+    """Until main() takes over the signals: nothing to clean up yet, so one line and out."""
+    print(f"interrupted ({signal.Signals(signum).name}) while starting: nothing was written", file=sys.stderr)
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":  # before the imports below, which take seconds (torch)
+    signal.signal(signal.SIGINT, exit_while_starting)
+    signal.signal(signal.SIGTERM, exit_while_starting)
+
+import argparse  # noqa: E402 (after the handlers above, on purpose)
+import random  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .config import ConfigError, OutputConfig, RunConfig, load_config, to_toml  # noqa: E402
+from .pipeline import ControlVideo, MuseVPipeline, Progress, resolve_device  # noqa: E402
+from .pose import draw_pose, read_keypoints  # noqa: E402
+from .video_io import (  # noqa: E402
+    OutputSet,
     VideoFrames,
     contact_sheet,
     read_image,
@@ -34,14 +53,18 @@ from .video_io import (
     write_mp4,
     write_png_frames,
 )
-from .weights import missing_weights
+from .weights import missing_weights  # noqa: E402
 
 DEMO_NOTE = ("note: preset 'tiny' runs seeded random weights: a pipeline demo, not a trained model, so its frames "
              "are noise. Set preset = \"musev_referencenet\" and a converted weights_dir for real videos.")
 
 
 def check_inputs(config: RunConfig) -> dict:
-    """Open every input image now, so a bad path fails before any model is loaded."""
+    """Open every input image now (and see that every LoRA file is there), so a bad path fails before
+    any model is loaded or any output folder made."""
+    for n, entry in enumerate(config.model.lora):
+        if not Path(entry.path).is_file():
+            raise ConfigError(f"model.lora[{n}].path: {entry.path}: no such file{config.path_note(f'model.lora[{n}].path')}")
     images = {}
     for key in ("image", "refer_image", "ip_adapter_image"):
         path = getattr(config.input, key)
@@ -49,7 +72,7 @@ def check_inputs(config: RunConfig) -> dict:
             try:
                 images[key] = read_image(path)
             except ValueError as err:
-                raise ConfigError(f"input.{key}: {err}") from None
+                raise ConfigError(f"input.{key}: {err}{config.path_note(f'input.{key}')}") from None
     return images
 
 
@@ -127,31 +150,14 @@ def check_output_dir(config: RunConfig) -> Path:
         with tempfile.NamedTemporaryFile(dir=out):
             pass
     except OSError as err:
-        raise ConfigError(f"output.dir {str(out)!r} is not writable ({err.strerror}); choose another folder") from None
+        raise ConfigError(f"output.dir {str(out)!r} is not writable ({err.strerror}); choose another folder"
+                          f"{config.path_note('output.dir')}") from None
     return out
-
-
-def resolve_device(name: str) -> str:
-    """`model.device` checked against what this torch has; "auto" picks cuda, then mps, then cpu."""
-    has = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name == "auto":
-        return next(kind for kind in ("cuda", "mps", "cpu") if has[kind])
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"model.device = {name!r} is not a torch device; use \"auto\", \"cpu\", \"cuda\", "
-                          "\"cuda:1\" or \"mps\"") from None
-    if not has.get(device.type, False):
-        raise ConfigError(f"model.device = {name!r} but this torch has no {device.type.upper()} device; "
-                          f"use \"auto\" or one of {', '.join(k for k, ok in has.items() if ok)}")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"model.device = {name!r} but there are {torch.cuda.device_count()} CUDA devices")
-    return name
 
 
 def load_pipeline(config: RunConfig) -> MuseVPipeline:
     m = config.model
-    device, dtype = resolve_device(m.device), getattr(torch, m.dtype)
+    device, dtype = resolve_device(m.device, "model.device"), getattr(torch, m.dtype)
     if m.preset == "tiny":
         print(DEMO_NOTE, file=sys.stderr)
         pipe = MuseVPipeline.demo(seed=0, device=device).to(dtype=dtype)
@@ -159,8 +165,9 @@ def load_pipeline(config: RunConfig) -> MuseVPipeline:
         missing = missing_weights(m.weights_dir)
         if missing:
             raise ConfigError(
-                f"model.weights_dir {m.weights_dir!r} lacks {', '.join(missing)}; fetch and convert them with: "
-                f"python -m musev_lite.fetch {m.preset} --dest {m.weights_dir}   (see weights/README.md)")
+                f"model.weights_dir {m.weights_dir!r} lacks {', '.join(missing)}{config.path_note('model.weights_dir')}; "
+                f"fetch and convert them with: python -m musev_lite.fetch {m.preset} --dest {m.weights_dir}   "
+                "(see weights/README.md)")
         pipe = MuseVPipeline.from_pretrained(m.weights_dir, device=device, dtype=dtype)
         folder_has_referencenet = pipe.referencenet is not None
         if folder_has_referencenet != (m.preset != "musev"):
@@ -192,46 +199,89 @@ class ProgressPrinter:
               f"{elapsed:.0f}s elapsed, ~{eta:.0f}s left", file=sys.stderr, flush=True)
 
 
-def write_outputs(config: RunConfig, out: Path, stem: str, frames, sidecar: dict) -> list[Path]:
-    o = config.output
-    written = []
-    for fmt in o.formats:
-        if fmt == "mp4":
-            path = out / f"{stem}.mp4"
-            write_mp4(path, [frames], o.fps)
-        elif fmt == "png":
-            path = out / f"{stem}_frames"
-            write_png_frames(path, [frames])
-        else:
-            from PIL import Image
-
-            path = out / f"{stem}.{fmt}"
-            write_animation(path, [Image.fromarray(f) for f in frames], o.fps)
-        written.append(path)
+def output_kinds(o: OutputConfig, stem: str) -> dict[str, str]:
+    """File name -> what it holds (a format, "sheet" or "json"), in the order written, the sidecar last."""
+    kinds = {f"{stem}_frames" if fmt == "png" else f"{stem}.{fmt}": fmt for fmt in o.formats}
     if o.contact_sheet:
-        written.append(out / f"{stem}_sheet.png")
-        write_image(written[-1], contact_sheet(frames))
-    written.append(out / f"{stem}.json")
-    write_json(written[-1], dict(sidecar, outputs=[p.name for p in written[:-1]]))
-    return written
+        kinds[f"{stem}_sheet.png"] = "sheet"
+    kinds[f"{stem}.json"] = "json"
+    return kinds
+
+
+def write_outputs(config: RunConfig, outputs: OutputSet, frames, sidecar: dict) -> None:
+    """Every output under its temporary name (`outputs.path`); `outputs.publish()` puts them in place."""
+    o = config.output
+    for name, kind in output_kinds(o, outputs.stem).items():
+        print(f"writing {name}", file=sys.stderr, flush=True)
+        path = outputs.path(name)
+        if kind == "mp4":
+            write_mp4(path, [frames], o.fps)
+        elif kind == "png":
+            write_png_frames(path, [frames])
+        elif kind in ("gif", "webp"):
+            write_animation(path, [Image.fromarray(f) for f in frames], o.fps)
+        elif kind == "sheet":
+            write_image(path, contact_sheet(frames))
+        else:
+            write_json(path, dict(sidecar, outputs=outputs.names[:-1]))
+
+
+def refuse_existing(config: RunConfig, outputs: OutputSet) -> None:
+    """Say what entering `outputs` cleaned up; refuse outputs of the same name unless output.overwrite."""
+    for note in outputs.notes:
+        print(f"note: {note}", file=sys.stderr)
+    existing = outputs.existing()
+    if existing and not config.output.overwrite:
+        more = f" (and {len(existing) - 1} more of this run's outputs)" if len(existing) > 1 else ""
+        raise ConfigError(f"{existing[0]} already exists{more}; set output.overwrite = true to replace it, "
+                          "or choose another output.name or output.dir")
+
+
+def size_note(image, height: int, width: int, config: RunConfig) -> str:
+    """Where the video's size comes from, for stderr."""
+    g = config.generation
+    if g.height and g.width:
+        return f"size: {width}x{height} (generation.width x height)"
+    choose = "set generation.height/width to choose"
+    if image is None:
+        return f"size: {width}x{height}, MuseV's default without an image ({choose})"
+    return f"size: {width}x{height} from the image's {image.width}x{image.height} ({choose})"
 
 
 def run(config_path: str, overrides: list[str]) -> list[Path]:
+    """Generate and write; return the paths written. An interrupt (KeyboardInterrupt, or Interrupted for
+    SIGTERM) leaves with this run's OutputSet as its `outputs` attribute, for main's report."""
     config = load_config(config_path, overrides)
     images = check_inputs(config)
     video, controls = read_videos(config)
     out = check_output_dir(config)
+    seed = config.generation.seed if config.generation.seed is not None else random.randrange(10**8)
+    stem = config.output.name or f"{Path(config_path).stem}-{seed}"
+    outputs = OutputSet(out, stem, list(output_kinds(config.output, stem)))
+    try:
+        with outputs:  # the name locked; whatever happens, this run's temporaries go and the lock with them
+            refuse_existing(config, outputs)
+            frames, sidecar = generate(config, images, seed, video, controls)
+            write_outputs(config, outputs, frames, sidecar)
+            return outputs.publish()
+    except KeyboardInterrupt as stop:
+        stop.outputs = outputs
+        raise
+
+
+def generate(config: RunConfig, images: dict, seed: int, video: VideoFrames | None, controls: list):
+    """Load the models and generate, with progress on stderr: the frames and the sidecar's contents."""
     pipe = load_pipeline(config)
     g, i = config.generation, config.input
-    seed = g.seed if g.seed is not None else random.randrange(10**8)
     video2video = video is not None or bool(controls)
-    drawn = "image" not in images and video is None
+    first = images.get("image", Image.fromarray(video.frames[0]) if video is not None else None)
+    height, width = pipe.video_size(first, None, g)
+    print(size_note(first, height, width, config), file=sys.stderr)
+    drawn = first is None
     total = (1 if video2video else g.n_batch) * g.steps + (g.first_frame_steps if drawn or g.redraw_condition_image else 0)
     extra = {}
     if video2video:
         print(describe_video2video(video, controls, config), file=sys.stderr)
-        first = images.get("image", video.frames[0] if video is not None else None)
-        height, width = pipe.video_size(first, None, g)
         extra = dict(video=None if video is None else video.frames,
                      control=control_videos(config, controls, height, width))
     started = time.monotonic()
@@ -240,7 +290,6 @@ def run(config_path: str, overrides: list[str]) -> list[Path]:
         refer_image=images.get("refer_image"), ip_adapter_image=images.get("ip_adapter_image"),
         callback=ProgressPrinter(total), **extra,
     )
-    stem = config.output.name or f"{Path(config_path).stem}-{seed}"
     sidecar = {
         "musev_lite_version": __version__,
         "config": config.as_dict(),
@@ -253,7 +302,51 @@ def run(config_path: str, overrides: list[str]) -> list[Path]:
         "demo_weights": config.model.preset == "tiny",
         "seconds": round(time.monotonic() - started, 2),
     }
-    return write_outputs(config, out, stem, result.frames, sidecar)
+    return result.frames, sidecar
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: unwinds like Ctrl-C, so every `with` and `finally` on the way cleans up."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def signals_interrupt():
+    """While the block runs, SIGINT and SIGTERM raise Interrupted (signals reach only the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def interrupt_report(stop: KeyboardInterrupt) -> str:
+    """What an interrupted run did and did not write, in one line."""
+    name = signal.Signals(getattr(stop, "signum", signal.SIGINT)).name
+    outputs: OutputSet | None = getattr(stop, "outputs", None)
+    if outputs is None:
+        return f"interrupted ({name}) while starting: nothing was written"
+    if outputs.published:
+        return f"interrupted ({name}) after the outputs were complete: wrote {', '.join(outputs.names)} in {outputs.folder}"
+    kept = "; the existing outputs of that name are unchanged" if outputs.existing() else ""
+    return (f"interrupted ({name}): nothing was written ({', '.join(outputs.names)} in {outputs.folder} were not) "
+            f"and no temporary file is left{kept}")
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """MemoryError, torch's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,16 +361,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
     try:
-        if args.print_config:
-            print(to_toml(load_config(args.config, args.set)), end="")
-            return 0
-        paths = run(args.config, args.set)
+        with signals_interrupt():
+            if args.print_config:
+                print(to_toml(load_config(args.config, args.set)), end="")
+                return 0
+            paths = run(args.config, args.set)
     except ValueError as err:  # ConfigError, MediaError, WeightsError, PromptError, ...: the user's to fix
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: no output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, or Interrupted (SIGINT, SIGTERM)
+        print(interrupt_report(stop), file=sys.stderr)
+        for path in getattr(getattr(stop, "outputs", None), "published", []):
+            print(path)
+        return 128 + getattr(stop, "signum", signal.SIGINT)
+    except (MemoryError, RuntimeError) as err:
+        if not out_of_memory(err):
+            raise
+        print(f"error: out of memory ({str(err).splitlines()[0][:200]}); nothing was written. Lower "
+              "generation.height/width, num_frames, n_batch or window_batch, or free memory", file=sys.stderr)
+        return 2
     for path in paths:
         print(path)
     return 0

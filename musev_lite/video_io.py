@@ -3,6 +3,7 @@
 Every writer puts its bytes under a temporary name in the target folder and renames at the end, so
 an interrupted run leaves no half-written file. Videos are consumed as an iterable of uint8 chunks
 (n, H, W, 3) so a long video never has to sit in memory as a whole for mp4 or PNG output.
+`OutputSet` makes one run's files appear together or not at all, and keeps two runs off one name.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+import re
+import shutil
+import signal
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from itertools import count
@@ -31,6 +36,8 @@ class MediaError(ValueError):
 def read_image(path: str | os.PathLike) -> Image.Image:
     """Open an image as 8-bit RGB (`to_rgb`)."""
     path = Path(path)
+    if path.is_dir():
+        raise MediaError(f"image {path}: is a folder, not an image file")
     if not path.is_file():
         raise MediaError(f"image {path}: no such file")
     try:
@@ -193,6 +200,157 @@ def write_json(path: Path, data: dict) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+# ---------------------------------------------------------------------------------------------
+# One run's outputs: written under temporary names, published together
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block (a few renames or removals) is done, so it is never left
+    half-way; they are delivered right after it. A no-op where signals cannot be blocked (Windows)."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    old = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if mask else None
+    try:
+        yield
+    finally:
+        if mask:
+            mask(signal.SIG_SETMASK, old)
+
+
+def lock_holder(path: Path) -> int | None:
+    """The process id a lock file holds, None if it holds none (or is gone)."""
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def process_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # no harmless check there: such a lock is never taken over
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+class OutputSet:
+    """The outputs of one run, all named after `stem` in `folder`, appearing together or not at all.
+
+    Writers write output `name` to `path(name)`, in a staging folder `.<stem>.<pid>.tmp/` beside the
+    outputs; `publish()` renames them all into place, in the order of `names` (the sidecar last), with
+    signals held. Leaving the `with` block removes the staging folder, whatever happened. While in the
+    block, `<stem>.lock` (created with O_EXCL, holding the pid) keeps other runs off the name: they
+    get a MediaError; the lock of a process that no longer runs is taken over. On entry, temporaries
+    an earlier run left for this stem (killed before it could clean up) are removed: under the lock
+    they can be no one else's. `notes` says what entering took over or removed.
+    """
+
+    def __init__(self, folder: Path, stem: str, names: list[str]):
+        self.folder, self.stem, self.names = Path(folder), stem, list(names)
+        self.lock = self.folder / f"{stem}.lock"
+        self.staging = self.folder / f".{stem}.{os.getpid()}.tmp"
+        self.notes: list[str] = []
+        self.published: list[Path] = []
+        self.locked = False
+
+    def path(self, name: str) -> Path:
+        """Where output `name` is written until it is published."""
+        return self.staging / name
+
+    def existing(self) -> list[Path]:
+        """Outputs of this set that are already in the folder (from an earlier run)."""
+        return [self.folder / name for name in self.names if os.path.lexists(self.folder / name)]
+
+    def stale_temporaries(self) -> list[Path]:
+        """Temporaries of this stem's outputs: staging folders `.<stem>.<pid>.tmp` and the single-file
+        temporaries of `weights.atomic_path` (`.<stem>.xxxxxxxx.tmp.mp4`, `.<stem>_frames.xxxxxxxx.tmp`, ...)."""
+        stem = re.escape(self.stem)
+        ours = re.compile(rf"\.{stem}\.\d+\.tmp|\.{stem}\.[a-z0-9_]{{8}}\.tmp\.(mp4|gif|webp|json)"
+                          rf"|\.{stem}_sheet\.[a-z0-9_]{{8}}\.tmp\.png|\.{stem}_frames\.[a-z0-9_]{{8}}\.tmp")
+        return sorted(p for p in self.folder.glob(".*.tmp*") if ours.fullmatch(p.name))
+
+    def __enter__(self) -> OutputSet:
+        try:
+            with signals_held():
+                self._take_lock()
+                stale = self.stale_temporaries()
+                for path in stale:
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+                if stale:
+                    self.notes.append(f"removed temporaries an interrupted run left in {self.folder}: "
+                                      + ", ".join(p.name for p in stale))
+                self.staging.mkdir()
+        except BaseException:  # a refusal, or a signal held back until now
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with signals_held():
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self._release()
+
+    def publish(self) -> list[Path]:
+        """Rename every output into place, replacing an existing one of the same name; return the paths."""
+        with signals_held():
+            for name in self.names:
+                new, final = self.path(name), self.folder / name
+                if os.path.lexists(final) and (new.is_dir() or (final.is_dir() and not final.is_symlink())):
+                    os.replace(final, self.staging / f".old.{name}")  # a folder is not replaced by a rename
+                try:
+                    os.replace(new, final)
+                except OSError as err:
+                    done = ", ".join(p.name for p in self.published) or "none"
+                    raise MediaError(f"{final}: cannot be written ({err.strerror}); published before it: {done}") from None
+                self.published.append(final)
+        return self.published
+
+    def _take_lock(self) -> None:
+        for _ in range(3):
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = lock_holder(self.lock)
+                if holder is None or (holder != os.getpid() and process_alive(holder)):
+                    who = f"another run (pid {holder})" if holder else "a lock file without a process id"
+                    raise MediaError(f"{self.lock}: {who} is writing outputs named {self.stem!r} in {self.folder}; "
+                                     "wait for it, or set another output.name (delete the lock file if no run is "
+                                     "writing there)") from None
+                # its process is gone: move the lock aside (only one run can) and check it was that one
+                aside = self.folder / f".{self.lock.name}.{os.getpid()}.stale"
+                try:
+                    os.replace(self.lock, aside)
+                except FileNotFoundError:
+                    continue  # another run took it over first
+                if lock_holder(aside) != holder:  # a fresh lock came meanwhile: give it back
+                    try:
+                        os.link(aside, self.lock)
+                    except FileExistsError:
+                        pass
+                else:
+                    self.notes.append(f"took over {self.lock}: its run (pid {holder}) no longer runs")
+                aside.unlink()
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            self.locked = True
+            return
+        raise MediaError(f"{self.lock}: other runs keep taking this lock; try again")
+
+    def _release(self) -> None:
+        if self.locked and lock_holder(self.lock) == os.getpid():
+            self.lock.unlink()
+        self.locked = False
+
+
 def crop_box(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:
     """(y1, y2, x1, x2) of the centre region of an h x w picture with the aspect ratio of height x width.
 
@@ -259,6 +417,8 @@ def read_video(path: str | os.PathLike, height: int | None = None, width: int | 
             raise MediaError(f"video {path}: fps must be a positive number, got {fps!r}")
         if sample_rate != 1:
             raise MediaError(f"video {path}: give fps or sample_rate, not both (fps={fps}, sample_rate={sample_rate})")
+    if path.is_dir():
+        raise MediaError(f"video {path}: is a folder, not a video file")
     if not path.is_file():
         raise MediaError(f"video {path}: no such file")
     try:
