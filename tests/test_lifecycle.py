@@ -67,14 +67,17 @@ def interrupt_when(process, marker: str, signum: int):
     return process.returncode, out, "".join(seen) + err
 
 
-@pytest.mark.parametrize("signum, marker, extra", [
-    (signal.SIGTERM, "step 1/40", ["generation.steps=40"]),  # mid-generation: 39 steps are left
-    # mid-writing: the first output is being written, 41 frames of PNG, GIF and WebP are left
-    (signal.SIGINT, "writing v_frames", ["generation.num_frames=40", "generation.context_frames=12",
-                                         "generation.context_overlap=0", 'output.formats=["png", "gif", "webp", "mp4"]']),
-], ids=["SIGTERM-generating", "SIGINT-writing"])
-def test_interrupt_leaves_nothing(tmp_path, signum, marker, extra):
+GENERATING = ("step 1/40", ["generation.steps=40"])  # 39 steps are left
+# the first output is being written; 41 frames of PNG, GIF and WebP are left to write
+WRITING = ("writing v_frames", ["generation.num_frames=40", "generation.context_frames=12", "generation.context_overlap=0",
+                                'output.formats=["png", "gif", "webp", "mp4"]'])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("stage", [GENERATING, WRITING], ids=["generating", "writing"])
+def test_interrupt_leaves_nothing(tmp_path, signum, stage):
     out = tmp_path / "out"
+    marker, extra = stage
     code, stdout, err = interrupt_when(start(out, *extra), marker, signum)
     assert code == 128 + signum, err
     last = err.strip().splitlines()[-1]
