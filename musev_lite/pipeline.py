@@ -354,8 +354,8 @@ class MuseVPipeline:
             cond.refer = self.referencenet(latent, torch.zeros(()), context)
         return cond
 
-    def _unet(self, sample, t, cond: Conditioning, condition_frames: int, temporal: bool = True):
-        return self.unet(sample, t, cond, condition_frames=condition_frames, temporal=temporal).float()
+    def _unet(self, sample, t, cond: Conditioning, condition_frames: int, temporal: bool = True, lengths=None):
+        return self.unet(sample, t, cond, condition_frames=condition_frames, temporal=temporal, lengths=lengths).float()
 
     def draw_first_frame(self, image, cond: Conditioning, shape_hw, config: GenerationConfig, generator, report):
         """Draw (no image) or redraw (img2img from `image`) one frame with the temporal layers off."""
