@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .distributed import Ranks
 from .settings import CONTEXT_SCHEDULES, GUIDANCE_METHODS
 from .unet import Conditioning, ControlResiduals
 
@@ -198,6 +199,7 @@ def parallel_denoise(
     temporal: bool = True,
     control: WindowControl | None = None,
     start: int = 0,
+    ranks: Ranks | None = None,
 ) -> torch.Tensor:
     """Denoise `latents` (B,4,T,h,w) window by window, every step, around a clean condition frame.
 
@@ -206,16 +208,21 @@ def parallel_denoise(
     window on both guidance halves; `cond` is batched [uncond; cond] (2B). Windows are stacked along the
     batch, `window_batch` per call; a shorter window is padded to the longest and the call gets
     `lengths=` (real frames per sample), with which the UNet's temporal layers see each window as if
-    alone. The result equals the one-window-at-a-time loop of the original. `generator` goes to the sampler's step (MuseV's Euler draws from it). `control`
-    adds ControlNet residuals per window; `start` skips the first sampler steps (SDEdit strength).
+    alone. The result equals the one-window-at-a-time loop of the original. `generator` goes to the
+    sampler's step (MuseV's Euler draws from it). `control` adds ControlNet residuals per window; `start`
+    skips the first sampler steps (SDEdit strength). `ranks` (distributed.py): this process denoises its
+    share of the windows, the prediction sums of all ranks' windows are added up, and every rank takes
+    the same step.
     """
     n_cond = condition_latent.shape[2]
-    groups = window_groups(windows, window_batch)
+    count = torch.zeros(latents.shape[2], dtype=latents.dtype, device=latents.device)
+    for window in windows:  # how many windows average into each frame
+        count[torch.tensor(window, device=latents.device)] += 1
+    groups = window_groups(windows if ranks is None else ranks.windows(windows), window_batch)  # distributed: mine
     steps = len(sampler.timesteps)
     for i in range(start, steps):
         t = sampler.timesteps[i]
         noise_sum = torch.zeros((2 * latents.shape[0], *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
-        count = torch.zeros(latents.shape[2], dtype=latents.dtype, device=latents.device)
         for group in groups:
             k, b = len(group), latents.shape[0]
             x = torch.cat([latents[:, :, w] for w in padded(group)])  # (k b) 4 L h w, window-major
@@ -236,7 +243,8 @@ def parallel_denoise(
                 index = torch.tensor(window, device=latents.device)
                 rows, real = slice(j * b, (j + 1) * b), slice(0, len(window))  # a padded window's tail is dropped
                 noise_sum.index_add_(2, index, torch.cat([uncond[rows, :, real], cond_noise[rows, :, real]]))
-                count[index] += 1
+        if ranks is not None:  # distributed: add the other ranks' windows
+            ranks.all_reduce(noise_sum, f"denoising step {i + 1}/{steps}")
         noise_pred = noise_sum / count.view(1, 1, -1, 1, 1)  # flat average over overlapping windows
         uncond, cond_noise = noise_pred.chunk(2)
         noise_pred = uncond + guidance[i] * (cond_noise - uncond)

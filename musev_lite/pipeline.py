@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import distributed
 from .clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection, clip_image_preprocess
 from .denoise import context_windows, guidance_scales, initial_latents, parallel_denoise, window_groups
 from .ip_adapter import ImageProjection, ImageProjectionConfig
@@ -241,6 +242,9 @@ class MuseVPipeline:
         seed = config.seed
         if generator is None:
             seed = random.randrange(10**8) if seed is None else seed
+            ranks = distributed.current()
+            if ranks is not None:  # distributed: every rank draws rank 0's noise
+                seed = ranks.broadcast_seed(seed)
             generator = torch.Generator("cpu").manual_seed(seed)
         report = callback or (lambda progress: None)
 
@@ -373,7 +377,7 @@ class MuseVPipeline:
             report(Progress("first_frame", 0, config.n_batch, i + 1, steps, 1))
 
         return parallel_denoise(self._unet, x, no_condition, cond, sampler, [[0]], [config.first_frame_guidance] * steps,
-                                generator=generator, temporal=False, callback=after_step)
+                                generator=generator, temporal=False, callback=after_step, ranks=distributed.current())
 
     def denoise_shots(self, condition: torch.Tensor, cond: Conditioning, config: GenerationConfig, generator,
                       latents, report, drawn: bool) -> torch.Tensor:
@@ -381,6 +385,7 @@ class MuseVPipeline:
         VideoFusion noise and is denoised in parallel windows around its condition latent: the image's
         for the first shot, the last latent of the shot before for the others."""
         g = config
+        ranks = distributed.current()  # distributed: each rank denoises its share of the windows
         shape_hw = tuple(condition.shape[-2:])
         shots = [condition]
         for shot in range(g.n_batch):
@@ -396,31 +401,35 @@ class MuseVPipeline:
                                     condition, g.img_weight).to(self.device)
             windows = context_windows(g.context_schedule, frames, g.context_frames, g.context_overlap)
             guidance = guidance_scales(g.guidance_scale, g.steps, g.guidance_scale_end, g.guidance_method)
-            calls = len(window_groups(windows, g.window_batch))
+            calls = len(window_groups(windows if ranks is None else ranks.windows(windows), g.window_batch))
 
             def after_step(i, x, shot=shot):
                 check_finite(x, f"shot {shot + 1}/{g.n_batch}, step {i + 1}/{g.steps}", GUIDANCE_FIX)
                 report(Progress("video", shot, g.n_batch, i + 1, g.steps, calls))
 
             x = parallel_denoise(self._unet, x, condition, cond, sampler, windows, guidance, g.window_batch, generator,
-                                 callback=after_step)
+                                 callback=after_step, ranks=ranks)
             shots.append(x)
             condition = x[:, :, -1:]  # the next shot continues from this shot's last frame
         return torch.cat(shots, dim=2)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk_size: int = 8, progress=None) -> np.ndarray:
-        """(1, 4, F, h, w) -> uint8 (F, H, W, 3), `chunk_size` frames in float at a time."""
+        """(1, 4, F, h, w) -> uint8 (F, H, W, 3), `chunk_size` frames in float at a time. Distributed,
+        each rank decodes a block of the chunks and every rank gets all frames."""
         frames = latents[0].transpose(0, 1)  # f 4 h w
-        out = None
-        for start in range(0, len(frames), chunk_size):
+        starts = list(range(0, len(frames), chunk_size))
+        ranks = distributed.current()
+        if ranks is not None:  # distributed: this rank's block of chunks
+            starts = ranks.block(starts)
+        chunks = []
+        for start in starts:
             images = self.vae.decode(frames[start : start + chunk_size].float().to(self.device), chunk_size)
             check_finite(images, f"decoding frames {start}-{start + len(images) - 1}")
             # (x / 2 + 0.5) clamped, x255 truncated: as MuseV writes its videos
-            chunk = ((images / 2 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            if out is None:
-                out = np.empty((len(frames), *chunk.shape[1:]), dtype=np.uint8)
-            out[start : start + len(chunk)] = chunk
+            chunks.append(((images / 2 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
             if progress:
-                progress(start + len(chunk), len(frames))
-        return out
+                progress(start + len(chunks[-1]), len(frames))
+        if ranks is not None:  # distributed: every rank's chunks, in rank order = frame order
+            chunks = [chunk for part in ranks.all_gather(chunks, "gathering the decoded frames") for chunk in part]
+        return np.concatenate(chunks)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .config import ConfigError, RunConfig, load_config, to_toml
 from .pipeline import MuseVPipeline, Progress
 from .video_io import contact_sheet, read_image, write_animation, write_image, write_json, write_mp4, write_png_frames
@@ -72,9 +72,10 @@ def resolve_device(name: str) -> str:
 
 def load_pipeline(config: RunConfig) -> MuseVPipeline:
     m = config.model
-    device, dtype = resolve_device(m.device), getattr(torch, m.dtype)
+    device, dtype = distributed.rank_device(resolve_device(m.device)), getattr(torch, m.dtype)
     if m.preset == "tiny":
-        print(DEMO_NOTE, file=sys.stderr)
+        if distributed.is_main():
+            print(DEMO_NOTE, file=sys.stderr)
         pipe = MuseVPipeline.demo(seed=0, device=device).to(dtype=dtype)
     else:
         missing = missing_weights(m.weights_dir)
@@ -141,17 +142,28 @@ def run(config_path: str, overrides: list[str]) -> list[Path]:
     config = load_config(config_path, overrides)
     images = check_inputs(config)
     out = check_output_dir(config)
+    try:  # under torchrun: join the other ranks; they share the work (distributed.py)
+        distributed.init(distributed.rank_device(resolve_device(config.model.device)))
+        return generate(config, config_path, images, out)
+    finally:
+        distributed.shutdown()
+
+
+def generate(config: RunConfig, config_path: str, images: dict, out: Path) -> list[Path]:
     pipe = load_pipeline(config)
     g, i = config.generation, config.input
-    seed = g.seed if g.seed is not None else random.randrange(10**8)
+    seed = g.seed if g.seed is not None else random.randrange(10**8)  # distributed: the pipeline takes rank 0's
     drawn = "image" not in images
     total = g.n_batch * g.steps + (g.first_frame_steps if drawn or g.redraw_condition_image else 0)
     started = time.monotonic()
     result = pipe(
         i.prompt, images.get("image"), g.replace(seed=seed), negative_prompt=i.negative_prompt,
         refer_image=images.get("refer_image"), ip_adapter_image=images.get("ip_adapter_image"),
-        callback=ProgressPrinter(total),
+        callback=ProgressPrinter(total) if distributed.is_main() else None,
     )
+    if not distributed.is_main():  # distributed: rank 0 writes
+        return []
+    seed = result.seed
     stem = config.output.name or f"{Path(config_path).stem}-{seed}"
     sidecar = {
         "musev_lite_version": __version__,
@@ -187,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # ConfigError, MediaError, WeightsError, PromptError, ...: the user's to fix
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except distributed.RankLostError as err:  # under torchrun: another rank died or hung
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: no output was written", file=sys.stderr)
         return 130
