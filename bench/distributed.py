@@ -4,7 +4,7 @@
 
 Runs, one after the other, the same steps of `parallel_denoise` (random weights; speed does not depend
 on the values) on the `tiny` preset's UNet and on a UNet with SD1.5's structure at reduced width
-(64-256 channels), as:
+(64-256 channels), interleaved over `--rounds`, as:
   * 1 process, 1 thread (one "device");
   * 1 process, 2 threads (the whole 2-core machine, one process);
   * 2 processes of 1 thread each, launched by torchrun, gloo (two "devices").
@@ -160,6 +160,7 @@ def main():
     parser.add_argument("--frames", type=int, default=20, help="new frames: 20 -> two windows of 12")
     parser.add_argument("--latent", default="32x20", help="latent height x width (pixels / 8)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the three setups, interleaved")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--worker", action="store_true")
     args = parser.parse_args()
@@ -169,16 +170,18 @@ def main():
     print(f"torch {torch.__version__}; {os.cpu_count()} CPUs; load average before: {os.getloadavg()}")
     print(f"latent {args.latent}, {args.frames} frames -> windows of {[len(x) for x in windows]}; "
           f"2 ranks get {[[len(windows[i]) for i in m] for m in distributed.assign_windows(windows, 2)]}")
-    runs = {"1 process, 1 thread": launch(args, 1, 1), "1 process, 2 threads": launch(args, 1, 2),
-            "2 processes x 1 thread": launch(args, 2, 1)}
+    setups = {"1 process, 1 thread": (1, 1), "1 process, 2 threads": (1, 2), "2 processes x 1 thread": (2, 1)}
+    runs = {label: [] for label in setups}
+    for _ in range(args.rounds):  # interleaved, so a change in the machine's load hits every setup alike
+        for label, (world, threads) in setups.items():
+            runs[label].append(launch(args, world, threads))
     for model in ("tiny", "reduced"):
         print(f"\nUNet {model} ({'32' if model == 'tiny' else '64-256'} channels), seconds per step "
-              f"(median of {args.steps}):")
-        base = float(np.median(runs["1 process, 1 thread"][model]))
-        for label, r in runs.items():
-            s = float(np.median(r[model]))
-            print(f"  {label:<24} {s:7.3f} s/step   x{base / s:.2f} vs 1 process, 1 thread")
-    two = runs["2 processes x 1 thread"]
+              f"(median of {args.rounds} x {args.steps}):")
+        medians = {label: float(np.median([s for r in rs for s in r[model]])) for label, rs in runs.items()}
+        for label, s in medians.items():
+            print(f"  {label:<24} {s:7.3f} s/step   x{medians['1 process, 1 thread'] / s:.2f} vs 1 process, 1 thread")
+    two = runs["2 processes x 1 thread"][-1]
     for key in ("all_reduce", "all_reduce_512x320", "broadcast_full_conditioning"):
         print(f"{key}: {two[key]['bytes'] / 1e6:.2f} MB in {two[key]['seconds'] * 1e3:.2f} ms")
     print(f"conditioning (tiny CLIP towers + reduced-width ReferenceNet) on every rank at once: "
