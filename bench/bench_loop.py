@@ -27,7 +27,7 @@ def seconds_per_step(unet, latents, condition, text, windows, window_batch, step
     cond = Conditioning(text.to(dtype), motion_speed=8.0)
 
     def call(sample, t, cond, condition_frames, **kw):
-        return unet(sample.to(dtype), t, cond, condition_frames=condition_frames).float()
+        return unet(sample.to(dtype), t, cond, condition_frames=condition_frames, **kw).float()
 
     def one_step():
         with torch.no_grad():

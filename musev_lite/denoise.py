@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .distributed import Ranks
 from .settings import CONTEXT_SCHEDULES, GUIDANCE_METHODS
 from .unet import Conditioning, ControlResiduals
 
@@ -137,17 +138,17 @@ def guidance_scales(start: float, num_steps: int, end: float | None = None, meth
 
 
 def window_groups(windows: list[list[int]], window_batch: int) -> list[list[list[int]]]:
-    """Windows that go through the UNet together: same length, at most `window_batch` per call."""
+    """Windows that go through the UNet together: consecutive ones, at most `window_batch` per call
+    (shorter ones are padded in the call, see `parallel_denoise`)."""
     if window_batch < 1:
         raise ValueError(f"window_batch must be >= 1, got {window_batch}")
-    groups: list[list[list[int]]] = []
-    for window in windows:
-        last = groups[-1] if groups else None
-        if last is not None and len(last) < window_batch and len(last[0]) == len(window):
-            last.append(window)
-        else:
-            groups.append([window])
-    return groups
+    return [windows[i : i + window_batch] for i in range(0, len(windows), window_batch)]
+
+
+def padded(group: list[list[int]]) -> list[list[int]]:
+    """The windows of a group brought to the longest one's length by repeating their last frame."""
+    length = max(len(window) for window in group)
+    return [window + window[-1:] * (length - len(window)) for window in group]
 
 
 @dataclass
@@ -198,40 +199,52 @@ def parallel_denoise(
     temporal: bool = True,
     control: WindowControl | None = None,
     start: int = 0,
+    ranks: Ranks | None = None,
 ) -> torch.Tensor:
     """Denoise `latents` (B,4,T,h,w) window by window, every step, around a clean condition frame.
 
     unet(sample, t, cond, condition_frames=n, temporal=...) -> noise prediction, same shape as sample.
     `condition_latent` (B,4,n,h,w) is the clean latent of the condition image(s), put in front of every
-    window on both guidance halves; `cond` is batched [uncond; cond] (2B). Windows of equal length are
-    stacked along the batch, `window_batch` per call; the result equals the one-window-at-a-time loop
-    of the original. `generator` goes to the sampler's step (MuseV's Euler draws from it). `control`
-    adds ControlNet residuals per window; `start` skips the first sampler steps (SDEdit strength).
+    window on both guidance halves; `cond` is batched [uncond; cond] (2B). Windows are stacked along the
+    batch, `window_batch` per call; a shorter window is padded to the longest and the call gets
+    `lengths=` (real frames per sample), with which the UNet's temporal layers see each window as if
+    alone. The result equals the one-window-at-a-time loop of the original. `generator` goes to the
+    sampler's step (MuseV's Euler draws from it). `control` adds ControlNet residuals per window; `start`
+    skips the first sampler steps (SDEdit strength). `ranks` (distributed.py): this process denoises its
+    share of the windows, the prediction sums of all ranks' windows are added up, and every rank takes
+    the same step.
     """
     n_cond = condition_latent.shape[2]
-    groups = window_groups(windows, window_batch)
+    count = torch.zeros(latents.shape[2], dtype=latents.dtype, device=latents.device)
+    for window in windows:  # how many windows average into each frame
+        count[torch.tensor(window, device=latents.device)] += 1
+    groups = window_groups(windows if ranks is None else ranks.windows(windows), window_batch)  # distributed: mine
     steps = len(sampler.timesteps)
     for i in range(start, steps):
         t = sampler.timesteps[i]
         noise_sum = torch.zeros((2 * latents.shape[0], *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
-        count = torch.zeros(latents.shape[2], dtype=latents.dtype, device=latents.device)
         for group in groups:
-            k = len(group)
-            x = torch.cat([latents[:, :, w] for w in group])  # (k b) 4 L h w, window-major
+            k, b = len(group), latents.shape[0]
+            x = torch.cat([latents[:, :, w] for w in padded(group)])  # (k b) 4 L h w, window-major
             x = sampler.scale_model_input(torch.cat([x, x]), i)  # [uncond; cond]
             condition = condition_latent.repeat(2 * k, 1, 1, 1, 1).to(x)  # clean, unscaled
             sample = torch.cat([condition, x], dim=2)  # (2 k b) 4 (n+L) h w: condition at frame 0
             call_cond = cond.repeat(k)
             if control is not None:
-                call_cond = dataclasses.replace(call_cond, control=control.residuals(sample, t, call_cond, group, i, steps))
-            noise = unet(sample, t, call_cond, condition_frames=n_cond, temporal=temporal)
+                residuals = control.residuals(sample, t, call_cond, padded(group), i, steps)
+                call_cond = dataclasses.replace(call_cond, control=residuals)
+            extra = {}
+            if len({len(w) for w in group}) > 1:  # uneven windows: real frames per sample
+                extra["lengths"] = [n_cond + len(w) for w in group for _ in range(b)] * 2
+            noise = unet(sample, t, call_cond, condition_frames=n_cond, temporal=temporal, **extra)
             noise = noise[:, :, n_cond:]  # the condition frame's prediction is not used
             uncond, cond_noise = noise.chunk(2)
             for j, window in enumerate(group):
                 index = torch.tensor(window, device=latents.device)
-                rows = slice(j * latents.shape[0], (j + 1) * latents.shape[0])
-                noise_sum.index_add_(2, index, torch.cat([uncond[rows], cond_noise[rows]]))
-                count[index] += 1
+                rows, real = slice(j * b, (j + 1) * b), slice(0, len(window))  # a padded window's tail is dropped
+                noise_sum.index_add_(2, index, torch.cat([uncond[rows, :, real], cond_noise[rows, :, real]]))
+        if ranks is not None:  # distributed: add the other ranks' windows
+            ranks.all_reduce(noise_sum, f"denoising step {i + 1}/{steps}")
         noise_pred = noise_sum / count.view(1, 1, -1, 1, 1)  # flat average over overlapping windows
         uncond, cond_noise = noise_pred.chunk(2)
         noise_pred = uncond + guidance[i] * (cond_noise - uncond)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import distributed
 from .clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection, clip_image_preprocess
 from .controlnet import ControlNet, ControlNetConfig, MultiControlNet
 from .denoise import (
@@ -378,6 +379,9 @@ class MuseVPipeline:
         seed = config.seed if resume is None else resume.seed
         if generator is None:
             seed = random.randrange(10**8) if seed is None else seed
+            ranks = distributed.current()
+            if ranks is not None:  # distributed: every rank draws rank 0's noise
+                seed = ranks.broadcast_seed(seed)
             generator = torch.Generator("cpu").manual_seed(seed)
         elif not isinstance(generator, torch.Generator):
             raise ConfigError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -517,8 +521,8 @@ class MuseVPipeline:
             cond.refer = self.referencenet(latent, torch.zeros(()), context)
         return cond
 
-    def _unet(self, sample, t, cond: Conditioning, condition_frames: int, temporal: bool = True):
-        return self.unet(sample, t, cond, condition_frames=condition_frames, temporal=temporal).float()
+    def _unet(self, sample, t, cond: Conditioning, condition_frames: int, temporal: bool = True, lengths=None):
+        return self.unet(sample, t, cond, condition_frames=condition_frames, temporal=temporal, lengths=lengths).float()
 
     def draw_first_frame(self, image, cond: Conditioning, shape_hw, config: GenerationConfig, generator, report):
         """Draw (no image) or redraw (img2img from `image`) one frame with the temporal layers off."""
@@ -536,7 +540,7 @@ class MuseVPipeline:
             report(Progress("first_frame", 0, config.n_batch, i + 1, steps, 1))
 
         return parallel_denoise(self._unet, x, no_condition, cond, sampler, [[0]], [config.first_frame_guidance] * steps,
-                                generator=generator, temporal=False, callback=after_step)
+                                generator=generator, temporal=False, callback=after_step, ranks=distributed.current())
 
     def denoise_shots(self, cond: Conditioning, config: GenerationConfig, generator, latents, report, drawn: bool,
                       resume: RunState, state) -> Iterator[tuple[int, torch.Tensor]]:
@@ -604,9 +608,10 @@ class MuseVPipeline:
         """One parallel-denoising pass over the latents `x` around `condition`, with progress, a NaN/Inf
         check and `state(steps done, latents)` after every step."""
         g = config
+        ranks = distributed.current()  # distributed: each rank denoises its share of the windows
         windows = context_windows(g.context_schedule, x.shape[2], g.context_frames, g.context_overlap)
         guidance = guidance_scales(g.guidance_scale, g.steps, g.guidance_scale_end, g.guidance_method)
-        calls = len(window_groups(windows, g.window_batch))
+        calls = len(window_groups(windows if ranks is None else ranks.windows(windows), g.window_batch))
 
         def after_step(i, latents):
             check_finite(latents, f"shot {shot + 1}/{g.n_batch}, step {i + 1}/{g.steps}", GUIDANCE_FIX)
@@ -615,7 +620,7 @@ class MuseVPipeline:
                 state(i + 1, latents)
 
         return parallel_denoise(self._unet, x, condition, cond, sampler, windows, guidance, g.window_batch, generator,
-                                callback=after_step, control=control, start=start)
+                                callback=after_step, control=control, start=start, ranks=ranks)
 
     def check_videos(self, video, control: list[ControlVideo], image, condition_latents):
         """The RGB and control videos as uint8 tensors (F, H, W, 3) of one length F >= 2, each control
@@ -671,17 +676,21 @@ class MuseVPipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk_size: int = 8, progress=None) -> np.ndarray:
-        """(1, 4, F, h, w) -> uint8 (F, H, W, 3), `chunk_size` frames in float at a time."""
+        """(1, 4, F, h, w) -> uint8 (F, H, W, 3), `chunk_size` frames in float at a time. Distributed,
+        each rank decodes a block of the chunks and every rank gets all frames."""
         frames = latents[0].transpose(0, 1)  # f 4 h w
-        out = None
-        for start in range(0, len(frames), chunk_size):
+        starts = list(range(0, len(frames), chunk_size))
+        ranks = distributed.current()
+        if ranks is not None:  # distributed: this rank's block of chunks
+            starts = ranks.block(starts)
+        chunks = []
+        for start in starts:
             images = self.vae.decode(frames[start : start + chunk_size].float().to(self.device), chunk_size)
             check_finite(images, f"decoding frames {start}-{start + len(images) - 1}")
             # (x / 2 + 0.5) clamped, x255 truncated: as MuseV writes its videos
-            chunk = ((images / 2 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            if out is None:
-                out = np.empty((len(frames), *chunk.shape[1:]), dtype=np.uint8)
-            out[start : start + len(chunk)] = chunk
+            chunks.append(((images / 2 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
             if progress:
-                progress(start + len(chunk), len(frames))
-        return out
+                progress(start + len(chunks[-1]), len(frames))
+        if ranks is not None:  # distributed: every rank's chunks, in rank order = frame order
+            chunks = [chunk for part in ranks.all_gather(chunks, "gathering the decoded frames") for chunk in part]
+        return np.concatenate(chunks)

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from . import __version__  # noqa: E402
+from . import __version__, distributed  # noqa: E402
 from .config import ConfigError, OutputConfig, RunConfig, load_config, to_toml  # noqa: E402
 from .pipeline import ControlVideo, MuseVPipeline, Progress, resolve_device  # noqa: E402
 from .pose import draw_pose, read_keypoints  # noqa: E402
@@ -157,9 +157,10 @@ def check_output_dir(config: RunConfig) -> Path:
 
 def load_pipeline(config: RunConfig) -> MuseVPipeline:
     m = config.model
-    device, dtype = resolve_device(m.device, "model.device"), getattr(torch, m.dtype)
+    device, dtype = distributed.rank_device(resolve_device(m.device, "model.device")), getattr(torch, m.dtype)
     if m.preset == "tiny":
-        print(DEMO_NOTE, file=sys.stderr)
+        if distributed.is_main():
+            print(DEMO_NOTE, file=sys.stderr)
         pipe = MuseVPipeline.demo(seed=0, device=device).to(dtype=dtype)
     else:
         missing = missing_weights(m.weights_dir)
@@ -255,40 +256,50 @@ def run(config_path: str, overrides: list[str]) -> list[Path]:
     images = check_inputs(config)
     video, controls = read_videos(config)
     out = check_output_dir(config)
-    seed = config.generation.seed if config.generation.seed is not None else random.randrange(10**8)
-    stem = config.output.name or f"{Path(config_path).stem}-{seed}"
-    outputs = OutputSet(out, stem, list(output_kinds(config.output, stem)))
-    try:
-        with outputs:  # the name locked; whatever happens, this run's temporaries go and the lock with them
-            refuse_existing(config, outputs)
-            frames, sidecar = generate(config, images, seed, video, controls)
-            write_outputs(config, outputs, frames, sidecar)
-            return outputs.publish()
-    except KeyboardInterrupt as stop:
-        stop.outputs = outputs
-        raise
+    try:  # under torchrun: join the other ranks; they share the work (distributed.py), rank 0 writes
+        distributed.init(distributed.rank_device(resolve_device(config.model.device, "model.device")))
+        seed = config.generation.seed if config.generation.seed is not None else random.randrange(10**8)
+        if not distributed.is_main():
+            generate(config, images, seed, video, controls)
+            return []
+        stem = config.output.name or f"{Path(config_path).stem}-{seed}"
+        outputs = OutputSet(out, stem, list(output_kinds(config.output, stem)))
+        try:
+            with outputs:  # the name locked; whatever happens, this run's temporaries go and the lock with them
+                refuse_existing(config, outputs)
+                frames, sidecar = generate(config, images, seed, video, controls)
+                write_outputs(config, outputs, frames, sidecar)
+                return outputs.publish()
+        except KeyboardInterrupt as stop:
+            stop.outputs = outputs
+            raise
+    finally:
+        distributed.shutdown()
 
 
 def generate(config: RunConfig, images: dict, seed: int, video: VideoFrames | None, controls: list):
-    """Load the models and generate, with progress on stderr: the frames and the sidecar's contents."""
+    """Load the models and generate, with progress on stderr (rank 0's): the frames and the sidecar's contents."""
     pipe = load_pipeline(config)
     g, i = config.generation, config.input
+    main_rank = distributed.is_main()
     video2video = video is not None or bool(controls)
     first = images.get("image", Image.fromarray(video.frames[0]) if video is not None else None)
     height, width = pipe.video_size(first, None, g)
-    print(size_note(first, height, width, config), file=sys.stderr)
+    if main_rank:
+        print(size_note(first, height, width, config), file=sys.stderr)
     drawn = first is None
     total = (1 if video2video else g.n_batch) * g.steps + (g.first_frame_steps if drawn or g.redraw_condition_image else 0)
     extra = {}
     if video2video:
-        print(describe_video2video(video, controls, config), file=sys.stderr)
+        if main_rank:
+            print(describe_video2video(video, controls, config), file=sys.stderr)
         extra = dict(video=None if video is None else video.frames,
                      control=control_videos(config, controls, height, width))
     started = time.monotonic()
     result = pipe(
         i.prompt, images.get("image"), g.replace(seed=seed), negative_prompt=i.negative_prompt,
         refer_image=images.get("refer_image"), ip_adapter_image=images.get("ip_adapter_image"),
-        callback=ProgressPrinter(total), **extra,
+        callback=ProgressPrinter(total) if main_rank else None, **extra,
     )
     sidecar = {
         "musev_lite_version": __version__,
@@ -369,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # ConfigError, MediaError, WeightsError, PromptError, ...: the user's to fix
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except distributed.RankLostError as err:  # under torchrun: another rank died or hung
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as stop:  # Ctrl-C, or Interrupted (SIGINT, SIGTERM)
         print(interrupt_report(stop), file=sys.stderr)
         for path in getattr(getattr(stop, "outputs", None), "published", []):

@@ -18,7 +18,9 @@ spatial position embedding (disabled in every release), need_zero_vis_cond_temb 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -135,6 +137,8 @@ class FrameContext:
     frame_emb: torch.Tensor | None  # (T, 4*C0) frame-position embedding; None = temporal layers off
     ip_tokens: torch.Tensor | None = None  # (B, n, D) IP-Adapter image tokens
     ip_scale: float = 1.0
+    lengths: list[int] | None = None  # real frames per sample when samples are padded to T; None: all T
+    frame_embs: dict[int, torch.Tensor] | None = None  # with `lengths`: the frame embedding of each length
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +341,24 @@ def to_frames(x):
     return x.transpose(1, 2).flatten(0, 1)
 
 
+def by_length(layer: nn.Module, x, ctx: FrameContext):
+    """Run a temporal layer on samples padded to different lengths as if each were alone (docs/method.md#windows).
+
+    Temporal layers mix the frames of a sample (GroupNorm statistics over all its frames, convolution
+    and attention along time), so padded frames would change the real ones. Here the layer sees, per
+    length L, the samples of that length cut to their first L frames: exactly its unpadded input. The
+    padded frames pass through unchanged; their predictions are meaningless and dropped by the caller.
+    """
+    frames = x.unflatten(0, (-1, ctx.num_frames))  # b T c h w
+    out = frames.clone()
+    for length in sorted(set(ctx.lengths)):
+        index = torch.tensor([i for i, n in enumerate(ctx.lengths) if n == length], device=x.device)
+        part = dataclasses.replace(ctx, num_frames=length, frame_emb=ctx.frame_embs[length], lengths=None, frame_embs=None)
+        y = layer(frames[index, :length].flatten(0, 1), part)  # (k L) c h w, laid out as an unpadded call's
+        out[index, :length] = y.unflatten(0, (-1, length))
+    return out.flatten(0, 1)
+
+
 class TemporalConvLayer(nn.Module):
     """Four GroupNorm-SiLU-Conv3d(3x1x1) stages over time; out = x + |w| * stages(x).
 
@@ -354,6 +376,8 @@ class TemporalConvLayer(nn.Module):
         self.temporal_weight = nn.Parameter(torch.tensor([1e-5]))
 
     def forward(self, x, ctx: FrameContext):
+        if ctx.lengths is not None:
+            return by_length(self, x, ctx)
         y = to_video(x, ctx.num_frames)
         y = y + self.temporal_weight.abs() * self.conv4(self.conv3(self.conv2(self.conv1(y))))
         return to_frames(y)
@@ -381,6 +405,8 @@ class TransformerTemporalModel(nn.Module):
         self.temporal_weight = nn.Parameter(torch.tensor([1e-5]))
 
     def forward(self, x, ctx: FrameContext):
+        if ctx.lengths is not None:
+            return by_length(self, x, ctx)
         video = to_video(x, ctx.num_frames)  # b c t h w
         b, c, t, h, w = video.shape
         y = self.norm(video)  # statistics over all frames of the window
@@ -563,10 +589,13 @@ class UNet3D(nn.Module):
         self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, cond: Conditioning, *,
-                condition_frames: int = 1, temporal: bool = True) -> torch.Tensor:
+                condition_frames: int = 1, temporal: bool = True, lengths: Sequence[int] | None = None) -> torch.Tensor:
         """Noise prediction for `sample` (B,4,T,h,w), whose first `condition_frames` frames are clean
-        condition latents. `temporal=False` skips every temporal layer (SD1.5 2D mode)."""
-        self._check_inputs(sample, cond, condition_frames)
+        condition latents. `temporal=False` skips every temporal layer (SD1.5 2D mode). `lengths`: real
+        frames per sample (condition frames included) when samples of different lengths are padded at
+        the end to T; each real frame's prediction is then the one the sample gets alone, padded frames'
+        predictions are meaningless."""
+        self._check_inputs(sample, cond, condition_frames, lengths)
         cfg = self.config
         b, _, t, h, w = sample.shape
         dtype = self.conv_in.weight.dtype
@@ -581,17 +610,12 @@ class UNet3D(nn.Module):
             emb[:, :condition_frames] = 0
             emb = emb.flatten(0, 1)
 
-        frame_emb = None
-        if temporal:
-            # window-local positions 0..T-1, the condition frame at 0 (x motion_speed for anivv1)
-            positions = torch.arange(t, device=sample.device)
-            if cfg.anivv1:
-                positions = (positions * cond.motion_speed).long()
-            frame_emb = self.frame_embedding(sinusoidal_embedding(positions, cfg.block_out_channels[0]).to(dtype))
-            if cfg.anivv1:
-                frame_emb = F.silu(frame_emb)
+        frame_emb = self.frame_positions(t, cond.motion_speed, sample.device) if temporal else None
         ip_tokens = None if cond.ip_tokens is None or cond.ip_scale == 0 else cond.ip_tokens.to(dtype)
         ctx = FrameContext(t, condition_frames, cond.text.to(dtype), frame_emb, ip_tokens, cond.ip_scale)
+        if temporal and lengths is not None and any(n != t for n in lengths):
+            ctx.lengths = list(lengths)  # each length's embedding made on its own, as an unpadded call makes it
+            ctx.frame_embs = {n: self.frame_positions(n, cond.motion_speed, sample.device) for n in set(lengths)}
         refer = cond.refer
 
         x = self.conv_in(to_frames(sample.to(dtype)))  # (b t) c h w
@@ -621,7 +645,17 @@ class UNet3D(nn.Module):
         x = self.conv_out(F.silu(self.conv_norm_out(x)))
         return to_video(x, t)  # b c t h w
 
-    def _check_inputs(self, sample, cond: Conditioning, condition_frames) -> None:
+    def frame_positions(self, t: int, motion_speed: float, device) -> torch.Tensor:
+        """(t, 4*C0) embedding of the window-local positions 0..t-1, the condition frame at 0 (x motion_speed
+        for anivv1)."""
+        cfg = self.config
+        positions = torch.arange(t, device=device)
+        if cfg.anivv1:
+            positions = (positions * motion_speed).long()
+        frame_emb = self.frame_embedding(sinusoidal_embedding(positions, cfg.block_out_channels[0]).to(self.conv_in.weight.dtype))
+        return F.silu(frame_emb) if cfg.anivv1 else frame_emb
+
+    def _check_inputs(self, sample, cond: Conditioning, condition_frames, lengths) -> None:
         """Clear errors for inputs that would otherwise fail deep inside, or be silently ignored."""
         cfg = self.config
         if sample.ndim != 5 or sample.shape[1] != cfg.in_channels:
@@ -630,6 +664,9 @@ class UNet3D(nn.Module):
         check_context(cond.text, b, cfg.cross_attention_dim, "text")
         if not 0 <= condition_frames <= t:
             raise ValueError(f"condition_frames={condition_frames} must be between 0 and the sample's T={t}")
+        if lengths is not None and (len(lengths) != b or any(not max(condition_frames, 1) <= n <= t for n in lengths)):
+            raise ValueError(f"lengths must give each of the B={b} samples its real frames, between "
+                             f"{max(condition_frames, 1)} and T={t}; got {list(lengths)}")
         if cond.ip_tokens is not None:
             if not cfg.ip_cross_attention:
                 raise ValueError("ip_tokens given, but this UNet has no IP-Adapter attention (ip_cross_attention=False)")

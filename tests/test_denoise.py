@@ -84,9 +84,10 @@ def test_guidance_schedules():
         guidance_scales(7.0, 5, 3.0, "cosine")
 
 
-def test_window_groups_keep_lengths_apart():
+def test_window_groups():
     windows = context_windows("uniform_v2", 25, 12, 4)  # 12, 12, 9 frames
-    assert [len(g) for g in window_groups(windows, 4)] == [2, 1]
+    assert window_groups(windows, 4) == [windows]  # uneven windows share a call too
+    assert window_groups(windows, 2) == [windows[:2], windows[2:]]
     assert [len(g) for g in window_groups(windows, 1)] == [1, 1, 1]
     with pytest.raises(ValueError, match="window_batch must be >= 1"):
         window_groups(windows, 0)
@@ -108,13 +109,14 @@ class Recorder:
         torch.manual_seed(0)
         self.mix = torch.randn(4, 4)
 
-    def __call__(self, sample, t, cond, condition_frames, temporal=True):
+    def __call__(self, sample, t, cond, condition_frames, temporal=True, lengths=None):
         text, extra = cond.text, cond.ip_tokens.flatten()
-        self.calls.append((sample.clone(), text.clone(), extra.clone()))
+        self.calls.append((sample.clone(), text.clone(), extra.clone(), lengths))
         b, c, f, h, w = sample.shape
         frames = torch.arange(f, dtype=sample.dtype).view(1, 1, f, 1, 1)
         out = torch.einsum("dc,bcfhw->bdfhw", self.mix, sample).tanh()
-        window_mean = sample.mean(dim=(1, 2, 3, 4), keepdim=True)  # couples the frames of a window
+        # couples the frames of a window, as the temporal layers do: over its real frames only
+        window_mean = torch.stack([sample[i, :, :n].mean() for i, n in enumerate(lengths or [f] * b)]).view(b, 1, 1, 1, 1)
         text_term = 1e-3 * text.sum(dim=(1, 2)).view(b, 1, 1, 1, 1)
         return out + 0.1 * frames + window_mean + text_term + extra.view(b, 1, 1, 1, 1)
 
@@ -149,20 +151,23 @@ def run_loop(window_batch):
 def test_batched_windows_equal_one_at_a_time():
     one, unet_one, *_ = run_loop(1)
     many, unet_many, *_ = run_loop(8)
-    assert len(unet_one.calls) == 3 * 3 and len(unet_many.calls) == 3 * 2
+    assert len(unet_one.calls) == 3 * 3 and len(unet_many.calls) == 3 * 1  # 12, 12 and 9 frames in one call
+    assert [call[3] for call in unet_one.calls] == [None] * 9  # nothing padded
+    assert unet_many.calls[0][3] == [13, 13, 10] * 2  # the 9-frame window padded, both halves
     assert max_abs_error(many, one, "batched vs unbatched windows") <= 1e-6
 
 
 def test_every_window_sees_the_clean_condition_frame_first():
     _, unet, latents, condition, text = run_loop(8)
-    sample, seen_text, extra = unet.calls[0]  # step 0, the two 12-frame windows together
-    assert sample.shape == (4, 4, 13, 2, 3)  # [uncond w0, uncond w1, cond w0, cond w1]
-    for row in range(4):
+    sample, seen_text, extra, _ = unet.calls[0]  # step 0, all three windows together
+    assert sample.shape == (6, 4, 13, 2, 3)  # [uncond w0, w1, w2, cond w0, w1, w2]
+    for row in range(6):
         assert torch.equal(sample[row, :, :1], condition[0])  # unscaled, both halves
     assert torch.equal(sample[0, :, 1:], latents[0, :, 0:12] / 2.0)  # scale_model_input(step 0)
-    assert torch.equal(sample[3, :, 1:], latents[0, :, 8:20] / 2.0)
-    assert torch.equal(seen_text[1], text[0]) and torch.equal(seen_text[2], text[1])
-    assert extra.tolist() == [0.25, 0.25, -0.5, -0.5]
+    assert torch.equal(sample[4, :, 1:], latents[0, :, 8:20] / 2.0)
+    assert torch.equal(sample[5, :, 1:10], latents[0, :, 16:25] / 2.0)  # the short window, then padding
+    assert torch.equal(seen_text[2], text[0]) and torch.equal(seen_text[3], text[1])
+    assert extra.tolist() == [0.25] * 3 + [-0.5] * 3
 
 
 def test_overlap_is_a_flat_average():

@@ -1,0 +1,159 @@
+"""One video on several devices: every denoising step's windows shared out over the ranks of a
+torch.distributed process group, as torchrun launches them (docs/method.md#several-devices).
+
+    torchrun --nproc-per-node 2 -m musev_lite.run config.toml   # 2 GPUs (NCCL) or 2 CPU processes (gloo)
+
+Within a step the windows are independent: all are at the same noise level around the same clean
+condition frame, and only the per-frame average of overlapping predictions couples them. So each rank
+denoises its share of the windows (`assign_windows`), the per-frame prediction sums are added up over
+the ranks (one all-reduce of a latent-sized tensor per step) and every rank takes the same sampler step
+on the same latents. Every rank draws the same noise from rank 0's seed, so the video does not depend on
+the number of ranks. The VAE decode is shared out by chunks of frames; rank 0 writes the files.
+
+Launched without torchrun (no WORLD_SIZE > 1 in the environment) none of this runs. From Python, a
+pipeline called inside an initialised process group (`init()`, or torch's own) shares its work the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT_VARIABLE = "MUSEV_LITE_DIST_TIMEOUT"  # seconds a rank waits for the others before giving up
+DEFAULT_TIMEOUT = 600.0
+
+
+class RankLostError(RuntimeError):
+    """Another rank died, or did not answer within the timeout."""
+
+
+class DistributedConfigError(ValueError):
+    """A distributed launch this configuration cannot run."""
+
+
+def assign_windows(windows: list[list[int]], ranks: int) -> list[list[int]]:
+    """Which windows (indices into `windows`) each rank denoises: every window exactly once, the frames
+    per rank as even as the windows allow, and a pure function of its arguments, so every rank computes
+    the same split. Longest window first, each to the rank with the fewest frames so far (ties: the
+    lower rank); no rank ends more than one window's length above another. Each rank's list is in
+    window order."""
+    if ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
+    load, mine = [0] * ranks, [[] for _ in range(ranks)]
+    for i in sorted(range(len(windows)), key=lambda i: (-len(windows[i]), i)):
+        rank = min(range(ranks), key=lambda r: (load[r], r))
+        mine[rank].append(i)
+        load[rank] += len(windows[i])
+    return [sorted(indices) for indices in mine]
+
+
+def timeout_seconds() -> float:
+    value = os.environ.get(TIMEOUT_VARIABLE, str(DEFAULT_TIMEOUT))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise DistributedConfigError(f"{TIMEOUT_VARIABLE}={value!r} must be a number of seconds > 0")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the process group, and the few collectives musev_lite needs."""
+
+    rank: int
+    world: int
+    timeout: float
+
+    @property
+    def device(self) -> torch.device:
+        """Where collective tensors live: the current GPU for NCCL, else the CPU."""
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def windows(self, windows: list[list[int]]) -> list[list[int]]:
+        """This rank's share of a step's windows."""
+        return [windows[i] for i in assign_windows(windows, self.world)[self.rank]]
+
+    def block(self, items: list) -> list:
+        """This rank's contiguous block of `items`: concatenated in rank order they are `items` again."""
+        size = -(-len(items) // self.world)
+        return items[self.rank * size : (self.rank + 1) * size]
+
+    def all_reduce(self, tensor: torch.Tensor, what: str) -> None:
+        """Sum `tensor` over the ranks, in place."""
+        self._collective(what, lambda: dist.all_reduce(tensor))
+
+    def broadcast_seed(self, seed: int) -> int:
+        """Rank 0's seed, on every rank."""
+        value = torch.tensor([seed], dtype=torch.int64, device=self.device)
+        self._collective("sharing the seed", lambda: dist.broadcast(value, 0))
+        return int(value.item())
+
+    def all_gather(self, obj, what: str) -> list:
+        """Every rank's `obj` (any picklable value), in rank order."""
+        out = [None] * self.world
+        self._collective(what, lambda: dist.all_gather_object(out, obj))
+        return out
+
+    def _collective(self, what: str, fn):
+        try:
+            return fn()
+        except RuntimeError as err:  # gloo and NCCL report a lost peer or a timeout as RuntimeError (DistError)
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RankLostError(
+                f"rank {self.rank} of {self.world}: {what} failed: another rank died or did not answer within "
+                f"{self.timeout:g} s (set {TIMEOUT_VARIABLE} to wait longer). ({detail})") from None
+
+
+def current() -> Ranks | None:
+    """The ranks of the initialised default process group, or None without one (or with one rank)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return Ranks(dist.get_rank(), dist.get_world_size(), timeout_seconds())
+
+
+def launched() -> bool:
+    """True in a process torchrun started with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main() -> bool:
+    """True on rank 0, or when not distributed: the process that prints and writes."""
+    return int(os.environ.get("RANK", "0")) == 0 if not dist.is_initialized() else dist.get_rank() == 0
+
+
+def rank_device(device: str) -> str:
+    """Under torchrun, a bare "cuda" becomes this rank's GPU, cuda:LOCAL_RANK; otherwise `device` as given."""
+    if launched() and device == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+def init(device: str) -> Ranks | None:
+    """Join the process group torchrun set up (NCCL for CUDA devices, gloo for the CPU); None when not
+    launched by torchrun. Collectives give up after MUSEV_LITE_DIST_TIMEOUT seconds (default 600)."""
+    if not launched():
+        return None
+    kind = torch.device(device).type
+    if kind not in ("cpu", "cuda"):
+        raise DistributedConfigError(f"model.device = {device!r}: a run over several ranks needs \"cpu\" (gloo) or "
+                                     "\"cuda\" (NCCL); launch without torchrun for this device")
+    timeout = timeout_seconds()
+    if kind == "cuda":
+        torch.cuda.set_device(torch.device(rank_device(device)))
+    try:
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
+    except RuntimeError as err:
+        raise RankLostError(f"rank {os.environ.get('RANK')}: could not join the other ranks within {timeout:g} s "
+                            f"({str(err).strip().splitlines()[0]})") from None
+    return current()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,160 @@
+"""One video over several ranks (musev_lite/distributed.py): the window split, and 2-process gloo runs
+(torchrun, or processes started by hand with torchrun's environment variables) against one process.
+
+The split runs the same UNet calls as one process and adds each frame's predictions over the ranks;
+with at most two windows on a frame the sum does not depend on the order, so the latents are expected
+bitwise equal (asserted: <= 1e-5) and the frames identical, when both sides use one thread.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import REPO, max_abs_error
+from distributed_worker import CASES, run_case
+from musev_lite import distributed
+from musev_lite.denoise import context_windows
+from musev_lite.pipeline import MuseVPipeline
+from musev_lite.run import main
+
+pytestmark = pytest.mark.filterwarnings("ignore:prompt truncated")
+WORKER = str(REPO / "tests/distributed_worker.py")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def frames_of(windows, indices):
+    return sum(len(windows[i]) for i in indices)
+
+
+@given(st.lists(st.integers(1, 16), max_size=12), st.integers(1, 5))
+def test_assign_windows_every_window_once_and_balanced(lengths, ranks):
+    windows = [list(range(n)) for n in lengths]
+    split = distributed.assign_windows(windows, ranks)
+    assert len(split) == ranks
+    assert sorted(i for mine in split for i in mine) == list(range(len(windows)))  # every window exactly once
+    assert all(mine == sorted(mine) for mine in split)  # in window order
+    loads = [frames_of(windows, mine) for mine in split]
+    assert max(loads) - min(loads) <= max(lengths, default=0)  # no rank a window's length above another
+    assert distributed.assign_windows(windows, ranks) == split  # deterministic
+
+
+def test_assign_windows_by_frames():
+    windows = context_windows("uniform_v2", 41, 12, 4)  # 12, 12, 12, 12, 9 frames
+    assert [len(w) for w in windows] == [12, 12, 12, 12, 9]
+    assert distributed.assign_windows(windows, 2) == [[0, 2, 4], [1, 3]]  # 33 and 24 frames: the best split
+    assert distributed.assign_windows(windows, 3) == [[0, 3], [1, 4], [2]]  # 24, 21, 12
+    assert distributed.assign_windows(windows[:1], 2) == [[0], []]  # more ranks than windows: some idle
+    with pytest.raises(ValueError, match="ranks must be >= 1"):
+        distributed.assign_windows(windows, 0)
+
+
+def test_block_keeps_the_order():
+    items = list(range(7))
+    for world in (1, 2, 3, 8):
+        parts = [distributed.Ranks(rank, world, 1.0).block(items) for rank in range(world)]
+        assert sum(parts, []) == items
+
+
+def test_not_launched_is_not_distributed():
+    assert not distributed.launched() and distributed.current() is None and distributed.init("cpu") is None
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun rank runs: the same kernels, the same rounding
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_two_ranks_make_the_video_one_process_makes(tmp_path, one_thread):
+    """i2v, t2i2v and two shots, each rank returning all frames; and window_batch 2, where a rank stacks
+    other windows in a call than one process does (here windows 0 and 2 against 0 and 1), so the
+    kernels round differently: equal to 1e-5 of the latents' magnitude, frames to 1 level."""
+    subprocess.run(TORCHRUN + [WORKER, "cases", str(tmp_path)], check=True, timeout=300, capture_output=True)
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
+    pipe = MuseVPipeline.demo(seed=0)
+    for name in CASES:
+        alone = run_case(pipe, name)
+        batched = CASES[name].get("window_batch", 1) > 1
+        tolerance = 1e-5 * alone.latents.abs().max().item() if batched else 1e-5
+        for r, got in enumerate(ranks):
+            assert max_abs_error(got[f"{name}.latents"], alone.latents, f"{name}, rank {r} of 2 vs 1 process") <= tolerance
+            levels = np.abs(got[f"{name}.frames"].numpy().astype(int) - alone.frames).max()
+            assert levels <= (1 if batched else 0), f"{name}: rank {r}'s frames differ by {levels} levels"
+
+
+def test_torchrun_cli_rank0_writes_the_same_video(tmp_path, one_thread):
+    config = tmp_path / "video.toml"
+    config.write_text(f"""
+[model]
+preset = "tiny"
+[input]
+image = "{REPO / 'examples/face.png'}"
+prompt = "a face"
+negative_prompt = "V1"
+[generation]
+num_frames = 9
+steps = 2
+context_frames = 4
+context_overlap = 1
+height = 64
+width = 64
+[output]
+formats = ["png"]
+contact_sheet = false
+""")
+    two = subprocess.run(TORCHRUN + ["-m", "musev_lite.run", str(config), "--set", f"output.dir='{tmp_path / 'two'}'"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr
+    written = two.stdout.split()
+    assert len(written) == 2 and all(p.startswith(str(tmp_path / "two")) for p in written)  # printed once: rank 0
+    stem = Path(written[0]).name.removesuffix("_frames")
+    seed = int(stem.rsplit("-", 1)[1])  # no seed set: rank 0 drew it and the other rank took it
+    assert main([str(config), "--set", f"output.dir='{tmp_path / 'one'}'", "--set", f"generation.seed={seed}"]) == 0
+    one_frames = sorted((tmp_path / "one" / f"{stem}_frames").iterdir())
+    two_frames = sorted((tmp_path / "two" / f"{stem}_frames").iterdir())
+    assert len(one_frames) == len(two_frames) == 10
+    for a, b in zip(one_frames, two_frames):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), a.name
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [f"{stem}.json", f"{stem}_frames"]
+
+
+def start_ranks(mode: str, out) -> list[subprocess.Popen]:
+    """Two ranks started by hand, as torchrun would start them, with a 5 s timeout."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", **{distributed.TIMEOUT_VARIABLE: "5"})
+        procs.append(subprocess.Popen([sys.executable, WORKER, mode, str(out)], env=env, stderr=subprocess.PIPE,
+                                      text=True))
+    return procs
+
+
+@pytest.mark.parametrize("mode", ["die", "hang"])
+def test_a_lost_rank_is_a_clear_error_not_a_hang(tmp_path, mode):
+    procs = start_ranks(mode, tmp_path)
+    started = time.monotonic()
+    try:
+        stderr = procs[0].communicate(timeout=120)[1]
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    print(f"{mode}: rank 0 gave up after {time.monotonic() - started:.1f} s: {stderr.strip()[-300:]}")
+    assert procs[0].returncode == 1
+    assert "error: rank 0 of 2: denoising step 1/2 failed: another rank died or did not answer within 5 s" in stderr
+    assert "Traceback" not in stderr
