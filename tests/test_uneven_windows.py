@@ -69,8 +69,8 @@ def test_padded_call_equals_each_window_alone(preset):
 
 
 def test_padded_call_equals_each_window_alone_original_weights(shared):
-    """The original's fixture UNets (trained-looking temporal gates 0.3-0.7) on the t13 run's frames,
-    split as its windows are (12 and 5 frames)."""
+    """The original's fixture UNets (temporal gates 0.3-0.7) on frames of the t13 run, windows of 8 and 3
+    (the loop with its own 12 + 5 windows batched is tests/test_loop_parity.py's t13 case)."""
     for variant in ("musev", "musev_referencenet"):
         unet = original_fixture_models(shared, variant)[0]
         tensors = load_file(shared / f"reference/fixtures/{variant}/t13_linspace3.safetensors")
@@ -79,9 +79,9 @@ def test_padded_call_equals_each_window_alone_original_weights(shared):
             cond.ip_tokens = tensors["ip.image_emb"]
             down = [tensors[f"refnet.down_block_refer_embs.{i}"].squeeze(2) for i in range(12)]
             cond.refer = ReferenceFeatures(down, tensors["refnet.mid_block_refer_emb"].squeeze(2))
-        frames = tensors["latents.x_T"][:, :, :12] / 14.6  # scaled to the UNet's input range at sigma_max
+        frames = tensors["latents.x_T"][:, :, :8] / 14.6  # scaled to the UNet's input range at sigma_max
         with torch.no_grad():
-            padded, naive, alone = padded_vs_alone(unet, tensors["cond.condition_latents"], frames, cond, [12, 5])
+            padded, naive, alone = padded_vs_alone(unet, tensors["cond.condition_latents"], frames, cond, [8, 3])
         assert max_abs_error(padded, alone, f"{variant}: padded with lengths vs alone") <= 1e-5
         assert max_abs_error(naive, alone, f"{variant}: padded without lengths vs alone") > 1e-1
 
@@ -98,10 +98,10 @@ def test_uneven_windows_share_one_call_and_give_the_same_video():
     """The tiny pipeline, 9 frames in windows of 4, 4, 4 and 3: one UNet call per step with
     window_batch 8, four with window_batch 1, the same latents (to float rounding: 1e-5 of their
     magnitude, where a pad without `lengths` is off by their magnitude) and frames (to 1 level, where
-    rounding meets the truncation to uint8). 128x128 for the reason given above."""
+    rounding meets the truncation to uint8). 96x96 for the reason given above."""
     pipe = MuseVPipeline.demo(seed=0)
     open_temporal_gates(pipe.unet)
-    image = np.random.default_rng(0).integers(0, 255, (128, 128, 3)).astype(np.uint8)
+    image = np.random.default_rng(0).integers(0, 255, (96, 96, 3)).astype(np.uint8)
     runs = {}
     for window_batch in (1, 8):
         calls = []
