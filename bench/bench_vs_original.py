@@ -15,10 +15,11 @@ checked on a CPU box (python 3.11.7) as follows; it also runs tests/make_fixture
     torch 2.13 links libc10_cuda; the CPU wheel is only on the PyTorch index; the original imports it in
     MMCM's video dataset and musev/utils/util.py but never calls it on these paths). MMCM's package
     __init__ imports every MMCM tool (torchvision, insightface, ...), so `mmcm` is entered without it;
-  * the checkouts on PYTHONPATH (MMCM's root, not the mmcm folder), and ../shared/reference/fixtures (the
+  * musev_lite importable there too (`pip install --no-deps -e .` into that venv, or a venv layered on it),
+    the checkouts on PYTHONPATH (MMCM's root, not the mmcm folder), and ../shared/reference/fixtures (the
     released configs' switches; MUSEV_LITE_SHARED overrides where shared/ is):
 
-    PYTHONPATH=MuseV:MMCM:. python bench/bench_vs_original.py [musev|musev_referencenet] [--channels 64,128,256,256]
+    PYTHONPATH=MuseV:MMCM python bench/bench_vs_original.py [musev|musev_referencenet] [--channels 64,128,256,256]
 
 Check of that environment: the original pipeline run as the shared fixtures describe gives their
 musev_referencenet/t13_linspace3 guided eps to 1.1e-5 and final latents to 1.4e-4 (|x| <= 105), the
@@ -26,7 +27,9 @@ fixtures' own float-level spread across attention kernels (another CPU, other GE
 
 xformers has no CPU kernel, so its attention is routed to F.scaled_dot_product_attention (the same
 math, and the kernel we use), and the original's DEBUG logging is switched off: what is compared is
-the models' own work. The temporal gates are opened (0.5) so the temporal layers count.
+the models' own work. The temporal gates are opened (0.5) so the temporal layers count. The two
+UNets are called in turn (warm-up, then original, ours, original, ours, ...; bench/timing.py) and the
+machine's load is printed before and after: on a shared machine only ratios from one run mean anything.
 """
 
 import argparse
@@ -46,7 +49,7 @@ from musev_lite.referencenet import ReferenceNet
 from musev_lite.convert.musev import unet_config_from_diffusers
 from musev_lite.unet import Conditioning, UNet3D
 from musev_lite.weights import load_weights
-from timing import seconds_per_call
+from timing import interleaved, load, median, ratio
 
 SHARED = Path(os.environ.get("MUSEV_LITE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 FIXTURES = SHARED / "reference/fixtures"
@@ -89,8 +92,11 @@ def main():
     parser.add_argument("variant", nargs="?", default="musev_referencenet", choices=("musev", "musev_referencenet"))
     parser.add_argument("--channels", default="64,128,256,256")
     parser.add_argument("--latent", default="32x20", help="latent height x width (pixels / 8)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     UNet3DConditionModel = original_unet_class()
     logging.disable(logging.INFO)
     channels = [int(c) for c in args.channels.split(",")]
@@ -122,15 +128,19 @@ def main():
                              mid_block_refer_emb=refer.mid[:, :, None])
         cond.ip_tokens, cond.refer = ip_tokens, refer
 
-    with torch.no_grad():
-        theirs_s, theirs = seconds_per_call(lambda: original(sample, timestep, text, **theirs_kwargs)[0], args.repeats)
-        ours_s, out = seconds_per_call(lambda: ours(sample, timestep, cond, condition_frames=1), args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.variant} UNet {tuple(channels)}, "
-          f"window of 13 frames at {h}x{w}, batch 2")
-    print(f"original UNet3DConditionModel: {theirs_s:.2f} s/call")
-    print(f"musev_lite UNet3D:             {ours_s:.2f} s/call   speed-up x{theirs_s / ours_s:.2f}")
+          f"window of 13 frames at {h}x{w}, batch 2; timed interleaved, {args.repeats} rounds after a warm-up")
+    print(f"before: {load()}")
+    with torch.no_grad():
+        times = interleaved({
+            "original": lambda: original(sample, timestep, text, **theirs_kwargs)[0],
+            "ours": lambda: ours(sample, timestep, cond, condition_frames=1),
+        }, args.repeats)
+    print(f"after:  {load()}")
+    (theirs_s, theirs), (ours_s, out) = times["original"], times["ours"]
+    print(f"original UNet3DConditionModel: {median(theirs_s):.2f} s/call (median)")
+    print(f"musev_lite UNet3D:             {median(ours_s):.2f} s/call   speed-up {ratio(theirs_s, ours_s)}")
     print(f"max abs difference of the outputs: {(out - theirs).abs().max().item():.2e} (output std {theirs.std().item():.3f})")
-
 
 if __name__ == "__main__":
     main()
