@@ -171,3 +171,16 @@ def make_release(root, shared_dir: Path) -> dict:
     (root / "embedding").mkdir()  # one of the four negative embeddings, A1111 .pt (two vectors)
     torch.save({"string_to_param": {"*": torch.randn(2, 32)}, "name": "badhandv4"}, root / "embedding/badhandv4.pt")
     return unet
+
+
+def write_lossless(path, frames, fps=12):
+    """FFV1 in Matroska (RGB, lossless): a video file whose frames read back exactly as written."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "bgr0"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path

@@ -8,21 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, max_abs_error
+from conftest import FIXTURES, max_abs_error, write_lossless
 from musev_lite.video_io import MediaError, crop_resize, read_video, write_mp4
 
 COLOURS = np.array([[(37 * t) % 256, (90 + 53 * t) % 256, (200 - 29 * t) % 256] for t in range(12)], dtype=np.uint8)
 
-
-def write_lossless(path, frames, fps):
-    """FFV1 in Matroska (RGB, lossless): what is read back must be exactly what was written."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("ffv1", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "bgr0"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return path
 
 
 def solid(n, h=6, w=8):

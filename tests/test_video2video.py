@@ -6,12 +6,11 @@ the original is in test_video2video_parity.py."""
 
 import json
 
-import av
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, write_lossless
 from musev_lite.pipeline import ControlVideo, MuseVPipeline
 from musev_lite.run import main
 from musev_lite.settings import ConfigError
@@ -22,15 +21,6 @@ RNG = np.random.default_rng(0)
 FRAMES = RNG.integers(0, 255, (7, 48, 64, 3)).astype(np.uint8)
 IMAGE = RNG.integers(0, 255, (48, 64, 3)).astype(np.uint8)
 
-
-def write_video(path, frames, fps=12):
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return path
 
 
 def keypoints(n):
@@ -54,9 +44,9 @@ def run_cli(tmp_path, capsys, *overrides):
 
 @pytest.mark.parametrize("kind", ["pose video", "keypoint JSON", "rgb video", "rgb + pose"])
 def test_cli_video2video(tmp_path, capsys, kind):
-    pose = write_video(tmp_path / "pose.mp4", FRAMES)
+    pose = write_lossless(tmp_path / "pose.mkv", FRAMES)
     (tmp_path / "pose.json").write_text(json.dumps(keypoints(7)))
-    rgb = write_video(tmp_path / "rgb.mp4", FRAMES[::-1].copy())
+    rgb = write_lossless(tmp_path / "rgb.mkv", FRAMES[::-1].copy())
     overrides = {
         "pose video": [f'input.control=[{{path = "{pose}"}}]'],
         "keypoint JSON": [f'input.control=[{{path = "{tmp_path / "pose.json"}"}}]'],
@@ -135,7 +125,7 @@ def test_pose_video_needs_an_image(pipe):
     (lambda p: p.write_text("not a video"), "input.control\\[0\\]: video .*"),
 ])
 def test_cli_bad_videos(tmp_path, capsys, make, message):
-    bad = tmp_path / "bad.mp4"
+    bad = tmp_path / "bad.mkv"
     make(bad)
     code, out = run_cli(tmp_path, capsys, f'input.control=[{{path = "{bad}"}}]')
     assert code == 2 and out.err.startswith("error: ") and len(out.err.strip().splitlines()) == 1
@@ -143,7 +133,7 @@ def test_cli_bad_videos(tmp_path, capsys, make, message):
 
 
 def test_cli_videos_of_different_lengths(tmp_path, capsys):
-    pose, rgb = write_video(tmp_path / "pose.mp4", FRAMES), write_video(tmp_path / "rgb.mp4", FRAMES[:4])
+    pose, rgb = write_lossless(tmp_path / "pose.mkv", FRAMES), write_lossless(tmp_path / "rgb.mkv", FRAMES[:4])
     code, out = run_cli(tmp_path, capsys, f"input.video={rgb}", f'input.control=[{{path = "{pose}"}}]')
     assert code == 2 and "input.video: 4, input.control[0]: 7" in out.err and "loaded" not in out.err
     assert "pipeline demo" not in out.err  # refused before any model is loaded
