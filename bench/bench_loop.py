@@ -7,10 +7,12 @@ does not depend on the values):
   * windows one at a time (the original MuseV loop) vs `window_batch` windows per UNet call;
   * float32 vs bfloat16;
   * eager vs torch.compile (with --compile; compiling takes minutes on a CPU).
-Prints seconds per step and the ratios. Tests never assert times; this script only reports them.
+The steps are timed interleaved (bench/timing.py: a warm-up step each, then rounds of one step each);
+prints seconds per step, the ratios and the machine's load. Tests never assert times.
 """
 
 import argparse
+import copy
 import time
 
 import torch
@@ -18,11 +20,11 @@ import torch
 from musev_lite.denoise import context_windows, parallel_denoise
 from musev_lite.samplers import SD15_SCHEDULER, SchedulerConfig, make_sampler
 from musev_lite.unet import Conditioning, UNet3D, UNet3DConfig
-from timing import seconds_per_call
+from timing import interleaved, load, median, ratio
 
 
-def seconds_per_step(unet, latents, condition, text, windows, window_batch, steps=2, dtype=torch.float32):
-    """Seconds per sampler step (mean of `steps` steps after a one-step warm-up), and the warm-up's seconds."""
+def step_fn(unet, latents, condition, text, windows, window_batch, dtype=torch.float32):
+    """One sampler step of the parallel-denoising loop over `windows`, as a function of nothing."""
     sampler = make_sampler("euler", SchedulerConfig.from_dict(SD15_SCHEDULER), 1)
     cond = Conditioning(text.to(dtype), motion_speed=8.0)
 
@@ -31,13 +33,9 @@ def seconds_per_step(unet, latents, condition, text, windows, window_batch, step
 
     def one_step():
         with torch.no_grad():
-            parallel_denoise(call, latents, condition, cond, sampler, windows, [3.5], window_batch)
+            return parallel_denoise(call, latents, condition, cond, sampler, windows, [3.5], window_batch)
 
-    start = time.perf_counter()
-    one_step()
-    warmup = time.perf_counter() - start
-    seconds, _ = seconds_per_call(one_step, repeats=steps)
-    return seconds, warmup
+    return one_step
 
 
 def main():
@@ -47,6 +45,7 @@ def main():
     parser.add_argument("--channels", default="64,128,256,256")
     parser.add_argument("--window-batch", type=int, default=4)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of one step each, after a warm-up")
     args = parser.parse_args()
     h, w = map(int, args.latent.split("x"))
     cfg = UNet3DConfig.preset("musev_referencenet")
@@ -60,18 +59,24 @@ def main():
     windows = context_windows("uniform_v2", args.frames, 12, 4)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; UNet {cfg.block_out_channels}, "
           f"latent {h}x{w}, {args.frames} frames -> {len(windows)} windows of {[len(x) for x in windows]}")
-    one, _ = seconds_per_step(unet, latents, condition, text, windows, 1)
-    many, _ = seconds_per_step(unet, latents, condition, text, windows, args.window_batch)
-    print(f"float32, one window per call (as the original): {one:.2f} s/step")
-    print(f"float32, window_batch={args.window_batch}: {many:.2f} s/step   speed-up x{one / many:.2f}")
-    bf16, _ = seconds_per_step(unet.to(torch.bfloat16), latents, condition, text, windows, 1, dtype=torch.bfloat16)
-    unet.float()
-    print(f"bfloat16, one window per call: {bf16:.2f} s/step   speed-up vs float32 x{one / bf16:.2f}")
+    steps = {
+        "float32, one window per call (as the original)": step_fn(unet, latents, condition, text, windows, 1),
+        f"float32, window_batch={args.window_batch}": step_fn(unet, latents, condition, text, windows, args.window_batch),
+        "bfloat16, one window per call": step_fn(copy.deepcopy(unet).to(torch.bfloat16), latents, condition, text,
+                                                 windows, 1, torch.bfloat16),
+    }
     if args.compile:
-        fast, warmup = seconds_per_step(torch.compile(unet), latents, condition, text, windows, 1)
-        print(f"torch.compile, one window per call: {fast:.2f} s/step (first step incl. compiling {warmup:.0f} s)"
-              f"   speed-up vs eager x{one / fast:.2f}")
-
+        compiled = step_fn(torch.compile(unet), latents, condition, text, windows, 1)
+        start = time.perf_counter()
+        compiled()
+        print(f"torch.compile: first step incl. compiling {time.perf_counter() - start:.0f} s")
+        steps["torch.compile, one window per call"] = compiled
+    print(f"before: {load()}")
+    times = interleaved(steps, args.repeats)
+    print(f"after:  {load()}")
+    base = times["float32, one window per call (as the original)"][0]
+    for name, (seconds, _) in times.items():
+        print(f"{name}: {median(seconds):.2f} s/step   speed-up {ratio(base, seconds)}")
 
 if __name__ == "__main__":
     main()

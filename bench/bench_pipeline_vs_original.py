@@ -2,7 +2,8 @@
 timed interleaved in one process.
 
     MUSEV_SRC=path/to/MuseV MMCM_SRC=path/to/MMCM IP_ADAPTER_SRC=path/to/IP-Adapter \
-        python bench/bench_pipeline_vs_original.py [--channels 64,128,256,256] [--frames 13] [--steps 2]
+        python bench/bench_pipeline_vs_original.py [--channels 64,128,256,256] [--frames 13] [--steps 2] \
+        [--dtype bfloat16] [--threads 1]
 
 The original is `MusevControlNetPipeline.__call__` called as scripts/inference/text2video.py's predictor
 calls it for image2video (condition image, ReferenceNet image and IP-Adapter image all the same image,
@@ -16,7 +17,8 @@ Weights: the `musev_referencenet` UNet, its ReferenceNet and the IP-Adapter proj
 width (default 64-256 channels, 8 heads, text width 768), random, built by the original classes and
 loaded into ours; a small random VAE (diffusers AutoencoderKL, 32-128 channels) on both sides. The
 text embeddings are given (random, both halves), so neither side runs a text encoder; the CLIP image
-encoder is a stand-in returning a fixed embedding on both sides. Both compute in float32.
+encoder is a stand-in returning a fixed embedding on both sides. The original computes in float32, ours
+in `--dtype` (float32 by default; its VAE stays float32).
 
 Prints seconds per call for each round, the ratio (median and range of the per-round ratios), the
 machine's load before and after, and how far apart the two calls' final latents and frames are.
@@ -135,6 +137,7 @@ def main():
     parser.add_argument("--size", default="256x160", help="video height x width in pixels")
     parser.add_argument("--frames", type=int, default=13, help="new frames after the condition image")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", help="ours in this dtype (the original stays float32)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
@@ -154,7 +157,7 @@ def main():
     generator = torch.Generator().manual_seed(0)
     embeds = torch.randn(1, 1024, generator=generator)
     theirs, scheduler_config = original_pipeline(orig, unet_config, sized("referencenet"), embeds)
-    ours = our_pipeline(theirs, unet_config, scheduler_config, embeds)
+    ours = our_pipeline(theirs, unet_config, scheduler_config, embeds).to(dtype=getattr(torch, args.dtype))
 
     # inputs: a smooth random image (8x8 tiles), the text embeddings [negative; prompt]
     tiles = torch.randint(0, 256, (height // 8, width // 8, 3), generator=generator, dtype=torch.uint8)
@@ -185,7 +188,7 @@ def main():
         return out.latents, out.frames
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; musev_referencenet image2video, UNet "
-          f"{tuple(channels)}, {height}x{width}, {args.frames} frames + the condition frame, {args.steps} Euler steps; "
+          f"{tuple(channels)}, {height}x{width}, ours in {args.dtype}, {args.frames} frames + the condition frame, {args.steps} Euler steps; "
           f"warm-up with 1 step, then {args.repeats} rounds interleaved")
     print(f"before: {load()}")
     with torch.no_grad():

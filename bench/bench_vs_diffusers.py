@@ -3,8 +3,9 @@ same weights, same inputs, timed in one run. Needs the reference extra (pip inst
 
     python bench/bench_vs_diffusers.py [--channels 320,640,1280,1280] [--latent 64x64] [--repeats 3]
 
-Prints seconds per UNet call (batch 2: both guidance halves), the ratio, and the max abs difference of
-the outputs (they must agree: the speed is only worth comparing if the results are the same).
+Prints seconds per UNet call (batch 2: both guidance halves; the two UNets called in turn, bench/timing.py),
+the ratio, the machine's load, and the max abs difference of the outputs (they must agree: the speed is
+only worth comparing if the results are the same).
 """
 
 import argparse
@@ -14,7 +15,7 @@ from diffusers import UNet2DConditionModel
 
 from musev_lite.unet import Conditioning, UNet3D, UNet3DConfig
 from musev_lite.weights import load_weights
-from timing import seconds_per_call
+from timing import interleaved, load, median, ratio
 
 
 def main():
@@ -36,17 +37,21 @@ def main():
     sample = torch.randn(2, 4, h, w)
     text = torch.randn(2, 77, 768)
     t = torch.tensor([500.0, 500.0])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; UNet {channels}, latent {h}x{w}, batch 2")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; UNet {channels}, latent {h}x{w}, batch 2; "
+          f"timed interleaved, {args.repeats} rounds after a warm-up")
+    print(f"before: {load()}")
+    cond = Conditioning(text, motion_speed=8.0)
     with torch.no_grad():
-        theirs_s, theirs = seconds_per_call(lambda: reference(sample, t, text).sample, args.repeats)
-        cond = Conditioning(text, motion_speed=8.0)
-        ours_s, out = seconds_per_call(lambda: ours(sample[:, :, None], t, cond, condition_frames=0, temporal=False),
-                                       args.repeats)
-    print(f"diffusers UNet2DConditionModel: {theirs_s:.2f} s/call")
-    print(f"musev_lite UNet3D, 2D mode:     {ours_s:.2f} s/call   speed-up x{theirs_s / ours_s:.2f}")
+        times = interleaved({
+            "diffusers": lambda: reference(sample, t, text).sample,
+            "ours": lambda: ours(sample[:, :, None], t, cond, condition_frames=0, temporal=False),
+        }, args.repeats)
+    print(f"after:  {load()}")
+    (theirs_s, theirs), (ours_s, out) = times["diffusers"], times["ours"]
+    print(f"diffusers UNet2DConditionModel: {median(theirs_s):.2f} s/call (median)")
+    print(f"musev_lite UNet3D, 2D mode:     {median(ours_s):.2f} s/call   speed-up {ratio(theirs_s, ours_s)}")
     print(f"max abs difference of the outputs: {(out[:, :, 0] - theirs).abs().max().item():.2e} "
           f"(output std {theirs.std().item():.3f})")
-
 
 if __name__ == "__main__":
     main()

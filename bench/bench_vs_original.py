@@ -92,6 +92,7 @@ def main():
     parser.add_argument("variant", nargs="?", default="musev_referencenet", choices=("musev", "musev_referencenet"))
     parser.add_argument("--channels", default="64,128,256,256")
     parser.add_argument("--latent", default="32x20", help="latent height x width (pixels / 8)")
+    parser.add_argument("--dtype", default="float32", help="ours in this dtype (the original stays float32)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -114,6 +115,7 @@ def main():
     ours_config = unet_config_from_diffusers(config, args.variant)
     ours = UNet3D(ours_config).eval()
     load_weights(ours, original.state_dict(), "the original's weights")
+    ours.to(getattr(torch, args.dtype))
 
     # one window: the condition frame, then 12 frames; both guidance halves
     sample, timestep, text = torch.randn(2, 4, 13, h, w), torch.tensor(500), torch.randn(2, 77, 768)
@@ -129,12 +131,12 @@ def main():
         cond.ip_tokens, cond.refer = ip_tokens, refer
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.variant} UNet {tuple(channels)}, "
-          f"window of 13 frames at {h}x{w}, batch 2; timed interleaved, {args.repeats} rounds after a warm-up")
+          f"window of 13 frames at {h}x{w}, batch 2; ours in {args.dtype}; timed interleaved, {args.repeats} rounds after a warm-up")
     print(f"before: {load()}")
     with torch.no_grad():
         times = interleaved({
             "original": lambda: original(sample, timestep, text, **theirs_kwargs)[0],
-            "ours": lambda: ours(sample, timestep, cond, condition_frames=1),
+            "ours": lambda: ours(sample, timestep, cond, condition_frames=1).float(),
         }, args.repeats)
     print(f"after:  {load()}")
     (theirs_s, theirs), (ours_s, out) = times["original"], times["ours"]

@@ -425,8 +425,10 @@ class ReferEmbFuseAttention(Attention):
 
     def forward(self, x, reference, num_frames: int):
         bt, c, h, w = x.shape
-        tokens = x.flatten(2).transpose(1, 2)  # (b t) (h w) c
-        ref = reference.flatten(2).transpose(1, 2)  # b (h' w') c
+        # contiguous once for the three (two) projections, which would each copy a transposed view; and
+        # torch.compile (2.13, CPU, bf16) gives NaN for linears that share a transposed input
+        tokens = x.flatten(2).transpose(1, 2).contiguous()  # (b t) (h w) c
+        ref = reference.flatten(2).transpose(1, 2).contiguous()  # b (h' w') c
         k_ref = self.to_k(ref).repeat_interleave(num_frames, 0)  # (b t) (h' w') c
         v_ref = self.to_v(ref).repeat_interleave(num_frames, 0)
         k = torch.cat([k_ref, self.to_k(tokens)], 1)
@@ -617,6 +619,8 @@ class UNet3D(nn.Module):
             ctx.lengths = list(lengths)  # each length's embedding made on its own, as an unpadded call makes it
             ctx.frame_embs = {n: self.frame_positions(n, cond.motion_speed, sample.device) for n in set(lengths)}
         refer = cond.refer
+        if refer is not None:  # in the UNet's dtype, as the text (a ReferenceNet may run in another one)
+            refer = ReferenceFeatures([m.to(dtype) for m in refer.down], refer.mid.to(dtype))
 
         x = self.conv_in(to_frames(sample.to(dtype)))  # (b t) c h w
         if temporal and self.transformer_in is not None:
