@@ -74,6 +74,8 @@ class OutputConfig:
     fps: float = 12.0
     contact_sheet: bool = True
     overwrite: bool = False  # replace outputs of the same name; false: refuse to start
+    checkpoint: bool = False  # keep NAME.checkpoint/ so that `run --resume` continues an interrupted run
+    checkpoint_every: int = 1  # save the state every this many sampler steps (0: after each shot only)
 
 
 @dataclass
@@ -202,6 +204,8 @@ def check(config: RunConfig) -> None:
     except MediaError as err:
         raise ConfigError(f"output.{err}") from None
     require(not any(c in o.name for c in "/\\\0"), f"output.name = {o.name!r} must be a file stem, not a path")
+    require(o.checkpoint_every >= 0, f"output.checkpoint_every = {o.checkpoint_every} must be 0 (after each shot "
+            "only) or a number of sampler steps")
     require(not o.name.startswith("."), f"output.name = {o.name!r} must not start with a dot (it would be hidden)")
 
 

@@ -578,6 +578,8 @@ class MuseVPipeline:
         noised to step N (1 - video_strength) (MuseV: strength 1, the first step); else from VideoFusion
         noise as image2video. Every window's ControlNet sees the control frames of its frames."""
         g = config
+        if resume.shot > 0:  # resumed after the pass: nothing is left to do
+            return
         condition = resume.condition
         frames = len(video if video is not None else control[0].frames) - 1
         shape = (1, 4, frames, *condition.shape[-2:])

@@ -25,11 +25,15 @@ if __name__ == "__main__":  # before the imports below, which take seconds (torc
     signal.signal(signal.SIGTERM, exit_while_starting)
 
 import argparse  # noqa: E402 (after the handlers above, on purpose)
+import hashlib  # noqa: E402
 import random  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -38,20 +42,22 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from . import __version__, distributed  # noqa: E402
+from .checkpoint import Checkpoint  # noqa: E402
 from .config import ConfigError, OutputConfig, RunConfig, load_config, to_toml  # noqa: E402
 from .pipeline import ControlVideo, MuseVPipeline, Progress, resolve_device  # noqa: E402
 from .pose import draw_pose, read_keypoints  # noqa: E402
 from .video_io import (  # noqa: E402
+    Mp4Writer,
     OutputSet,
     VideoFrames,
     contact_sheet,
     read_image,
     read_video,
+    sheet_picks,
+    signals_held,
     write_animation,
     write_image,
     write_json,
-    write_mp4,
-    write_png_frames,
 )
 from .weights import missing_weights  # noqa: E402
 
@@ -209,22 +215,83 @@ def output_kinds(o: OutputConfig, stem: str) -> dict[str, str]:
     return kinds
 
 
-def write_outputs(config: RunConfig, outputs: OutputSet, frames, sidecar: dict) -> None:
-    """Every output under its temporary name (`outputs.path`); `outputs.publish()` puts them in place."""
-    o = config.output
-    for name, kind in output_kinds(o, outputs.stem).items():
-        print(f"writing {name}", file=sys.stderr, flush=True)
-        path = outputs.path(name)
-        if kind == "mp4":
-            write_mp4(path, [frames], o.fps)
-        elif kind == "png":
-            write_png_frames(path, [frames])
-        elif kind in ("gif", "webp"):
-            write_animation(path, [Image.fromarray(f) for f in frames], o.fps)
-        elif kind == "sheet":
-            write_image(path, contact_sheet(frames))
-        else:
-            write_json(path, dict(sidecar, outputs=outputs.names[:-1]))
+class StreamedOutputs:
+    """The run's outputs, written as its shots come: the mp4 through an encoder that stays open, PNG frames
+    a file at a time, the contact sheet's frames picked as they pass, so memory does not grow with the
+    video's length. GIF and WebP are written at the end from frames kept in memory (Pillow writes an
+    animation at once): they are for short clips. Everything goes under `outputs`' temporary names."""
+
+    def __init__(self, config: RunConfig, outputs: OutputSet, total_frames: int):
+        self.o, self.outputs, self.kinds = config.output, outputs, output_kinds(config.output, outputs.stem)
+        self.frames, self.size = 0, (0, 0)
+        self.picks = set(sheet_picks(total_frames)) if self.o.contact_sheet else set()
+        self.sheet, self.animation = [], []
+        self.mp4 = self.png = None
+        for name, kind in self.kinds.items():
+            if kind == "mp4":
+                self.mp4_name, self.mp4 = name, Mp4Writer(outputs.path(name), self.o.fps)
+            elif kind == "png":
+                self.png_name, self.png = name, outputs.path(name)
+                self.png.mkdir()
+
+    def __enter__(self) -> StreamedOutputs:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and self.mp4 is not None:
+            self.mp4.__exit__(exc_type)  # close the file unfinished; the staging folder goes with it
+
+    def append(self, frames: np.ndarray) -> None:
+        """Write a shot's frames (n, H, W, 3) to every streamed output."""
+        if self.mp4 is not None:
+            self.mp4.write(frames)
+        for n, frame in enumerate(frames, start=self.frames):
+            if self.png is not None:
+                Image.fromarray(frame).save(self.png / f"{n:05d}.png")
+            if n in self.picks:
+                self.sheet.append(frame)
+        if {"gif", "webp"} & set(self.kinds.values()):
+            self.animation += [Image.fromarray(f) for f in frames]
+        self.frames, self.size = self.frames + len(frames), frames.shape[1:3]
+
+    def finish(self, sidecar: dict) -> None:
+        """Finish the mp4, write the outputs that need every frame and the sidecar (last)."""
+        if self.mp4 is not None:
+            print(f"finishing {self.mp4_name}", file=sys.stderr, flush=True)
+            mp4, self.mp4 = self.mp4, None
+            mp4.__exit__(None)
+        for name, kind in self.kinds.items():
+            path = self.outputs.path(name)
+            if kind in ("gif", "webp"):
+                print(f"writing {name}", file=sys.stderr, flush=True)
+                write_animation(path, self.animation, self.o.fps)
+            elif kind == "sheet":
+                write_image(path, contact_sheet(np.stack(self.sheet)))
+            elif kind == "json":
+                write_json(path, dict(sidecar, outputs=self.outputs.names[:-1]))
+
+    def keep_partial(self) -> list[Path]:
+        """On an interrupt: the finished shots' mp4 (finished now, so it plays) and PNG frames, under names
+        that say so (NAME.partial.mp4, NAME_frames.partial), replacing older ones; the paths kept."""
+        kept = []
+        if self.frames == 0:
+            return kept
+        if self.mp4 is not None:
+            mp4, self.mp4 = self.mp4, None
+            mp4.__exit__(None)
+            kept.append(self.outputs.folder / partial_name(self.mp4_name))
+            os.replace(self.outputs.path(self.mp4_name), kept[-1])
+        if self.png is not None:
+            kept.append(self.outputs.folder / partial_name(self.png_name))
+            shutil.rmtree(kept[-1], ignore_errors=True)
+            os.replace(self.png, kept[-1])
+        return kept
+
+
+def partial_name(name: str) -> str:
+    """v.mp4 -> v.partial.mp4, v_frames -> v_frames.partial: the finished shots of an interrupted run."""
+    stem, dot, suffix = name.rpartition(".")
+    return f"{stem}.partial.{suffix}" if dot else f"{name}.partial"
 
 
 def refuse_existing(config: RunConfig, outputs: OutputSet) -> None:
@@ -249,37 +316,165 @@ def size_note(image, height: int, width: int, config: RunConfig) -> str:
     return f"size: {width}x{height} from the image's {image.width}x{image.height} ({choose})"
 
 
-def run(config_path: str, overrides: list[str]) -> list[Path]:
+def run(config_path: str, overrides: list[str], resume: bool = False) -> list[Path]:
     """Generate and write; return the paths written. An interrupt (KeyboardInterrupt, or Interrupted for
-    SIGTERM) leaves with this run's OutputSet as its `outputs` attribute, for main's report."""
+    SIGTERM) leaves with this run's OutputSet as its `outputs` attribute and what it kept for a resume as
+    `kept`, for main's report. `resume`: continue the interrupted run whose checkpoint has this name."""
     config = load_config(config_path, overrides)
     images = check_inputs(config)
     video, controls = read_videos(config)
     out = check_output_dir(config)
     try:  # under torchrun: join the other ranks; they share the work (distributed.py), rank 0 writes
         distributed.init(distributed.rank_device(resolve_device(config.model.device, "model.device")))
-        seed = config.generation.seed if config.generation.seed is not None else random.randrange(10**8)
+        if (config.output.checkpoint or resume) and distributed.current() is not None:
+            raise ConfigError("output.checkpoint and --resume work in one process, not under torchrun yet; "
+                              "run with python -m musev_lite.run, or set output.checkpoint = false")
+        seed = config.generation.seed
+        if seed is None:
+            seed = checkpoint_seed(out, Path(config_path).stem) if resume and not config.output.name else random.randrange(10**8)
         if not distributed.is_main():
-            generate(config, images, seed, video, controls)
+            for _ in generate(load_pipeline(config), config, images, seed, video, controls):
+                pass
             return []
         stem = config.output.name or f"{Path(config_path).stem}-{seed}"
         outputs = OutputSet(out, stem, list(output_kinds(config.output, stem)))
+        checkpoint = None
         try:
             with outputs:  # the name locked; whatever happens, this run's temporaries go and the lock with them
                 refuse_existing(config, outputs)
-                frames, sidecar = generate(config, images, seed, video, controls)
-                write_outputs(config, outputs, frames, sidecar)
-                return outputs.publish()
+                checkpoint = open_checkpoint(config, outputs, seed, resume)
+                return write_run(config, outputs, checkpoint, images, seed, video, controls)
         except KeyboardInterrupt as stop:
             stop.outputs = outputs
+            if checkpoint is not None and checkpoint.saved is not None:
+                stop.kept = getattr(stop, "kept", []) + [checkpoint.folder]
+                stop.resume = resume_command(config_path, overrides, config, seed)
             raise
     finally:
         distributed.shutdown()
 
 
-def generate(config: RunConfig, images: dict, seed: int, video: VideoFrames | None, controls: list):
-    """Load the models and generate, with progress on stderr (rank 0's): the frames and the sidecar's contents."""
+def checkpoint_seed(folder: Path, config_stem: str) -> int:
+    """The seed of the one checkpoint `<config name>-<seed>.checkpoint` in `folder` (a resumed run whose
+    seed was drawn)."""
+    seeds = sorted(int(p.name[len(config_stem) + 1:-len(".checkpoint")]) for p in folder.glob(f"{config_stem}-*.checkpoint")
+                   if p.name[len(config_stem) + 1:-len(".checkpoint")].isdigit())
+    if len(seeds) != 1:
+        found = f"{len(seeds)} ({', '.join(f'{config_stem}-{s}.checkpoint' for s in seeds)})" if seeds else "none"
+        raise ConfigError(f"--resume without generation.seed looks for one checkpoint {config_stem}-<seed>.checkpoint in "
+                          f"{folder} and found {found}; say which with --set generation.seed=<seed>")
+    return seeds[0]
+
+
+def fingerprint(config: RunConfig, seed: int) -> dict:
+    """What decides the video, for a checkpoint: every setting but the output's and the device, the
+    seed, and the content of every input file (sha256)."""
+    settings = config.as_dict()
+    del settings["output"]
+    settings["model"] = {k: v for k, v in settings["model"].items() if k not in ("device", "compile")}
+    settings["generation"]["seed"] = seed
+    i = config.input
+    paths = {f"input.{key}": getattr(i, key) for key in ("image", "refer_image", "ip_adapter_image", "video")}
+    paths.update({f"input.control[{n}]": c.path for n, c in enumerate(i.control)})
+    paths.update({f"model.lora[{n}]": entry.path for n, entry in enumerate(config.model.lora)})
+    settings["files"] = {key: file_digest(path) for key, path in paths.items() if path}
+    return settings
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file, or of a folder's files (keypoint JSON folders), in name order."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def open_checkpoint(config: RunConfig, outputs: OutputSet, seed: int, resume: bool) -> Checkpoint | None:
+    """The run's checkpoint folder (NAME.checkpoint) with `output.checkpoint` or `resume`, loaded for a
+    resume. A checkpoint left by an interrupted run of this name is not overwritten unless output.overwrite
+    (then it and the partial outputs go)."""
+    folder = outputs.folder / f"{outputs.stem}.checkpoint"
+    checkpoint = Checkpoint(folder, fingerprint(config, seed), config.output.checkpoint_every)
+    if resume:
+        checkpoint.load()
+        return checkpoint
+    if folder.exists():
+        if not config.output.overwrite:
+            raise ConfigError(f"{folder} holds an interrupted run of this name: continue it with --resume, or set "
+                              "output.overwrite = true to start over (it is deleted)")
+        checkpoint.remove()
+    for name in output_kinds(config.output, outputs.stem):
+        path = outputs.folder / partial_name(name)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            path.unlink()
+    return checkpoint if config.output.checkpoint else None
+
+
+def resume_command(config_path: str, overrides: list[str], config: RunConfig, seed: int) -> str:
+    """The command that continues this run (the drawn seed added when the config leaves it unset)."""
+    args = [config_path] + [a for o in overrides for a in ("--set", o)]
+    if config.generation.seed is None:
+        args += ["--set", f"generation.seed={seed}"]
+    return "python -m musev_lite.run " + " ".join(shlex.quote(a) for a in args + ["--resume"])
+
+
+def video_length(config: RunConfig, images: dict, video: VideoFrames | None, controls: list) -> int:
+    """Frames of the video this run writes."""
+    if video is not None or controls:
+        return len(video.frames) if video is not None else len(controls[0].frames if isinstance(controls[0], VideoFrames)
+                                                               else controls[0])
+    g = config.generation
+    return g.n_batch * g.num_frames + ("image" in images)
+
+
+def write_run(config: RunConfig, outputs: OutputSet, checkpoint: Checkpoint | None, images: dict, seed: int,
+              video: VideoFrames | None, controls: list) -> list[Path]:
+    """Load the models, generate shot by shot into the streamed outputs, publish them; with a checkpoint,
+    save it as the run goes, keep it and the finished shots on an interrupt, remove it at the end."""
     pipe = load_pipeline(config)
+    started = time.monotonic()
+    with StreamedOutputs(config, outputs, video_length(config, images, video, controls)) as streams:
+        try:
+            for frames in generate(pipe, config, images, seed, video, controls, checkpoint):
+                streams.append(frames)
+        except KeyboardInterrupt as stop:
+            if checkpoint is not None:
+                with signals_held():  # a second Ctrl-C waits until the state and the partial outputs are kept
+                    checkpoint.save_latest()
+                    stop.kept = streams.keep_partial() if checkpoint.saved is not None else []
+            raise
+        streams.finish({
+            "musev_lite_version": __version__,
+            "config": config.as_dict(),
+            "seed": seed,
+            "frames": streams.frames,
+            "height": int(streams.size[0]),
+            "width": int(streams.size[1]),
+            "fps": config.output.fps,
+            "model_files": {Path(f).name: os.path.getsize(f) for f in pipe.files},
+            "demo_weights": config.model.preset == "tiny",
+            "seconds": round(time.monotonic() - started, 2),
+        })
+    paths = outputs.publish()
+    if checkpoint is not None:
+        with signals_held():
+            checkpoint.remove()
+            for name in output_kinds(config.output, outputs.stem):
+                path = outputs.folder / partial_name(name)
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    return paths
+
+
+def generate(pipe: MuseVPipeline, config: RunConfig, images: dict, seed: int, video: VideoFrames | None,
+             controls: list, checkpoint: Checkpoint | None = None) -> Iterator[np.ndarray]:
+    """Each shot's frames as it is done, with progress on stderr (rank 0's). A resumed run (a checkpoint
+    with a loaded state) first decodes the shots the checkpoint holds, then continues from its state."""
     g, i = config.generation, config.input
     main_rank = distributed.is_main()
     video2video = video is not None or bool(controls)
@@ -287,33 +482,32 @@ def generate(config: RunConfig, images: dict, seed: int, video: VideoFrames | No
     height, width = pipe.video_size(first, None, g)
     if main_rank:
         print(size_note(first, height, width, config), file=sys.stderr)
-    drawn = first is None
-    total = (1 if video2video else g.n_batch) * g.steps + (g.first_frame_steps if drawn or g.redraw_condition_image else 0)
+    shots = 1 if video2video else g.n_batch
+    steps = shots * g.steps + (g.first_frame_steps if first is None or g.redraw_condition_image else 0)
     extra = {}
     if video2video:
         if main_rank:
             print(describe_video2video(video, controls, config), file=sys.stderr)
         extra = dict(video=None if video is None else video.frames,
                      control=control_videos(config, controls, height, width))
-    started = time.monotonic()
-    result = pipe(
+    resume = checkpoint.saved if checkpoint is not None else None
+    if resume is not None:
+        steps = (shots - resume.shot) * g.steps - resume.step
+        where = f"shot {resume.shot + 1}/{shots} at step {resume.step}/{g.steps}" if resume.shot < shots else "all shots"
+        print(f"resuming {checkpoint.folder.name}: {resume.shot} of {shots} shots done, {where}; "
+              f"decoding the {resume.shot} done", file=sys.stderr, flush=True)
+        for _, latents in checkpoint.finished_shots(resume.shot):
+            yield pipe.decode(latents.to(pipe.device))
+    result = pipe.generate(
         i.prompt, images.get("image"), g.replace(seed=seed), negative_prompt=i.negative_prompt,
         refer_image=images.get("refer_image"), ip_adapter_image=images.get("ip_adapter_image"),
-        callback=ProgressPrinter(total) if main_rank else None, **extra,
+        callback=ProgressPrinter(steps) if main_rank else None, resume=resume,
+        on_state=None if checkpoint is None else checkpoint.on_state, **extra,
     )
-    sidecar = {
-        "musev_lite_version": __version__,
-        "config": config.as_dict(),
-        "seed": seed,
-        "frames": int(result.frames.shape[0]),
-        "height": int(result.frames.shape[1]),
-        "width": int(result.frames.shape[2]),
-        "fps": config.output.fps,
-        "model_files": {Path(f).name: os.path.getsize(f) for f in pipe.files},
-        "demo_weights": config.model.preset == "tiny",
-        "seconds": round(time.monotonic() - started, 2),
-    }
-    return result.frames, sidecar
+    for shot in result:
+        if checkpoint is not None:
+            checkpoint.save_shot(shot.index, shot.latents)
+        yield shot.frames
 
 
 class Interrupted(KeyboardInterrupt):
@@ -350,9 +544,13 @@ def interrupt_report(stop: KeyboardInterrupt) -> str:
         return f"interrupted ({name}) while starting: nothing was written"
     if outputs.published:
         return f"interrupted ({name}) after the outputs were complete: wrote {', '.join(outputs.names)} in {outputs.folder}"
-    kept = "; the existing outputs of that name are unchanged" if outputs.existing() else ""
+    existing = "; the existing outputs of that name are unchanged" if outputs.existing() else ""
+    if getattr(stop, "resume", None):
+        kept = ", ".join(path.name for path in stop.kept)
+        return (f"interrupted ({name}): {', '.join(outputs.names)} were not written; kept {kept} in {outputs.folder}"
+                f"{existing}; continue with: {stop.resume}")
     return (f"interrupted ({name}): nothing was written ({', '.join(outputs.names)} in {outputs.folder} were not) "
-            f"and no temporary file is left{kept}")
+            f"and no temporary file is left{existing}")
 
 
 def out_of_memory(err: BaseException) -> bool:
@@ -366,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="a TOML file (see examples/ and the README's Configuration section)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config key, e.g. --set generation.seed=3 (repeatable)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run of this configuration from its checkpoint "
+                             "(output.checkpoint = true saves one); the same config and --set options")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration (defaults filled in) as TOML and exit")
     parser.add_argument("--version", action="version", version=f"musev_lite {__version__}")
@@ -376,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.print_config:
                 print(to_toml(load_config(args.config, args.set)), end="")
                 return 0
-            paths = run(args.config, args.set)
+            paths = run(args.config, args.set, args.resume)
     except ValueError as err:  # ConfigError, MediaError, WeightsError, PromptError, ...: the user's to fix
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -127,35 +127,58 @@ def check_fps(fps: float, formats: Iterable[str] = VIDEO_FORMATS) -> float:
     return float(fps)
 
 
-def write_mp4(path: Path, chunks: Iterable[np.ndarray], fps: float) -> int:
-    """H.264 / yuv420p mp4 from uint8 chunks (n,H,W,3); odd sizes are padded by one edge pixel. The
-    same frames give the same bytes (with the same x264)."""
-    import av  # imported here: only video output needs the codec library
+class Mp4Writer:
+    """H.264 / yuv420p mp4 written chunk by chunk: the encoder stays open between `write` calls, so a
+    long video is encoded as its shots finish and never sits in memory as a whole. Leaving the `with`
+    block normally flushes the encoder and finishes the file (only then is it playable); leaving it by
+    an exception closes the file unfinished. Odd sizes are padded by one edge pixel. The same frames
+    give the same bytes (with the same x264)."""
 
-    rate = Fraction(check_fps(fps, ("mp4",))).limit_denominator(1001)  # 30000/1001 stays exact
-    count = 0
-    with atomic_path(path) as tmp:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = None
-            for chunk in chunks:
-                for frame in chunk:
-                    if stream is None:
-                        h, w = frame.shape[:2]
-                        stream = container.add_stream("libx264", rate=rate)
-                        stream.width, stream.height = w + w % 2, h + h % 2
-                        stream.pix_fmt = "yuv420p"
-                        # Same frames, same bytes: x264's thread count (by default from the CPU count)
-                        # changes its output, and its AVX-512 macroblock-tree code varies from run to run.
-                        stream.options = {"crf": "17", "x264-params": "mbtree=0"}
-                        stream.codec_context.thread_count = 1
-                    if frame.shape[0] % 2 or frame.shape[1] % 2:
-                        frame = np.pad(frame, ((0, frame.shape[0] % 2), (0, frame.shape[1] % 2), (0, 0)), mode="edge")
-                    container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-                    count += 1
-            if stream is None:
-                raise MediaError(f"{path}: no frames to write")
-            container.mux(stream.encode())
-    return count
+    def __init__(self, path: Path, fps: float):
+        import av  # imported here: only video output needs the codec library
+
+        self.path, self.frames, self.stream = Path(path), 0, None
+        self.rate = Fraction(check_fps(fps, ("mp4",))).limit_denominator(1001)  # 30000/1001 stays exact
+        self.container = av.open(str(path), mode="w", format="mp4")
+        self.to_frame = av.VideoFrame.from_ndarray
+
+    def write(self, chunk: np.ndarray) -> None:
+        """Encode uint8 frames (n, H, W, 3)."""
+        for frame in chunk:
+            if self.stream is None:
+                h, w = frame.shape[:2]
+                self.stream = self.container.add_stream("libx264", rate=self.rate)
+                self.stream.width, self.stream.height = w + w % 2, h + h % 2
+                self.stream.pix_fmt = "yuv420p"
+                # Same frames, same bytes: x264's thread count (by default from the CPU count) changes
+                # its output, and its AVX-512 macroblock-tree code varies from run to run.
+                self.stream.options = {"crf": "17", "x264-params": "mbtree=0"}
+                self.stream.codec_context.thread_count = 1
+            if frame.shape[0] % 2 or frame.shape[1] % 2:
+                frame = np.pad(frame, ((0, frame.shape[0] % 2), (0, frame.shape[1] % 2), (0, 0)), mode="edge")
+            self.container.mux(self.stream.encode(self.to_frame(np.ascontiguousarray(frame), format="rgb24")))
+            self.frames += 1
+
+    def __enter__(self) -> Mp4Writer:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        container, self.container = self.container, None
+        try:
+            if exc_type is None:
+                if self.stream is None:
+                    raise MediaError(f"{self.path}: no frames to write")
+                container.mux(self.stream.encode())  # flush the frames the encoder holds back
+        finally:
+            container.close()
+
+
+def write_mp4(path: Path, chunks: Iterable[np.ndarray], fps: float) -> int:
+    """An mp4 of uint8 chunks (n, H, W, 3) at `path`, atomically (`Mp4Writer`); the number of frames."""
+    with atomic_path(path) as tmp, Mp4Writer(tmp, fps) as writer:
+        for chunk in chunks:
+            writer.write(chunk)
+    return writer.frames
 
 
 def write_animation(path: Path, frames: list[Image.Image], fps: float) -> None:
@@ -178,9 +201,14 @@ def write_png_frames(directory: Path, chunks: Iterable[np.ndarray]) -> int:
     return count
 
 
+def sheet_picks(total: int, max_frames: int = 16) -> list[int]:
+    """The indices of up to `max_frames` evenly spaced frames of `total` (first and last included)."""
+    return np.unique(np.linspace(0, total - 1, min(max_frames, total)).round().astype(int)).tolist()
+
+
 def contact_sheet(frames: np.ndarray, columns: int = 4, max_frames: int = 16) -> Image.Image:
-    """A grid of up to `max_frames` evenly sampled frames (first and last included)."""
-    picks = np.unique(np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int))
+    """A grid of up to `max_frames` evenly spaced frames (`sheet_picks`)."""
+    picks = sheet_picks(len(frames), max_frames)
     h, w = frames.shape[1:3]
     rows = math.ceil(len(picks) / columns)
     cols = min(columns, len(picks))

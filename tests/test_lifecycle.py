@@ -68,8 +68,8 @@ def interrupt_when(process, marker: str, signum: int):
 
 
 GENERATING = ("step 1/40", ["generation.steps=40"])  # 39 steps are left
-# the first output is being written; 41 frames of PNG, GIF and WebP are left to write
-WRITING = ("writing v_frames", ["generation.num_frames=40", "generation.context_frames=12", "generation.context_overlap=0",
+# the mp4 and the PNG frames were streamed during generation; the GIF and WebP of 41 frames are left to write
+WRITING = ("writing v.gif", ["generation.num_frames=40", "generation.context_frames=12", "generation.context_overlap=0",
                                 'output.formats=["png", "gif", "webp", "mp4"]'])
 
 

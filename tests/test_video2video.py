@@ -143,3 +143,18 @@ def test_cli_keypoints_with_bad_fields(tmp_path, capsys):
     (tmp_path / "pose.json").write_text(json.dumps([{"people": [{"pose_keypoints_2d": [1, 2, 0.5]}]}] * 3))
     code, out = run_cli(tmp_path, capsys, f'input.control=[{{path = "{tmp_path / "pose.json"}"}}]')
     assert code == 2 and "input.control[0]" in out.err and "pose_keypoints_2d" in out.err
+
+
+@pytest.mark.parametrize("at", [(0, 3), (1, 0)], ids=["mid-pass", "after the pass"])
+def test_video2video_resumes_to_the_same_video(pipe, at):
+    """A video2video pass resumed from a state taken mid-pass continues to the same latents; one taken
+    after the pass (shot 1, step 0) has nothing left to do and yields nothing."""
+    states = []
+    args = dict(video=FRAMES, control=[ControlVideo(FRAMES)], seed=1, video_strength=0.5, steps=4,
+                context_frames=4, context_overlap=2)
+    whole = list(pipe.generate("a face", None, on_state=states.append, **args))
+    assert [(s.shot, s.step) for s in states] == [(0, 3), (0, 4), (1, 0)]  # strength 0.5: steps 3 and 4
+    resumed = list(pipe.generate("a face", None, resume=next(s for s in states if (s.shot, s.step) == at), **args))
+    assert len(resumed) == (at[0] == 0)
+    for a, b in zip(resumed, whole):
+        assert torch.equal(a.latents, b.latents) and np.array_equal(a.frames, b.frames)
