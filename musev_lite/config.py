@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,10 +224,14 @@ def toml_value(value) -> str:
 
 
 def to_toml(config: RunConfig) -> str:
-    """The whole configuration, defaults filled in, as a TOML file `load_config` reads back. Unset
-    optional settings (TOML has no null) are written as comments."""
+    """The whole configuration, defaults filled in, as a TOML file `load_config` reads back. Paths are
+    written absolute, so the file means the same wherever it is saved. Unset optional settings (TOML
+    has no null) are written as comments."""
     lines = []
-    for section, values in config.as_dict().items():
+    data = config.as_dict()
+    for holder, key, _ in list(relative_paths(data)):
+        holder[key] = os.path.abspath(holder[key])
+    for section, values in data.items():
         lines.append(f"[{section}]")
         for key, value in values.items():
             lines.append(f"# {key} = (unset)" if value is None else f"{key} = {toml_value(value)}")

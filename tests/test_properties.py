@@ -1,14 +1,22 @@
-"""Property-based tests (hypothesis): the weighted-prompt parser and the window schedules take any
-input without crashing, and their invariants hold. Small examples, no deadline: a few seconds in all."""
+"""Property-based tests (hypothesis): the weighted-prompt parser, the window schedules and config
+loading take any input without crashing, and their invariants hold. Small examples, no deadline: a few
+seconds in all."""
 
+import dataclasses
+import json
 import math
+import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from musev_lite.checkpoint import flat
+from musev_lite.config import SECTIONS, RunConfig, check, load_config, to_toml, toml_value
 from musev_lite.denoise import CONTEXT_SCHEDULES, context_windows
 from musev_lite.prompts import PromptError, parse_weights
+from musev_lite.settings import DTYPES, FORMATS, PRESETS, SAMPLERS, TASKS, ConfigError
 
 SETTINGS = settings(max_examples=300, deadline=None)
 SYNTAX = "()[]:\\"
@@ -109,3 +117,90 @@ def test_unknown_schedule_is_named(schedule, num_frames):
         return
     with pytest.raises(ValueError, match=r"context_schedule .* is unknown; use one of"):
         context_windows(schedule, num_frames)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config loading: any TOML file or --set override either loads to a checked RunConfig or is one
+# ConfigError; what loads writes back (to_toml) to the same config
+
+
+FIELDS = {section: {f.name: f.type for f in dataclasses.fields(factory())} for section, factory in SECTIONS.items()}
+junk = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(), st.text(max_size=8),
+                 st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+choices = st.sampled_from(PRESETS + DTYPES + FORMATS + SAMPLERS + TASKS + ("tiny", "auto", "cpu", "V2", ""))
+by_type = {"int": st.one_of(st.integers(1, 16), st.integers(-5, 5000)), "float": st.one_of(st.floats(0, 10), st.floats()),
+           "bool": st.booleans(), "str": st.one_of(choices, st.text(max_size=8)),
+           "list[str]": st.lists(choices, max_size=3), "list[int]": st.lists(st.integers(-5, 600), max_size=3),
+           "list[LoraConfig]": st.lists(st.fixed_dictionaries({"path": st.text(max_size=5), "scale": st.floats()}), max_size=2),
+           "list[ControlConfig]": st.lists(st.fixed_dictionaries({"path": st.text(max_size=5)}), max_size=2)}
+
+
+@st.composite
+def config_tables(draw):
+    """Tables of a config file: mostly known keys with values of about the right type (so that about
+    half the files load), some junk."""
+    tables = {"model": {"preset": "tiny"}} if draw(st.booleans()) else {}
+    for _ in range(draw(st.integers(0, 4))):
+        known = draw(st.integers(0, 9)) > 0
+        section = draw(st.sampled_from(sorted(FIELDS)) if known else st.text(max_size=6))
+        fields = FIELDS.get(section, {})
+        key = draw(st.sampled_from(sorted(fields)) if fields and known else st.text(max_size=6))
+        kind = by_type.get(fields.get(key, "").removesuffix(" | None"), junk)
+        tables.setdefault(section, {})[key] = draw(kind if draw(st.integers(0, 9)) > 0 else junk)
+    return tables
+
+
+def toml_document(tables: dict) -> str:
+    return "".join(f"[{json.dumps(section)}]\n" + "".join(f"{json.dumps(key)} = {toml_value(value)}\n"
+                                                          for key, value in keys.items()) for section, keys in tables.items())
+
+
+def load_or_config_error(text: str, overrides=()):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "c.toml"
+        path.write_text(text)
+        try:
+            return load_config(path, overrides)
+        except ConfigError as err:
+            assert str(err) and "\n" not in str(err)  # one line
+            return None
+
+
+def check_loaded(config: RunConfig) -> None:
+    """A loaded config passes its checks again, has only finite floats, and its TOML (paths made
+    absolute) loads back to a config that prints the same."""
+    check(config)
+    assert all(math.isfinite(v) for v in flat(config.as_dict()).values() if isinstance(v, float))
+    printed = to_toml(config)
+    again = load_or_config_error(printed)
+    assert again is not None and to_toml(again) == printed
+    assert again.generation == config.generation and again.input.prompt == config.input.prompt
+
+
+@SETTINGS
+@given(config_tables())
+def test_any_config_file_loads_or_is_a_config_error(tables):
+    config = load_or_config_error(toml_document(tables))
+    if config is not None:
+        check_loaded(config)
+
+
+@SETTINGS
+@given(st.text(max_size=60))
+@example("[generation]\nsteps = 1e400")  # a TOML float that overflows
+@example('[generation\nsteps = 4')
+def test_any_text_as_a_config_file_loads_or_is_a_config_error(text):
+    config = load_or_config_error(text)
+    if config is not None:
+        check_loaded(config)
+
+
+@SETTINGS
+@given(st.lists(st.one_of(st.text(max_size=30), st.builds("{}.{}={}".format, st.sampled_from(sorted(FIELDS)),
+                                                          st.sampled_from(sorted({k for f in FIELDS.values() for k in f})),
+                                                          st.one_of(st.text(max_size=8), st.integers().map(str)))),
+                max_size=3))
+def test_any_set_override_loads_or_is_a_config_error(overrides):
+    config = load_or_config_error("", overrides)
+    if config is not None:
+        check_loaded(config)
