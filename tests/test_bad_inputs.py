@@ -26,7 +26,9 @@ from musev_lite import fetch, lora, pose, run, video_io
 from musev_lite.convert import controlnet as convert_controlnet
 from musev_lite.convert import musev as convert_musev
 from musev_lite.convert import sd15 as convert_sd15
-from musev_lite.pipeline import MuseVPipeline
+from musev_lite.checkpoint import save_state
+from musev_lite.config import load_config
+from musev_lite.pipeline import MuseVPipeline, RunState
 
 FACE = REPO / "examples/face.png"
 PROJ_IN = "lora_unet_down_blocks_0_attentions_0_proj_in"
@@ -191,6 +193,14 @@ RUN = [
     ("output dir a file", ["output.dir={inputs}/text.png/out"], r"output\.dir '.*text\.png/out' is not writable"),
     ("output exists", ["output.name=taken"], r"taken\.mp4 already exists; set output\.overwrite = true"),
     ("output locked", ["output.name=locked"], r"locked\.lock: another run \(pid \d+\) is writing outputs named 'locked'"),
+    ("checkpoint_every negative", ["output.checkpoint_every=-1"], r"output\.checkpoint_every = -1 must be 0 \(after each shot"),
+    ("resume without a checkpoint", ["--resume"], r"v\.checkpoint: no checkpoint to resume \(a run saves one with output\.checkpoint"),
+    ("a new run over a checkpoint", ["output.name=interrupted", "output.checkpoint=true"],
+     r"interrupted\.checkpoint holds an interrupted run of this name: continue it with --resume, or set output\.overwrite"),
+    ("resume with other settings", ["output.name=interrupted", "generation.seed=5", "generation.steps=7", "--resume"],
+     r"interrupted\.checkpoint was made with other settings: generation\.steps \(40 then, 7 now\); resume with the same"),
+    ("resume a broken checkpoint", ["output.name=broken", "--resume"],
+     r"broken\.checkpoint/state\.safetensors: not a readable checkpoint \(.*\); delete its folder to start over"),
 ]
 
 
@@ -204,6 +214,13 @@ def config(tmp_path):
     (out / "locked.lock").write_text(f"{os.getppid()}\n")
     path = tmp_path / "c.toml"
     path.write_text(f'[model]\npreset = "tiny"\n[input]\nimage = "{FACE}"\n[output]\ndir = "{out}"\nname = "v"\n')
+    # a checkpoint an interrupted run of this config (seed 5, steps 40) left, and one that is not a checkpoint
+    latent = torch.zeros(1, 4, 1, 2, 2)
+    state = RunState(1, 0, latent, None, latent, torch.Generator().get_state(), 5)
+    save_state(out / "interrupted.checkpoint" / "state.safetensors", state,
+               run.fingerprint(load_config(path, ["generation.seed=5", "generation.steps=40"]), 5))
+    (out / "broken.checkpoint").mkdir()
+    (out / "broken.checkpoint" / "state.safetensors").write_bytes(b"not safetensors")
     return path
 
 
@@ -212,7 +229,7 @@ def test_run_command(config, inputs, capsys, overrides, pattern):
     before = files_in(config.parent)
     argv = [str(config)]
     for item in overrides:
-        argv += ["--set", item.format(inputs=inputs)]
+        argv += [item] if item == "--resume" else ["--set", item.format(inputs=inputs)]
     assert run.main(argv) == 2
     one_error_line(capsys.readouterr().err, pattern)
     assert files_in(config.parent) == before
