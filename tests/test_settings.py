@@ -6,6 +6,7 @@ import dataclasses
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,7 +121,9 @@ def test_to_and_torch_dtype(tmp_path):
 def test_print_config_round_trips():
     config = load_config(REPO / "examples/pose2video.toml", ["generation.guidance_scale_end=5"])
     text = to_toml(config)
-    assert build_config(tomllib.loads(text)) == config
+    again = build_config(tomllib.loads(text))
+    assert to_toml(again) == text and again.generation == config.generation and again.input == config.input
+    assert again.output.dir == str(Path.cwd() / "outputs")  # the default, relative to the working directory, made absolute
     assert "# seed = (unset)" not in text and "[[" not in text
 
 
