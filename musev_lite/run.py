@@ -239,7 +239,7 @@ class StreamedOutputs:
 
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is not None and self.mp4 is not None:
-            self.mp4.__exit__(exc_type)  # close the file unfinished; the staging folder goes with it
+            self.mp4.abort()  # the staging folder goes with it
 
     def append(self, frames: np.ndarray) -> None:
         """Write a shot's frames (n, H, W, 3) to every streamed output."""
@@ -258,8 +258,8 @@ class StreamedOutputs:
         """Finish the mp4, write the outputs that need every frame and the sidecar (last)."""
         if self.mp4 is not None:
             print(f"finishing {self.mp4_name}", file=sys.stderr, flush=True)
-            mp4, self.mp4 = self.mp4, None
-            mp4.__exit__(None)
+            self.mp4, mp4 = None, self.mp4
+            mp4.close()
         for name, kind in self.kinds.items():
             path = self.outputs.path(name)
             if kind in ("gif", "webp"):
@@ -277,8 +277,8 @@ class StreamedOutputs:
         if self.frames == 0:
             return kept
         if self.mp4 is not None:
-            mp4, self.mp4 = self.mp4, None
-            mp4.__exit__(None)
+            self.mp4, mp4 = None, self.mp4
+            mp4.close()
             kept.append(self.outputs.folder / partial_name(self.mp4_name))
             os.replace(self.outputs.path(self.mp4_name), kept[-1])
         if self.png is not None:

@@ -130,9 +130,9 @@ def check_fps(fps: float, formats: Iterable[str] = VIDEO_FORMATS) -> float:
 class Mp4Writer:
     """H.264 / yuv420p mp4 written chunk by chunk: the encoder stays open between `write` calls, so a
     long video is encoded as its shots finish and never sits in memory as a whole. Leaving the `with`
-    block normally flushes the encoder and finishes the file (only then is it playable); leaving it by
-    an exception closes the file unfinished. Odd sizes are padded by one edge pixel. The same frames
-    give the same bytes (with the same x264)."""
+    block normally finishes the file (`close`); leaving it by an exception closes it unfinished
+    (`abort`). Odd sizes are padded by one edge pixel. The same frames give the same bytes (with the
+    same x264)."""
 
     def __init__(self, path: Path, fps: float):
         import av  # imported here: only video output needs the codec library
@@ -159,18 +159,31 @@ class Mp4Writer:
             self.container.mux(self.stream.encode(self.to_frame(np.ascontiguousarray(frame), format="rgb24")))
             self.frames += 1
 
+    def close(self) -> int:
+        """Flush the frames the encoder holds back and finish the file (only then does it play); the
+        number of frames."""
+        container, self.container = self.container, None
+        try:
+            if self.stream is None:
+                raise MediaError(f"{self.path}: no frames to write")
+            container.mux(self.stream.encode())
+        finally:
+            container.close()
+        return self.frames
+
+    def abort(self) -> None:
+        """Close the file unfinished (after an error or an interrupt)."""
+        container, self.container = self.container, None
+        container.close()
+
     def __enter__(self) -> Mp4Writer:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        container, self.container = self.container, None
-        try:
-            if exc_type is None:
-                if self.stream is None:
-                    raise MediaError(f"{self.path}: no frames to write")
-                container.mux(self.stream.encode())  # flush the frames the encoder holds back
-        finally:
-            container.close()
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def write_mp4(path: Path, chunks: Iterable[np.ndarray], fps: float) -> int:
