@@ -324,7 +324,7 @@ class Transformer2DModel(nn.Module):
         y = y.flatten(2).transpose(1, 2)  # (b t) (h w) c
         y = self.transformer_blocks[0](y, ctx)
         y = y.transpose(1, 2).reshape(bt, c, h, w)
-        return self.proj_out(y) + x
+        return x + self.proj_out(y)  # x first: the sum keeps the residual stream's memory layout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +434,7 @@ class ReferEmbFuseAttention(Attention):
         k = torch.cat([k_ref, self.to_k(tokens)], 1)
         v = torch.cat([v_ref, self.to_v(tokens)], 1)
         out = self.to_out[0](attention(self.to_q(tokens), k, v, self.heads))
-        return out.transpose(1, 2).reshape(bt, c, h, w) + x
+        return x + out.transpose(1, 2).reshape(bt, c, h, w)  # in x's memory layout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,6 +555,23 @@ class UpBlock(nn.Module):
 # The model
 
 
+def memory_format(dtype: torch.dtype) -> torch.memory_format:
+    """The layout of the frames (and of the convolution weights) for a dtype. oneDNN computes bfloat16
+    convolutions channels-last and copies any other layout in and out on every call, so in bfloat16 the
+    frames stay channels-last from conv_in to conv_out (the transformers' token views are then free too);
+    float32 convolutions are fastest in the default layout (bench/roofline.py)."""
+    return torch.channels_last if dtype == torch.bfloat16 else torch.contiguous_format
+
+
+def set_conv_layout(model: nn.Module, fmt: torch.memory_format) -> None:
+    """Store every convolution weight of `model` in `fmt` (channels_last_3d for the 3-D ones), in place."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+                layout = torch.channels_last_3d if fmt == torch.channels_last and module.weight.dim() == 5 else fmt
+                module.weight.data = module.weight.data.contiguous(memory_format=layout)
+
+
 class UNet3D(nn.Module):
     def __init__(self, cfg: UNet3DConfig):
         super().__init__()
@@ -590,6 +607,13 @@ class UNet3D(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chs[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
 
+    def _apply(self, fn, recurse=True):
+        """nn.Module's hook behind .to() / .float() / .bfloat16(): then the convolution weights take the
+        layout of the new dtype (a state dict loaded later is copied into that layout)."""
+        super()._apply(fn, recurse)
+        set_conv_layout(self, memory_format(self.conv_in.weight.dtype))
+        return self
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, cond: Conditioning, *,
                 condition_frames: int = 1, temporal: bool = True, lengths: Sequence[int] | None = None) -> torch.Tensor:
         """Noise prediction for `sample` (B,4,T,h,w), whose first `condition_frames` frames are clean
@@ -622,7 +646,7 @@ class UNet3D(nn.Module):
         if refer is not None:  # in the UNet's dtype, as the text (a ReferenceNet may run in another one)
             refer = ReferenceFeatures([m.to(dtype) for m in refer.down], refer.mid.to(dtype))
 
-        x = self.conv_in(to_frames(sample.to(dtype)))  # (b t) c h w
+        x = self.conv_in(to_frames(sample.to(dtype)).contiguous(memory_format=memory_format(dtype)))  # (b t) c h w
         if temporal and self.transformer_in is not None:
             x = self.transformer_in(x, ctx)
         if refer is not None:

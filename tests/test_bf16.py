@@ -91,3 +91,32 @@ def test_compiled_reference_fusion_in_bf16_is_not_nan():
     with torch.no_grad():
         eager, compiled = fuse(x, reference, 3), torch.compile(fuse)(x, reference, 3)
     check(compiled.float(), eager.float(), "ReferEmbFuseAttention in bf16, compiled vs eager")
+
+
+def ancestors(event) -> list[str]:
+    """Names of the ops a profiled op ran inside, innermost first."""
+    names = []
+    while event.cpu_parent is not None:
+        event = event.cpu_parent
+        names.append(event.name)
+    return names
+
+
+def test_bf16_unet_keeps_convolutions_channels_last(pipe):
+    """oneDNN computes bfloat16 convolutions channels-last and copies any other layout in and out on every
+    call; the UNet keeps its bf16 frames and conv weights channels-last, so no convolution copies. Cast back
+    to float32 the weights are contiguous again and the output is the float32 original's, to the weights'
+    bf16 rounding."""
+    unet = copy.deepcopy(pipe.unet).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    sample, text = torch.randn(2, 4, 3, 8, 12, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        unet(sample, 500.0, Conditioning(text, 8.0))
+    copies = [e for e in prof.events() if e.name == "aten::copy_" and "convolution" in " ".join(ancestors(e))]
+    assert not copies, f"{len(copies)} layout copies inside bf16 convolutions"
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    unet.float()
+    assert all(p.is_contiguous() for p in unet.parameters())
+    with torch.no_grad():
+        check(unet(sample, 500.0, Conditioning(text, 8.0)), pipe.unet(sample, 500.0, Conditioning(text, 8.0)),
+              "UNet cast to bf16 and back vs float32")
