@@ -38,7 +38,7 @@ class ModelConfig:
     preset: str = "musev_referencenet"  # one of settings.PRESETS
     weights_dir: str = "weights/musev_referencenet"  # a folder made by the converters (unused for tiny)
     device: str = "cpu"  # a torch device, or "auto" (cuda, then mps, then cpu)
-    dtype: str = "float32"  # one of settings.DTYPES (the VAE always runs in float32)
+    dtype: str = "auto"  # one of settings.DTYPES; auto: bfloat16 where the hardware has it, else float32 (VAE: float32)
     compile: bool = False  # torch.compile the UNet (faster for long runs, slow first step)
     lora: list[LoraConfig] = field(default_factory=list)  # [[model.lora]] path = "...", scale = 0.8
 

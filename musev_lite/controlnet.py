@@ -31,6 +31,8 @@ from .unet import (
     TimestepEmbedding,
     UNet3DConfig,
     check_context,
+    memory_format,
+    set_conv_layout,
     sinusoidal_embedding,
 )
 from .weights import WeightsError
@@ -172,6 +174,13 @@ class ControlNet(nn.Module):
         self.mid_block = MidBlock(chs[-1], blocks, temporal=False, ip=False, skip_time_act=False)
         self.controlnet_mid_block = nn.Conv2d(chs[-1], chs[-1], 1)
 
+    def _apply(self, fn, recurse=True):
+        """After .to() / .float() / .bfloat16(): the convolution weights in the new dtype's layout, as the
+        UNet's (unet.memory_format: channels-last in bfloat16)."""
+        super()._apply(fn, recurse)
+        set_conv_layout(self, memory_format(self.conv_in.weight.dtype))
+        return self
+
     def forward(self, sample: torch.Tensor, timestep, text: torch.Tensor, control_image: torch.Tensor,
                 conditioning_scale: float = 1.0) -> ControlResiduals:
         """sample (N,4,h,w) latents, timestep (scalar or (N,)), text (N,L,D), control_image (N,3,8h,8w)
@@ -182,7 +191,9 @@ class ControlNet(nn.Module):
         timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(n)
         emb = self.time_embedding(sinusoidal_embedding(timestep, self.config.block_out_channels[0]).to(dtype))
         ctx = FrameContext(num_frames=1, condition_frames=0, text=text.to(dtype), frame_emb=None)
-        x = self.conv_in(sample.to(dtype)) + self.controlnet_cond_embedding(control_image.to(dtype))
+        layout = memory_format(dtype)
+        x = (self.conv_in(sample.to(dtype).contiguous(memory_format=layout))
+             + self.controlnet_cond_embedding(control_image.to(dtype).contiguous(memory_format=layout)))
         skips = [x]
         for block in self.down_blocks:
             x, block_skips = block(x, emb, ctx)

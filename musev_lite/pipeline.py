@@ -146,6 +146,30 @@ def resolve_device(device, key: str = "device") -> str:
     return name
 
 
+def native_bfloat16(device: str) -> bool:
+    """Whether `device` computes bfloat16 in hardware: a CUDA GPU that supports it, or an x86 CPU with
+    AVX512-BF16 or AMX (Linux's /proc/cpuinfo says; elsewhere a CPU counts as without)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    if device != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """The models' dtype for a `model.dtype` setting on `device`. "auto" is bfloat16 where the hardware
+    computes it (about 4x float32 for SD1.5's UNet on such a CPU, bench/roofline.py; frames within a few
+    levels of float32's, tests/test_bf16.py) and float32 elsewhere, where emulated bfloat16 can be slower.
+    float32 reproduces the original MuseV to rounding."""
+    if name == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
+    return getattr(torch, name)
+
+
 def fit_video_size(image_size: tuple[int, int] | None, height: int = 0, width: int = 0,
                    multiple: int = 8) -> tuple[int, int]:
     """(height, width) of a video: `height` and `width` as set; an unset one follows the condition image

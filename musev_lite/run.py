@@ -44,7 +44,7 @@ from PIL import Image  # noqa: E402
 from . import __version__, distributed  # noqa: E402
 from .checkpoint import Checkpoint  # noqa: E402
 from .config import ConfigError, OutputConfig, RunConfig, load_config, to_toml  # noqa: E402
-from .pipeline import ControlVideo, MuseVPipeline, Progress, resolve_device  # noqa: E402
+from .pipeline import ControlVideo, MuseVPipeline, Progress, resolve_device, resolve_dtype  # noqa: E402
 from .pose import draw_pose, read_keypoints  # noqa: E402
 from .video_io import (  # noqa: E402
     Mp4Writer,
@@ -163,7 +163,12 @@ def check_output_dir(config: RunConfig) -> Path:
 
 def load_pipeline(config: RunConfig) -> MuseVPipeline:
     m = config.model
-    device, dtype = distributed.rank_device(resolve_device(m.device, "model.device")), getattr(torch, m.dtype)
+    device = distributed.rank_device(resolve_device(m.device, "model.device"))
+    dtype = resolve_dtype(m.dtype, device)
+    if m.dtype == "auto" and distributed.is_main():
+        why = "this device computes it in hardware" if dtype == torch.bfloat16 else "this device has no bfloat16 hardware"
+        print(f"dtype: {str(dtype).removeprefix('torch.')} (model.dtype = \"auto\": {why}; set \"float32\" to "
+              "reproduce the original MuseV to rounding)", file=sys.stderr)
     if m.preset == "tiny":
         if distributed.is_main():
             print(DEMO_NOTE, file=sys.stderr)
@@ -367,11 +372,13 @@ def checkpoint_seed(folder: Path, config_stem: str) -> int:
 
 
 def fingerprint(config: RunConfig, seed: int) -> dict:
-    """What decides the video, for a checkpoint: every setting but the output's and the device, the
-    seed, and the content of every input file (sha256)."""
+    """What decides the video, for a checkpoint: every setting but the output's and the device (the
+    dtype as resolved), the seed, and the content of every input file (sha256)."""
     settings = config.as_dict()
     del settings["output"]
     settings["model"] = {k: v for k, v in settings["model"].items() if k not in ("device", "compile")}
+    device = resolve_device(config.model.device, "model.device")
+    settings["model"]["dtype"] = str(resolve_dtype(config.model.dtype, device)).removeprefix("torch.")  # "auto" resolved
     settings["generation"]["seed"] = seed
     i = config.input
     paths = {f"input.{key}": getattr(i, key) for key in ("image", "refer_image", "ip_adapter_image", "video")}
@@ -457,6 +464,7 @@ def write_run(config: RunConfig, outputs: OutputSet, checkpoint: Checkpoint | No
             "height": int(streams.size[0]),
             "width": int(streams.size[1]),
             "fps": config.output.fps,
+            "dtype": str(pipe.dtype).removeprefix("torch."),  # what model.dtype resolved to
             "model_files": {Path(f).name: os.path.getsize(f) for f in pipe.files},
             "demo_weights": config.model.preset == "tiny",
             "seconds": round(time.monotonic() - started, 2),

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 PRESETS = ("tiny", "musev", "musev_referencenet", "musev_referencenet_pose")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: pipeline.resolve_dtype
 FORMATS = ("mp4", "gif", "webp", "png")
 SAMPLERS = ("euler", "ddim")
 CONTEXT_SCHEDULES = ("uniform_v2", "uniform")

@@ -157,7 +157,7 @@ RUN = [
     ("no formats", ["output.formats=[]"], r"output\.formats is empty"),
     ("format a number", ["output.formats=[1]"], r"output\.formats must be a list of strings"),
     ("overwrite text", ["output.overwrite=yes"], r"output\.overwrite must be true or false; got 'yes'"),
-    ("dtype float64", ["model.dtype=float64"], r"model\.dtype = 'float64' is not one of float32"),
+    ("dtype float64", ["model.dtype=float64"], r"model\.dtype = 'float64' is not one of auto, float32"),
     ("device unknown", ["model.device=tpu"], r"model\.device = 'tpu' is not a torch device"),
     ("device absent", ["model.device=cuda:7"], r"model\.device = 'cuda:7' but (this torch has no CUDA|there are \d+ CUDA)"),
     ("preset empty", ["model.preset="], r"model\.preset = '' is not one of tiny"),

@@ -4,13 +4,16 @@ traceback, nothing written) for every kind of bad configuration or input."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO
+from musev_lite.pipeline import resolve_dtype
 from musev_lite.run import main
 
 TINY = ["model.preset=tiny", "generation.steps=2", "generation.context_frames=4", "generation.context_overlap=2"]
@@ -39,8 +42,18 @@ def test_end_to_end(tmp_path):
     sidecar = json.loads((tmp_path / "clip.json").read_text())
     assert sidecar["seed"] == 4 and sidecar["frames"] == 11 and sidecar["demo_weights"] is True
     assert sidecar["config"]["generation"]["num_frames"] == 5 and sidecar["musev_lite_version"]
+    # model.dtype = "auto" (the default): said on stderr and recorded as resolved, from the CPU's flags
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    expected = "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+    assert sidecar["config"]["model"]["dtype"] == "auto" and sidecar["dtype"] == expected
+    assert f'dtype: {expected} (model.dtype = "auto": ' in done.stderr
     assert Image.open(tmp_path / "clip_sheet.png").size[0] > 96
     assert len(list((tmp_path / "clip_frames").iterdir())) == 11
+
+
+def test_dtype_auto_and_explicit():
+    assert resolve_dtype("auto", "mps") == torch.float32  # no bfloat16 hardware known there
+    assert resolve_dtype("float16", "cpu") == torch.float16 and resolve_dtype("float32", "cuda") == torch.float32
 
 
 def test_same_config_and_seed_same_frames(tmp_path):
