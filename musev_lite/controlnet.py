@@ -27,12 +27,12 @@ from .unet import (
     ControlResiduals,
     DownBlock,
     FrameContext,
+    LayoutFollowsDtype,
     MidBlock,
     TimestepEmbedding,
     UNet3DConfig,
     check_context,
     memory_format,
-    set_conv_layout,
     sinusoidal_embedding,
 )
 from .weights import WeightsError
@@ -152,7 +152,7 @@ class ControlNetConditioningEmbedding(nn.Module):
 # The model
 
 
-class ControlNet(nn.Module):
+class ControlNet(LayoutFollowsDtype):  # bf16 convolutions channels-last, as the UNet's
     def __init__(self, cfg: ControlNetConfig):
         super().__init__()
         self.config = cfg
@@ -173,13 +173,6 @@ class ControlNet(nn.Module):
         self.controlnet_down_blocks = nn.ModuleList(nn.Conv2d(ch, ch, 1) for ch in skip_chs)
         self.mid_block = MidBlock(chs[-1], blocks, temporal=False, ip=False, skip_time_act=False)
         self.controlnet_mid_block = nn.Conv2d(chs[-1], chs[-1], 1)
-
-    def _apply(self, fn, recurse=True):
-        """After .to() / .float() / .bfloat16(): the convolution weights in the new dtype's layout, as the
-        UNet's (unet.memory_format: channels-last in bfloat16)."""
-        super()._apply(fn, recurse)
-        set_conv_layout(self, memory_format(self.conv_in.weight.dtype))
-        return self
 
     def forward(self, sample: torch.Tensor, timestep, text: torch.Tensor, control_image: torch.Tensor,
                 conditioning_scale: float = 1.0) -> ControlResiduals:

@@ -219,28 +219,29 @@ def parallel_denoise(
     for window in windows:  # how many windows average into each frame
         count[torch.tensor(window, device=latents.device)] += 1
     groups = window_groups(windows if ranks is None else ranks.windows(windows), window_batch)  # distributed: mine
+    # what does not change from step to step, per call: its windows padded to one length, the UNet's
+    # `lengths=` when they are uneven (real frames per sample), and each window's frame indices
+    b = latents.shape[0]
+    calls = [(group, padded(group),
+              {"lengths": [n_cond + len(w) for w in group for _ in range(b)] * 2} if len({len(w) for w in group}) > 1 else {},
+              [torch.tensor(w, device=latents.device) for w in group]) for group in groups]
     steps = len(sampler.timesteps)
     for i in range(start, steps):
         t = sampler.timesteps[i]
         noise_sum = torch.zeros((2 * latents.shape[0], *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
-        for group in groups:
-            k, b = len(group), latents.shape[0]
-            x = torch.cat([latents[:, :, w] for w in padded(group)])  # (k b) 4 L h w, window-major
+        for group, frames, lengths, indices in calls:
+            k = len(group)
+            x = torch.cat([latents[:, :, w] for w in frames])  # (k b) 4 L h w, window-major
             x = sampler.scale_model_input(torch.cat([x, x]), i)  # [uncond; cond]
             condition = condition_latent.repeat(2 * k, 1, 1, 1, 1).to(x)  # clean, unscaled
             sample = torch.cat([condition, x], dim=2)  # (2 k b) 4 (n+L) h w: condition at frame 0
             call_cond = cond.repeat(k)
             if control is not None:
-                residuals = control.residuals(sample, t, call_cond, padded(group), i, steps)
-                call_cond = dataclasses.replace(call_cond, control=residuals)
-            extra = {}
-            if len({len(w) for w in group}) > 1:  # uneven windows: real frames per sample
-                extra["lengths"] = [n_cond + len(w) for w in group for _ in range(b)] * 2
-            noise = unet(sample, t, call_cond, condition_frames=n_cond, temporal=temporal, **extra)
+                call_cond = dataclasses.replace(call_cond, control=control.residuals(sample, t, call_cond, frames, i, steps))
+            noise = unet(sample, t, call_cond, condition_frames=n_cond, temporal=temporal, **lengths)
             noise = noise[:, :, n_cond:]  # the condition frame's prediction is not used
             uncond, cond_noise = noise.chunk(2)
-            for j, window in enumerate(group):
-                index = torch.tensor(window, device=latents.device)
+            for j, (window, index) in enumerate(zip(group, indices)):
                 rows, real = slice(j * b, (j + 1) * b), slice(0, len(window))  # a padded window's tail is dropped
                 noise_sum.index_add_(2, index, torch.cat([uncond[rows, :, real], cond_noise[rows, :, real]]))
         if ranks is not None:  # distributed: add the other ranks' windows

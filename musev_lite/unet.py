@@ -572,7 +572,18 @@ def set_conv_layout(model: nn.Module, fmt: torch.memory_format) -> None:
                 module.weight.data = module.weight.data.contiguous(memory_format=layout)
 
 
-class UNet3D(nn.Module):
+class LayoutFollowsDtype(nn.Module):
+    """A model (with a `conv_in`) whose convolution weights take their dtype's layout (`memory_format`)
+    after every .to() / .float() / .bfloat16(): nn.Module._apply is behind them all. A state dict loaded
+    later is copied into that layout."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        set_conv_layout(self, memory_format(self.conv_in.weight.dtype))
+        return self
+
+
+class UNet3D(LayoutFollowsDtype):
     def __init__(self, cfg: UNet3DConfig):
         super().__init__()
         self.config = cfg
@@ -606,13 +617,6 @@ class UNet3D(nn.Module):
         self.up_blocks = nn.ModuleList(up_blocks)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chs[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
-
-    def _apply(self, fn, recurse=True):
-        """nn.Module's hook behind .to() / .float() / .bfloat16(): then the convolution weights take the
-        layout of the new dtype (a state dict loaded later is copied into that layout)."""
-        super()._apply(fn, recurse)
-        set_conv_layout(self, memory_format(self.conv_in.weight.dtype))
-        return self
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, cond: Conditioning, *,
                 condition_frames: int = 1, temporal: bool = True, lengths: Sequence[int] | None = None) -> torch.Tensor:
