@@ -59,8 +59,8 @@ def save_state(path: Path, state: RunState, fingerprint: dict) -> None:
 def load_state(path: Path) -> tuple[RunState, dict]:
     """The `RunState` saved at `path` and its run's fingerprint."""
     try:
-        tensors = load_file(path)
-        with safe_open(path, "pt") as f:
+        with safe_open(path, "pt") as f:  # one read: the tensors and the metadata
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
             meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT!r} file")

@@ -27,6 +27,7 @@ if __name__ == "__main__":  # before the imports below, which take seconds (torc
 import argparse  # noqa: E402 (after the handlers above, on purpose)
 import hashlib  # noqa: E402
 import random  # noqa: E402
+import re  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
@@ -362,8 +363,8 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> list[Pa
 def checkpoint_seed(folder: Path, config_stem: str) -> int:
     """The seed of the one checkpoint `<config name>-<seed>.checkpoint` in `folder` (a resumed run whose
     seed was drawn)."""
-    seeds = sorted(int(p.name[len(config_stem) + 1:-len(".checkpoint")]) for p in folder.glob(f"{config_stem}-*.checkpoint")
-                   if p.name[len(config_stem) + 1:-len(".checkpoint")].isdigit())
+    name = re.compile(rf"{re.escape(config_stem)}-(\d+)\.checkpoint")
+    seeds = sorted(int(m[1]) for p in folder.iterdir() if (m := name.fullmatch(p.name)))
     if len(seeds) != 1:
         found = f"{len(seeds)} ({', '.join(f'{config_stem}-{s}.checkpoint' for s in seeds)})" if seeds else "none"
         raise ConfigError(f"--resume without generation.seed looks for one checkpoint {config_stem}-<seed>.checkpoint in "
@@ -414,13 +415,18 @@ def open_checkpoint(config: RunConfig, outputs: OutputSet, seed: int, resume: bo
             raise ConfigError(f"{folder} holds an interrupted run of this name: continue it with --resume, or set "
                               "output.overwrite = true to start over (it is deleted)")
         checkpoint.remove()
+    remove_partials(config, outputs)
+    return checkpoint if config.output.checkpoint else None
+
+
+def remove_partials(config: RunConfig, outputs: OutputSet) -> None:
+    """The partial outputs an interrupted run of this name kept (NAME.partial.mp4, NAME_frames.partial)."""
     for name in output_kinds(config.output, outputs.stem):
         path = outputs.folder / partial_name(name)
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif os.path.lexists(path):
             path.unlink()
-    return checkpoint if config.output.checkpoint else None
 
 
 def resume_command(config_path: str, overrides: list[str], config: RunConfig, seed: int) -> str:
@@ -473,9 +479,7 @@ def write_run(config: RunConfig, outputs: OutputSet, checkpoint: Checkpoint | No
     if checkpoint is not None:
         with signals_held():
             checkpoint.remove()
-            for name in output_kinds(config.output, outputs.stem):
-                path = outputs.folder / partial_name(name)
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            remove_partials(config, outputs)
     return paths
 
 

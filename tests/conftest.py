@@ -184,3 +184,27 @@ def write_lossless(path, frames, fps=12):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The run command, in another process
+
+
+def sets(items):
+    """["section.key=value", ...] -> the run command's --set arguments."""
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def interrupt_when(process, marker: str, signum: int):
+    """Read stderr until a line holds `marker`, send `signum`; return (exit code, stdout, all of stderr)."""
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if marker in line:
+            process.send_signal(signum)
+            break
+    else:
+        process.wait()
+        pytest.fail(f"the run ended before printing {marker!r}:\n{''.join(seen)}")
+    out, err = process.communicate(timeout=300)
+    return process.returncode, out, "".join(seen) + err

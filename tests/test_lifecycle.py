@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, interrupt_when, sets
 from musev_lite import memory, run
 from musev_lite.pipeline import MuseVPipeline, fit_video_size
 from musev_lite.settings import ConfigError, GenerationConfig
@@ -23,10 +23,6 @@ from musev_lite.settings import ConfigError, GenerationConfig
 DEMO = REPO / "examples/demo.toml"
 TINY = ["generation.steps=1", "generation.num_frames=3", "generation.context_frames=4", "generation.context_overlap=2",
         "output.name=v"]
-
-
-def sets(items):
-    return [arg for item in items for arg in ("--set", item)]
 
 
 def run_main(out, *overrides, config=DEMO):
@@ -50,21 +46,6 @@ def start(out, *overrides, cwd=REPO):
     args = [sys.executable, "-m", "musev_lite.run", str(DEMO)] + sets(TINY + [f"output.dir={out}"] + list(overrides))
     return subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))  # tiny tensors: threads only contend
-
-
-def interrupt_when(process, marker: str, signum: int):
-    """Read stderr until a line holds `marker`, send `signum`; return (exit code, stdout, all of stderr)."""
-    seen = []
-    for line in process.stderr:
-        seen.append(line)
-        if marker in line:
-            process.send_signal(signum)
-            break
-    else:
-        process.wait()
-        pytest.fail(f"the run ended before printing {marker!r}:\n{''.join(seen)}")
-    out, err = process.communicate(timeout=300)
-    return process.returncode, out, "".join(seen) + err
 
 
 GENERATING = ("step 1/40", ["generation.steps=40"])  # 39 steps are left

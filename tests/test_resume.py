@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, interrupt_when, sets
 from musev_lite import run
 from musev_lite.video_io import read_video
 
@@ -22,26 +22,10 @@ SHOTS = ["generation.steps=3", "generation.num_frames=3", "generation.n_batch=3"
 MID_SHOT_2 = "shot 2/3  step 2/3"
 
 
-def sets(items):
-    return [arg for item in items for arg in ("--set", item)]
-
-
 def start(out, *overrides, resume=False):
     args = [sys.executable, "-m", "musev_lite.run", str(DEMO)] + sets(SHOTS + [f"output.dir={out}"] + list(overrides))
     return subprocess.Popen(args + ["--resume"] * resume, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-
-def signal_at(process, marker: str, signum: int):
-    """Send `signum` when stderr shows `marker`; (exit code, stderr)."""
-    seen = []
-    for line in process.stderr:
-        seen.append(line)
-        if marker in line:
-            process.send_signal(signum)
-            break
-    _, err = process.communicate(timeout=300)
-    return process.returncode, "".join(seen) + err
 
 
 def finish(process):
@@ -66,7 +50,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_killed_mid_shot_resumes_to_the_same_bytes(tmp_path, uninterrupted):
     out = tmp_path / "out"
-    code, err = signal_at(start(out, "output.checkpoint=true"), MID_SHOT_2, signal.SIGKILL)
+    code, _, err = interrupt_when(start(out, "output.checkpoint=true"), MID_SHOT_2, signal.SIGKILL)
     assert code == -signal.SIGKILL
     state = out / "v.checkpoint" / "state.safetensors"
     assert state.exists() and (out / "v.checkpoint" / "shot_00000.safetensors").exists()
@@ -81,7 +65,7 @@ def test_killed_mid_shot_resumes_to_the_same_bytes(tmp_path, uninterrupted):
 
 def test_ctrl_c_keeps_the_finished_shots_and_says_how_to_resume(tmp_path, uninterrupted):
     out = tmp_path / "out"
-    code, err = signal_at(start(out, "output.checkpoint=true"), MID_SHOT_2, signal.SIGINT)
+    code, _, err = interrupt_when(start(out, "output.checkpoint=true"), MID_SHOT_2, signal.SIGINT)
     assert code == 130, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted (SIGINT): v.mp4, v_frames, v_sheet.png, v.json were not written; kept "
@@ -102,7 +86,7 @@ def test_ctrl_c_keeps_the_finished_shots_and_says_how_to_resume(tmp_path, uninte
 
 def test_a_checkpoint_resumes_only_with_its_settings(tmp_path, capsys):
     out = tmp_path / "out"
-    code, _ = signal_at(start(out, "output.checkpoint=true"), "shot 1/3  step 2/3", signal.SIGINT)
+    code, _, _ = interrupt_when(start(out, "output.checkpoint=true"), "shot 1/3  step 2/3", signal.SIGINT)
     assert code == 130
     before = sorted(p.name for p in out.iterdir())
 
