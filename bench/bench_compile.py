@@ -2,8 +2,9 @@
 
     python bench/bench_compile.py [--channels 320,640,1280,1280] [--latent 32x20] [--dtype bfloat16] [--freezing]
 
-Compiles the UNet (random weights, the window of bench/roofline.py), then times eager and compiled calls
-interleaved (bench/timing.py) with the load printed, and compares their outputs. Before timing, it
+Compiles the UNet as `model.compile = true` does (`compile_model`; random weights, the window of
+bench/roofline.py), then times eager and compiled calls interleaved (bench/timing.py) with the load
+printed, and compares their outputs. Before timing, it
 checks what a run asks of the compiled model besides the first call: other timesteps (as floats, then as
 0-d tensors, which the denoising loop passes), another shot's conditioning, windows of other lengths: the
 graphs compiled are counted by torch._dynamo's counters, and the graph breaks of the first call reported.
@@ -18,7 +19,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from musev_lite.unet import UNet3D, UNet3DConfig
+from musev_lite.unet import UNet3D, UNet3DConfig, compile_model
 from roofline import window_inputs
 from timing import interleaved, load, median, ratio
 
@@ -50,7 +51,7 @@ def main():
           + "".join(f"\n  break: {b.reason}" for b in explained.break_reasons))
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(unet)
+    compiled = compile_model(unet)  # as model.compile = true does
     start = time.perf_counter()
     with torch.no_grad():
         compiled(sample, 999.0, cond, condition_frames=1)

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from musev_lite.denoise import context_windows, parallel_denoise
+from musev_lite.denoise import WindowedDenoiser, context_windows, sample
 from musev_lite.samplers import SD15_SCHEDULER, SchedulerConfig, make_sampler
 from musev_lite.unet import Conditioning, UNet3D, UNet3DConfig
 from timing import interleaved, load, median, ratio
@@ -31,9 +31,11 @@ def step_fn(unet, latents, condition, text, windows, window_batch, dtype=torch.f
     def call(sample, t, cond, condition_frames, **kw):
         return unet(sample.to(dtype), t, cond, condition_frames=condition_frames, **kw).float()
 
+    denoiser = WindowedDenoiser(call, latents, condition, cond, sampler, windows, [3.5], window_batch)
+
     def one_step():
         with torch.no_grad():
-            return parallel_denoise(call, latents, condition, cond, sampler, windows, [3.5], window_batch)
+            return sample(denoiser, sampler, latents)
 
     return one_step
 

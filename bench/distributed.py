@@ -2,7 +2,7 @@
 
     python bench/distributed.py [--frames 20] [--latent 32x20] [--steps 2]
 
-Runs, one after the other, the same steps of `parallel_denoise` (random weights; speed does not depend
+Runs, one after the other, the same steps of the denoising loop (random weights; speed does not depend
 on the values) on the `tiny` preset's UNet and on a UNet with SD1.5's structure at reduced width
 (64-256 channels), interleaved over `--rounds`, as:
   * 1 process, 1 thread (one "device");
@@ -27,7 +27,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from musev_lite import distributed
-from musev_lite.denoise import context_windows, parallel_denoise
+from musev_lite.denoise import WindowedDenoiser, context_windows, sample
 from musev_lite.pipeline import MuseVPipeline
 from musev_lite.referencenet import ReferenceNet
 from musev_lite.samplers import SD15_SCHEDULER, SchedulerConfig, make_sampler
@@ -74,8 +74,8 @@ def step_seconds(unet, cfg, latent_hw, frames, steps, ranks) -> list[float]:
     with torch.no_grad():
         barrier(ranks)
         marks.append(time.perf_counter())
-        parallel_denoise(call, latents, condition, cond, sampler, windows, [3.5] * (steps + 1), callback=after_step,
-                         ranks=ranks)
+        denoiser = WindowedDenoiser(call, latents, condition, cond, sampler, windows, [3.5] * (steps + 1), ranks=ranks)
+        sample(denoiser, sampler, latents, callback=after_step)
     return [b - a for a, b in zip(marks[1:], marks[2:])]
 
 

@@ -32,18 +32,18 @@ def main(argv: list[str] | None = None) -> int:
                              "model; convert: convert checkpoints you have (musev, sd15 or controlnet)")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments")
     args = parser.parse_args(argv)
-    module, rest = COMMANDS.get(args.command), args.args
+    module, rest, prog = COMMANDS.get(args.command), args.args, f"musev-lite {args.command}"
     if args.command == "convert":
         if not rest or rest[0] not in CONVERTERS:
             parser.error(f"convert needs a converter first: one of {', '.join(CONVERTERS)} "
                          "(e.g. musev-lite convert musev --help)")
-        module, rest = CONVERTERS[rest[0]], rest[1:]
+        module, rest, prog = CONVERTERS[rest[0]], rest[1:], f"{prog} {rest[0]}"
     try:
         command = importlib.import_module(module)  # seconds (torch): Ctrl-C here is one line, not a traceback
     except KeyboardInterrupt:
         print("interrupted while starting: nothing was written", file=sys.stderr)
         return 130
-    return command.main(rest)
+    return command.main(rest, prog=prog)  # its --help names it as called here
 
 
 if __name__ == "__main__":

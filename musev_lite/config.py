@@ -17,11 +17,15 @@ import dataclasses
 import json
 import os
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from .settings import DTYPES, FORMATS, PRESETS, TASKS, ConfigError, GenerationConfig, in_range, one_of, require, suggest, typed
+from .limits import file_stem, name_max, parse_nested
+from .outputs import names_beside
+from .settings import (DTYPES, FORMATS, PRESETS, TASKS, ConfigError, GenerationConfig, field_types, in_range, one_of, printable,
+                       require, suggest, typed)
 from .video_io import MediaError, check_fps
 
 
@@ -58,7 +62,7 @@ class InputConfig:
     task: str = "auto"  # one of TASKS; auto: from the inputs given
     image: str = ""  # condition image; empty: the first frame is drawn from the prompt
     prompt: str = ""
-    negative_prompt: str = "V2"  # a preset (Empty, V1..V5) or literal text
+    negative_prompt: str | None = None  # a preset (Empty, V1..V5) or literal text; unset: the model's (V2; tiny: V1)
     refer_image: str = ""  # ReferenceNet image; empty: the condition image
     ip_adapter_image: str = ""  # IP-Adapter image; empty: the condition image
     video: str = ""  # video2video: an RGB video to start from
@@ -125,12 +129,13 @@ def relative_paths(data: dict):
 
 
 def resolve_paths(data: dict, folder: Path) -> dict[str, str]:
-    """Make the relative paths in a config file's tables relative to its `folder`, in place; return
-    {"section.key": how it was resolved} for error messages."""
+    """Resolve the relative paths in a config file's tables against its `folder`, in place (absolute, so
+    that messages name the file itself, not `examples/../weights/...`); return {"section.key": how it
+    was resolved} for error messages."""
     notes = {}
     for holder, key, where in relative_paths(data):
         notes[where] = f"{where} = {holder[key]!r} is relative to the config file's folder, {folder.resolve()}"
-        holder[key] = str(folder / holder[key])
+        holder[key] = str((folder / holder[key]).resolve())
     return notes
 
 
@@ -138,16 +143,17 @@ def build_config(data: dict) -> RunConfig:
     config = RunConfig()
     for section, values in data.items():
         if section not in SECTIONS:
-            raise ConfigError(f"unknown section [{section}]{suggest(section, SECTIONS)}")
+            raise ConfigError(f"unknown section [{printable(section)}]{suggest(section, SECTIONS)}")
         if not isinstance(values, dict):
             raise ConfigError(f"[{section}] must be a table of keys")
         target = getattr(config, section)
-        fields = {f.name: f.type for f in dataclasses.fields(target)}
+        fields = field_types(type(target))
         for key, value in values.items():
             if key not in fields:
-                raise ConfigError(f"unknown key {section}.{key}{suggest(key, fields)}")
-            if fields[key] in TABLES:
-                value = table_list(f"{section}.{key}", value, TABLES[fields[key]])
+                raise ConfigError(f"unknown key {section}.{printable(key)}{suggest(key, fields)}")
+            table = table_of(fields[key])
+            if table is not None:
+                value = table_list(f"{section}.{key}", value, table)
             else:
                 value = typed(f"{section}.{key}", value, fields[key])
             setattr(target, key, value)
@@ -160,12 +166,12 @@ def table_list(where: str, value, cls) -> list:
     tables = [value] if isinstance(value, dict) else value
     require(isinstance(tables, list) and all(isinstance(t, dict) for t in tables),
             f"{where} must be tables: [[{where}]] path = \"...\"")
-    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    fields = field_types(cls)
     entries = []
     for n, table in enumerate(tables):
         entry = cls()
         for key, item in table.items():
-            require(key in fields, f"unknown key {where}[{n}].{key}{suggest(key, fields)}")
+            require(key in fields, f"unknown key {where}[{n}].{printable(key)}{suggest(key, fields)}")
             setattr(entry, key, typed(f"{where}[{n}].{key}", item, fields[key]))
         require(entry.path != "", f"{where}[{n}].path is empty; give the file")
         in_range(f"{where}[{n}].scale", entry.scale, -10, 10)
@@ -173,7 +179,11 @@ def table_list(where: str, value, cls) -> list:
     return entries
 
 
-TABLES = {"list[LoraConfig]": LoraConfig, "list[ControlConfig]": ControlConfig}
+def table_of(kind) -> type | None:
+    """The dataclass of a list-of-tables setting (`list[LoraConfig]` -> LoraConfig), else None."""
+    if typing.get_origin(kind) is list and dataclasses.is_dataclass(item := typing.get_args(kind)[0]):
+        return item
+    return None
 
 
 def check(config: RunConfig) -> None:
@@ -190,6 +200,9 @@ def check(config: RunConfig) -> None:
                 "(video2video: input.video and/or [[input.control]]; image2video: input.image; else text2image2video)")
     require(i.video_sample_rate >= 1, f"input.video_sample_rate = {i.video_sample_rate} must be at least 1")
     require(i.video_fps == 0 or 1 <= i.video_fps <= 240, f"input.video_fps = {i.video_fps} must be 0 or in [1, 240]")
+    require(i.video_fps == 0 or i.video_sample_rate == 1,
+            f"input.video_fps = {i.video_fps} and input.video_sample_rate = {i.video_sample_rate} are both set; "
+            "the videos are sampled one way: by frame rate or every n-th frame")
     for n, c in enumerate(i.control):
         require(c.pose_canvas == [] or (len(c.pose_canvas) == 2 and min(c.pose_canvas) > 0),
                 f"input.control[{n}].pose_canvas = {c.pose_canvas} must be [height, width] in pixels")
@@ -204,10 +217,36 @@ def check(config: RunConfig) -> None:
         check_fps(o.fps, o.formats)
     except MediaError as err:
         raise ConfigError(f"output.{err}") from None
-    require(not any(c in o.name for c in "/\\\0"), f"output.name = {o.name!r} must be a file stem, not a path")
+    if o.name:
+        file_stem("output.name", o.name, ConfigError)
     require(o.checkpoint_every >= 0, f"output.checkpoint_every = {o.checkpoint_every} must be 0 (after each shot "
             "only) or a number of sampler steps")
-    require(not o.name.startswith("."), f"output.name = {o.name!r} must not start with a dot (it would be hidden)")
+
+
+def output_kinds(o: OutputConfig, stem: str) -> dict[str, str]:
+    """File name -> what it holds (a format, "sheet" or "json"), in the order written, the sidecar last."""
+    kinds = {f"{stem}_frames" if fmt == "png" else f"{stem}.{fmt}": fmt for fmt in o.formats}
+    if o.contact_sheet:
+        kinds[f"{stem}_sheet.png"] = "sheet"
+    kinds[f"{stem}.json"] = "json"
+    return kinds
+
+
+def check_name_length(config: RunConfig, config_stem: str) -> None:
+    """Every name a run gives an entry of output.dir (`outputs.names_beside`: outputs, partial outputs,
+    temporaries, lock, checkpoint) must fit the file system's limit there (`limits.name_max`), checked
+    before anything is read or written. Without output.name the stem is `<config name>-<seed>`, a drawn
+    seed having up to 8 digits."""
+    o, seed = config.output, config.generation.seed
+    stem = o.name or f"{config_stem}-{seed if seed is not None else 10**8 - 1}"
+    longest = max(names_beside(stem, list(output_kinds(o, stem))), key=lambda name: len(os.fsencode(name)))
+    size, limit = len(os.fsencode(longest)), name_max(o.dir)
+    if size > limit:
+        pattern = longest.replace(stem, "<output.name>" if o.name else f"{config_stem}-<seed>", 1)
+        which = "output.name" if o.name else f"the output name {config_stem}-<seed> (from the config file's name)"
+        raise ConfigError(f"{which} is too long for output.dir {o.dir!r}: the longest file name a run writes there, "
+                          f"{pattern!r}, would be {size} bytes and that file system allows {limit}; set an "
+                          f"output.name of at most {limit - (size - len(os.fsencode(stem)))} bytes")
 
 
 def toml_value(value) -> str:
@@ -246,7 +285,7 @@ def parse_override(text: str) -> tuple[str, str, object]:
     if not sep or not dot or not key:
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. generation.steps=4")
     try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        value = parse_nested(tomllib.loads, f"v = {raw.strip()}", f"--set {name.strip()}", ConfigError)["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
     return section, key, value
@@ -258,7 +297,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     if path is not None:
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text())
+            data = parse_nested(tomllib.loads, path.read_text(), f"config file {path}", ConfigError)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} not found") from None
         except (OSError, UnicodeDecodeError) as err:
@@ -277,5 +316,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             notes[where] = (f"{where} = {holder[name]!r} is given with --set, so it is relative to the working "
                             f"directory, {Path.cwd()}")
     config = build_config(data)
+    check_name_length(config, Path(path).stem if path is not None else "config")
     config.path_notes = MappingProxyType(notes)
     return config

@@ -25,15 +25,14 @@ from torch import nn
 
 from .unet import (
     ControlResiduals,
-    DownBlock,
-    FrameContext,
     LayoutFollowsDtype,
     MidBlock,
+    SD15Sizes,
     TimestepEmbedding,
-    UNet3DConfig,
     check_context,
     memory_format,
-    sinusoidal_embedding,
+    sd15_down_blocks,
+    skip_channels,
 )
 from .weights import WeightsError
 
@@ -65,35 +64,21 @@ def check_sd15_base(cross_attention_dim: int, linear_projection: bool, sdxl: boo
 
 
 @dataclass
-class ControlNetConfig:
-    """Sizes of an SD1.5 ControlNet; SD1.5's by default (those of control_v11p_sd15_*)."""
+class ControlNetConfig(SD15Sizes):
+    """Sizes of an SD1.5 ControlNet: the UNet's down-path sizes (SD15Sizes) and its control-image encoder's;
+    SD1.5's by default (those of control_v11p_sd15_*)."""
 
-    in_channels: int = 4
     conditioning_channels: int = 3
-    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-    layers_per_block: int = 2
-    heads: int = 8  # diffusers calls this "attention_head_dim"; it is the number of heads
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    cross_attention_dim: int = 768
     conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
 
     def __post_init__(self):
-        self.block_out_channels = tuple(self.block_out_channels)
+        super().__post_init__()
         self.conditioning_embedding_out_channels = tuple(self.conditioning_embedding_out_channels)
 
     @property
     def image_scale(self) -> int:
         """Control image size / latent size: the conditioning encoder halves the size per step (8 for SD1.5)."""
         return 2 ** (len(self.conditioning_embedding_out_channels) - 1)
-
-    def blocks_config(self) -> UNet3DConfig:
-        """What the shared SD1.5 blocks of unet.py read, with diffusers' LayerNorm eps 1e-5 everywhere."""
-        return UNet3DConfig(
-            in_channels=self.in_channels, block_out_channels=self.block_out_channels,
-            layers_per_block=self.layers_per_block, heads=self.heads, norm_num_groups=self.norm_num_groups,
-            norm_eps=self.norm_eps, cross_attention_dim=self.cross_attention_dim, transformer_norm_eps=1e-5,
-        )
 
     @classmethod
     def from_diffusers(cls, config: dict, source: str = "config.json") -> ControlNetConfig:
@@ -156,22 +141,15 @@ class ControlNet(LayoutFollowsDtype):  # bf16 convolutions channels-last, as the
     def __init__(self, cfg: ControlNetConfig):
         super().__init__()
         self.config = cfg
-        blocks = cfg.blocks_config()
+        blocks = cfg.plain_blocks(transformer_norm_eps=1e-5)  # diffusers' LayerNorm eps everywhere
         chs = cfg.block_out_channels
-        levels = len(chs)
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chs[0], 4 * chs[0])
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             cfg.conditioning_channels, chs[0], cfg.conditioning_embedding_out_channels)
-        self.down_blocks = nn.ModuleList(
-            DownBlock(chs[max(i - 1, 0)], chs[i], blocks, attention=i < levels - 1, downsample=i < levels - 1,
-                      temporal=False, refer=False, ip=False, skip_time_act=False)
-            for i in range(levels)
-        )
-        # one 1x1 conv per skip tensor: conv_in's, then each down layer's and downsampler's
-        skip_chs = [chs[0]] + [chs[i] for i in range(levels) for _ in range(cfg.layers_per_block + (i < levels - 1))]
-        self.controlnet_down_blocks = nn.ModuleList(nn.Conv2d(ch, ch, 1) for ch in skip_chs)
-        self.mid_block = MidBlock(chs[-1], blocks, temporal=False, ip=False, skip_time_act=False)
+        self.down_blocks = sd15_down_blocks(blocks, temporal=False)
+        self.controlnet_down_blocks = nn.ModuleList(nn.Conv2d(ch, ch, 1) for ch in skip_channels(cfg))
+        self.mid_block = MidBlock(chs[-1], blocks, temporal=False)
         self.controlnet_mid_block = nn.Conv2d(chs[-1], chs[-1], 1)
 
     def forward(self, sample: torch.Tensor, timestep, text: torch.Tensor, control_image: torch.Tensor,
@@ -179,19 +157,12 @@ class ControlNet(LayoutFollowsDtype):  # bf16 convolutions channels-last, as the
         """sample (N,4,h,w) latents, timestep (scalar or (N,)), text (N,L,D), control_image (N,3,8h,8w)
         in [0, 1] -> residuals for the UNet's 12 skips and mid block, times `conditioning_scale`."""
         self._check_inputs(sample, timestep, text, control_image)
-        n = sample.shape[0]
+        emb, ctx = self.still_inputs(sample, timestep, text)
         dtype = self.conv_in.weight.dtype
-        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(n)
-        emb = self.time_embedding(sinusoidal_embedding(timestep, self.config.block_out_channels[0]).to(dtype))
-        ctx = FrameContext(num_frames=1, condition_frames=0, text=text.to(dtype), frame_emb=None)
         layout = memory_format(dtype)
         x = (self.conv_in(sample.to(dtype).contiguous(memory_format=layout))
              + self.controlnet_cond_embedding(control_image.to(dtype).contiguous(memory_format=layout)))
-        skips = [x]
-        for block in self.down_blocks:
-            x, block_skips = block(x, emb, ctx)
-            skips.extend(block_skips)
-        x = self.mid_block(x, emb, ctx)
+        x, skips = self.down_path(x, emb, ctx)
         down = [conv(skip) * conditioning_scale for conv, skip in zip(self.controlnet_down_blocks, skips)]
         return ControlResiduals(down, self.controlnet_mid_block(x) * conditioning_scale)
 

@@ -6,9 +6,10 @@ local frame 0, and the noise predictions of overlapping windows are averaged fra
 waits for a finished neighbour, so errors do not pile up along the video (MuseV README's "parallel
 denoising" figure; docs/method.md#parallel-denoising).
 
-    windows = context_windows(...)                 # which frames each UNet call sees
-    latents = initial_latents(...)                 # VideoFusion noise, nudged toward the image
-    latents = parallel_denoise(unet, latents, ...) # the loop
+    windows = context_windows(...)                         # which frames each UNet call sees
+    latents = initial_latents(...)                         # VideoFusion noise, nudged toward the image
+    denoiser = WindowedDenoiser(unet, latents, ...)        # the windows' UNet calls, set up once
+    latents = sample(denoiser, sampler, latents)           # the loop: denoiser, then sampler step
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .controlnet import controlnet_keep
 from .distributed import Ranks
+from .samplers import video_fusion_noise
 from .settings import CONTEXT_SCHEDULES, GUIDANCE_METHODS
 from .unet import Conditioning, ControlResiduals
 
@@ -76,20 +79,6 @@ def context_windows(
 # Starting noise (docs/method.md#starting-noise)
 
 
-def video_fusion_noise(
-    shape: Sequence[int], generator: torch.Generator | None, w_ind_noise: float = 0.5, **tensor_kw
-) -> torch.Tensor:
-    """VideoFusion noise: one draw shared by all frames plus an independent draw per frame.
-
-    Every pair of frames is correlated by `1 - w_ind_noise`. Draw order (common, then individual)
-    matches the original, so a seeded generator gives the same tensors.
-    """
-    b, c, t, h, w = shape
-    common = torch.randn((b, c, 1, h, w), generator=generator, **tensor_kw)
-    individual = torch.randn((b, c, t, h, w), generator=generator, **tensor_kw)
-    return math.sqrt(1 - w_ind_noise) * common + math.sqrt(w_ind_noise) * individual
-
-
 def initial_latents(
     shape: Sequence[int],
     generator: torch.Generator | None,
@@ -134,12 +123,12 @@ def guidance_scales(start: float, num_steps: int, end: float | None = None, meth
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop (docs/method.md#parallel-denoising)
+# The denoisers and the loop (docs/method.md#parallel-denoising)
 
 
 def window_groups(windows: list[list[int]], window_batch: int) -> list[list[list[int]]]:
     """Windows that go through the UNet together: consecutive ones, at most `window_batch` per call
-    (shorter ones are padded in the call, see `parallel_denoise`)."""
+    (shorter ones are padded in the call, see `WindowedDenoiser`)."""
     if window_batch < 1:
         raise ValueError(f"window_batch must be >= 1, got {window_batch}")
     return [windows[i : i + window_batch] for i in range(0, len(windows), window_batch)]
@@ -170,7 +159,7 @@ class WindowControl:
     def residuals(self, sample: torch.Tensor, t, cond: Conditioning, group: list[list[int]], step: int,
                   steps: int) -> ControlResiduals | None:
         """Residuals for a UNet call on `sample` (2 k b, 4, 1 + L, h, w) holding the windows of `group`."""
-        if step / steps < self.start or (step + 1) / steps > self.end:  # as diffusers' controlnet_keep
+        if not controlnet_keep(step, steps, self.start, self.end):
             return None
         k, n = len(group), sample.shape[2]
         b = sample.shape[0] // (2 * k)
@@ -185,71 +174,115 @@ class WindowControl:
         return self.net(frames, t, text, images, self.scales)
 
 
-def parallel_denoise(
-    unet: Callable[..., torch.Tensor],
-    latents: torch.Tensor,
-    condition_latent: torch.Tensor,
-    cond: Conditioning,
-    sampler,
-    windows: list[list[int]],
-    guidance: Sequence[float],
-    window_batch: int = 1,
-    generator: torch.Generator | None = None,
-    callback: Callable[[int, torch.Tensor], None] | None = None,
-    temporal: bool = True,
-    control: WindowControl | None = None,
-    start: int = 0,
-    ranks: Ranks | None = None,
-) -> torch.Tensor:
-    """Denoise `latents` (B,4,T,h,w) window by window, every step, around a clean condition frame.
+@dataclass(frozen=True)
+class WindowCall:
+    """One UNet call of every sampler step: consecutive windows stacked along the batch, worked out once."""
 
-    unet(sample, t, cond, condition_frames=n, temporal=...) -> noise prediction, same shape as sample.
-    `condition_latent` (B,4,n,h,w) is the clean latent of the condition image(s), put in front of every
-    window on both guidance halves; `cond` is batched [uncond; cond] (2B). Windows are stacked along the
-    batch, `window_batch` per call; a shorter window is padded to the longest and the call gets
-    `lengths=` (real frames per sample), with which the UNet's temporal layers see each window as if
-    alone. The result equals the one-window-at-a-time loop of the original. `generator` goes to the
-    sampler's step (MuseV's Euler draws from it). `control` adds ControlNet residuals per window; `start`
-    skips the first sampler steps (SDEdit strength). `ranks` (distributed.py): this process denoises its
-    share of the windows, the prediction sums of all ranks' windows are added up, and every rank takes
-    the same step.
+    windows: list[list[int]]  # each window's frames (indices into the latents)
+    padded: list[list[int]]  # the same, brought to one length by `padded`
+    lengths: list[int] | None  # the UNet's `lengths=` (real frames per sample) when the windows are uneven
+    indices: list[torch.Tensor]  # each window's frames as a tensor on the latents' device, to add its noise up
+
+    @classmethod
+    def of(cls, group: list[list[int]], batch: int, condition_frames: int, device) -> WindowCall:
+        uneven = len({len(window) for window in group}) > 1  # both halves' samples: uncond, then cond
+        lengths = [condition_frames + len(w) for w in group for _ in range(batch)] * 2 if uneven else None
+        return cls(group, padded(group), lengths, [torch.tensor(window, device=device) for window in group])
+
+
+def guide(noise: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance of a noise prediction batched [uncond; cond]."""
+    uncond, cond = noise.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+class WindowedDenoiser:
+    """The guided noise prediction for a video's latents, window by window (docs/method.md#parallel-denoising).
+
+    unet(sample, t, cond, condition_frames=n, lengths=...) -> noise prediction, same shape as sample.
+    `x` (B,4,T,h,w): the latents it will be called on (their shape, dtype and device). `condition_latent`
+    (B,4,n,h,w) is the clean latent of the condition image(s), put in front of every window on both
+    guidance halves; `cond` is batched [uncond; cond] (2B). Windows are stacked along the batch,
+    `window_batch` per call (`WindowCall`, set up here once); a shorter window is padded to the longest
+    and the call gets `lengths=`, with which the UNet's temporal layers see each window as if alone. The
+    result equals the one-window-at-a-time loop of the original. `control` adds ControlNet residuals per
+    window. `ranks` (distributed.py): this process denoises its share of the windows and the prediction
+    sums of all ranks' windows are added up, so every rank gets the same prediction.
     """
-    n_cond = condition_latent.shape[2]
-    count = torch.zeros(latents.shape[2], dtype=latents.dtype, device=latents.device)
-    for window in windows:  # how many windows average into each frame
-        count[torch.tensor(window, device=latents.device)] += 1
-    groups = window_groups(windows if ranks is None else ranks.windows(windows), window_batch)  # distributed: mine
-    # what does not change from step to step, per call: its windows padded to one length, the UNet's
-    # `lengths=` when they are uneven (real frames per sample), and each window's frame indices
-    b = latents.shape[0]
-    calls = [(group, padded(group),
-              {"lengths": [n_cond + len(w) for w in group for _ in range(b)] * 2} if len({len(w) for w in group}) > 1 else {},
-              [torch.tensor(w, device=latents.device) for w in group]) for group in groups]
-    steps = len(sampler.timesteps)
-    for i in range(start, steps):
-        t = sampler.timesteps[i]
-        noise_sum = torch.zeros((2 * latents.shape[0], *latents.shape[1:]), dtype=latents.dtype, device=latents.device)
-        for group, frames, lengths, indices in calls:
-            k = len(group)
-            x = torch.cat([latents[:, :, w] for w in frames])  # (k b) 4 L h w, window-major
-            x = sampler.scale_model_input(torch.cat([x, x]), i)  # [uncond; cond]
-            condition = condition_latent.repeat(2 * k, 1, 1, 1, 1).to(x)  # clean, unscaled
-            sample = torch.cat([condition, x], dim=2)  # (2 k b) 4 (n+L) h w: condition at frame 0
-            call_cond = cond.repeat(k)
-            if control is not None:
-                call_cond = dataclasses.replace(call_cond, control=control.residuals(sample, t, call_cond, frames, i, steps))
-            noise = unet(sample, t, call_cond, condition_frames=n_cond, temporal=temporal, **lengths)
-            noise = noise[:, :, n_cond:]  # the condition frame's prediction is not used
-            uncond, cond_noise = noise.chunk(2)
-            for j, (window, index) in enumerate(zip(group, indices)):
-                rows, real = slice(j * b, (j + 1) * b), slice(0, len(window))  # a padded window's tail is dropped
-                noise_sum.index_add_(2, index, torch.cat([uncond[rows, :, real], cond_noise[rows, :, real]]))
-        if ranks is not None:  # distributed: add the other ranks' windows
-            ranks.all_reduce(noise_sum, f"denoising step {i + 1}/{steps}")
-        noise_pred = noise_sum / count.view(1, 1, -1, 1, 1)  # flat average over overlapping windows
-        uncond, cond_noise = noise_pred.chunk(2)
-        noise_pred = uncond + guidance[i] * (cond_noise - uncond)
-        latents = sampler.step(noise_pred, i, latents, generator)
+
+    def __init__(self, unet: Callable[..., torch.Tensor], x: torch.Tensor, condition_latent: torch.Tensor,
+                 cond: Conditioning, sampler, windows: list[list[int]], guidance: Sequence[float],
+                 window_batch: int = 1, control: WindowControl | None = None, ranks: Ranks | None = None):
+        self.unet, self.condition_latent, self.cond, self.sampler = unet, condition_latent, cond, sampler
+        self.guidance, self.control, self.ranks = guidance, control, ranks
+        count = torch.zeros(x.shape[2], dtype=x.dtype, device=x.device)
+        for window in windows:
+            count[torch.tensor(window, device=x.device)] += 1
+        self.count = count.view(1, 1, -1, 1, 1)  # how many windows average into each frame
+        mine = windows if ranks is None else ranks.windows(windows)  # distributed: this rank's share
+        self.calls = [WindowCall.of(group, x.shape[0], condition_latent.shape[2], x.device)
+                      for group in window_groups(mine, window_batch)]
+
+    @property
+    def calls_per_step(self) -> int:
+        return len(self.calls)
+
+    def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """The guided noise prediction for `x` at sampler step `i`, same shape as `x`."""
+        noise_sum = torch.zeros((2 * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)  # [uncond; cond]
+        for call in self.calls:
+            for index, noise in zip(call.indices, self.window_noise(call, x, i)):
+                noise_sum.index_add_(2, index, noise)
+        if self.ranks is not None:  # distributed: add the other ranks' windows
+            self.ranks.all_reduce(noise_sum, f"denoising step {i + 1}/{len(self.sampler.timesteps)}")
+        return guide(noise_sum / self.count, self.guidance[i])
+
+    def window_noise(self, call: WindowCall, x: torch.Tensor, i: int) -> list[torch.Tensor]:
+        """One UNet (and ControlNet) call on the windows of `call`: each window's noise prediction for its
+        own frames, [uncond; cond] (2B, 4, len(window), h, w)."""
+        n, k, b = self.condition_latent.shape[2], len(call.windows), x.shape[0]
+        t, steps = self.sampler.timesteps[i], len(self.sampler.timesteps)
+        frames = torch.cat([x[:, :, window] for window in call.padded])  # (k b) 4 L h w, window-major
+        frames = self.sampler.scale_model_input(torch.cat([frames, frames]), i)  # [uncond; cond]
+        condition = self.condition_latent.repeat(2 * k, 1, 1, 1, 1).to(frames)  # clean, unscaled
+        unet_input = torch.cat([condition, frames], dim=2)  # (2 k b) 4 (n+L) h w: condition at frame 0
+        cond = self.cond.repeat(k)
+        if self.control is not None:
+            control = self.control.residuals(unet_input, t, cond, call.padded, i, steps)
+            cond = dataclasses.replace(cond, control=control)
+        noise = self.unet(unet_input, t, cond, condition_frames=n, lengths=call.lengths)
+        uncond, cond_noise = noise[:, :, n:].chunk(2)  # the condition frames' prediction is not used
+        rows = [slice(j * b, (j + 1) * b) for j in range(k)]  # window j's samples in each half
+        return [torch.cat([uncond[r, :, : len(w)], cond_noise[r, :, : len(w)]])  # a padded window's tail dropped
+                for r, w in zip(rows, call.windows)]
+
+
+@dataclass
+class ImageDenoiser:
+    """The guided noise prediction for one frame (B,4,1,h,w) in 2D mode (temporal layers off, no condition
+    frame): one UNet call on [uncond; cond]. The drawn first frame (docs/method.md#the-first-frame)."""
+
+    unet: Callable[..., torch.Tensor]
+    cond: Conditioning
+    sampler: object
+    guidance: Sequence[float]
+    calls_per_step = 1
+
+    def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        unet_input = self.sampler.scale_model_input(torch.cat([x, x]), i)  # [uncond; cond]
+        noise = self.unet(unet_input, self.sampler.timesteps[i], self.cond, condition_frames=0, temporal=False)
+        return guide(noise, self.guidance[i])
+
+
+def sample(denoiser: Callable[[torch.Tensor, int], torch.Tensor], sampler, x: torch.Tensor,
+           generator: torch.Generator | None = None, start: int = 0,
+           callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """The sampler loop (docs/method.md#parallel-denoising): from step `start` (0, or later for SDEdit's
+    strength) to the last, the denoiser's guided noise prediction for `x`, then one sampler step.
+    `generator` goes to the step (MuseV's Euler draws from it); `callback(i, x)` after every step."""
+    for i in range(start, len(sampler.timesteps)):
+        noise = denoiser(x, i)
+        x = sampler.step(noise, i, x, generator)
         if callback is not None:
-            callback(i, latents)
-    return latents
+            callback(i, x)
+    return x

@@ -25,6 +25,8 @@ import torch.distributed as dist
 
 TIMEOUT_VARIABLE = "MUSEV_LITE_DIST_TIMEOUT"  # seconds a rank waits for the others before giving up
 DEFAULT_TIMEOUT = 600.0
+JOIN_TIMEOUT = 60.0  # seconds the ranks wait for each other to start (at most the timeout above)
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets; env:// reads them
 
 
 class RankLostError(RuntimeError):
@@ -122,6 +124,13 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def reports() -> bool:
+    """True where a mistake in the configuration is printed: in one process, or under torchrun on the first
+    rank of each node (LOCAL_RANK 0). Every rank checks the same configuration, so one line per node
+    says it, not one per rank; each node's own files (weights, inputs) are checked on that node."""
+    return not launched() or os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def is_main() -> bool:
     """True on rank 0, or when not distributed: the process that prints and writes."""
     return int(os.environ.get("RANK", "0")) == 0 if not dist.is_initialized() else dist.get_rank() == 0
@@ -136,22 +145,50 @@ def rank_device(device: str) -> str:
 
 def init(device: str) -> Ranks | None:
     """Join the process group torchrun set up (NCCL for CUDA devices, gloo for the CPU); None when not
-    launched by torchrun. Collectives give up after MUSEV_LITE_DIST_TIMEOUT seconds (default 600)."""
+    launched by torchrun. The ranks wait JOIN_TIMEOUT seconds for each other to start; collectives give
+    up after MUSEV_LITE_DIST_TIMEOUT seconds (default 600)."""
     if not launched():
         return None
+    check_launch()
     kind = torch.device(device).type
     if kind not in ("cpu", "cuda"):
         raise DistributedConfigError(f"model.device = {device!r}: a run over several ranks needs \"cpu\" (gloo) or "
                                      "\"cuda\" (NCCL); launch without torchrun for this device")
     timeout = timeout_seconds()
+    join = min(timeout, JOIN_TIMEOUT)
     if kind == "cuda":
         torch.cuda.set_device(torch.device(rank_device(device)))
-    try:
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
-    except RuntimeError as err:
-        raise RankLostError(f"rank {os.environ.get('RANK')}: could not join the other ranks within {timeout:g} s "
+    try:  # the rendezvous store waits `join` seconds for every rank; the collectives, `timeout`
+        store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(seconds=join)))
+        store.set_timeout(timedelta(seconds=timeout))
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", store=store, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout))
+    except RuntimeError as err:  # torch's DistStoreError / DistNetworkError
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise RankLostError(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: could not join the other ranks "
+                            f"at {where} within {join:g} s; are they all started? "
                             f"({str(err).strip().splitlines()[0]})") from None
     return current()
+
+
+def check_launch() -> None:
+    """The environment torchrun sets, all there and consistent; a DistributedConfigError saying what is
+    missing otherwise (e.g. WORLD_SIZE left in the environment of a run started without torchrun)."""
+    missing = [name for name in LAUNCH_VARIABLES if not os.environ.get(name)]
+    if missing:
+        raise DistributedConfigError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} asks for a run over several ranks, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set: launch with torchrun (it sets "
+            f"{', '.join(LAUNCH_VARIABLES)} for every rank), or unset WORLD_SIZE to run in one process")
+    numbers = ("RANK", "WORLD_SIZE", "MASTER_PORT")
+    try:
+        rank, world, port = (int(os.environ[name]) for name in numbers)
+    except ValueError:
+        got = ", ".join(f"{name}={os.environ[name]!r}" for name in numbers)
+        raise DistributedConfigError(f"RANK, WORLD_SIZE and MASTER_PORT must be whole numbers; got {got}") from None
+    if not 0 <= rank < world or not 0 < port < 65536:
+        raise DistributedConfigError(f"RANK={rank} must be from 0 to WORLD_SIZE - 1 = {world - 1}, and "
+                                     f"MASTER_PORT={port} a port from 1 to 65535")
 
 
 def shutdown() -> None:

@@ -25,8 +25,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .command import exit_code
 from .convert.controlnet import read_controlnet, save_controlnet
 from .convert.musev import convert
+from .weights import writable_folder
 
 DEFAULT_BASE_URL = "https://huggingface.co/TMElyralab/MuseV/resolve/main"
 BASE_MODELS = ("majicmixRealv6Fp16", "fantasticmix_v10")
@@ -169,8 +171,8 @@ def fetch_all(files: list[Remote], downloads: Path, base_url: str, quiet: bool =
                 print(f"skip {remote.path}: not in the release (optional)", file=sys.stderr, flush=True)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m musev_lite.fetch",
+def main(argv=None, prog: str = "python -m musev_lite.fetch") -> int:
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Download a released MuseV model and convert it into a weights folder.")
     parser.add_argument("model", choices=MODELS)
     parser.add_argument("--dest", type=Path, help="weights folder to write (default: weights/<model>)")
@@ -184,34 +186,39 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("keep", "fp16", "fp32"), default="keep", help="of the written weights")
     parser.add_argument("--download-only", action="store_true", help="fetch the files, do not convert")
     args = parser.parse_args(argv)
-    downloads, dest = args.downloads, args.dest or Path("weights") / args.model
-    with_controlnet = args.controlnet or args.model == "musev_referencenet_pose"
     try:
-        for option, url in (("--base-url", args.base_url), ("--controlnet-url", args.controlnet_url)):
-            if urllib.parse.urlsplit(url).scheme not in ("http", "https", "file"):
-                raise FetchError(f"{option} {url!r} is not a URL; give http://, https:// or file://...")
-        fetch_all(plan(args.model, args.base), downloads, args.base_url)
-        if with_controlnet:
-            fetch_all(plan_controlnet(), downloads / CONTROLNET_DIR, args.controlnet_url)
-        if not args.download_only:
-            controlnet = read_controlnet(downloads / CONTROLNET_DIR) if with_controlnet else None  # checked first
-            motion = downloads / "motion"
-            embeddings = downloads / "embedding"
-            convert(motion / args.model, downloads / "t2i/sd1.5" / args.base, dest, preset=args.model,
-                    vae=downloads / "vae/sd-vae-ft-mse",
-                    image_encoder_dir=None if args.model == "musev" else downloads / IMAGE_ENCODER,
-                    referencenet_dir=motion / "musev_referencenet/referencenet", dtype=args.dtype,
-                    embeddings=embeddings if embeddings.is_dir() else None)
-            if controlnet is not None:
-                save_controlnet(dest, "controlnet", *controlnet, dtype=args.dtype)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_code(lambda: [fetch_and_convert(args)])
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume the download", file=sys.stderr)
         return 130
-    print(downloads if args.download_only else dest)
-    return 0
+
+
+def fetch_and_convert(args: argparse.Namespace) -> Path:
+    """The command's work: download what the model needs, then convert it; the folder written (the
+    downloads folder with --download-only)."""
+    downloads, dest = args.downloads, args.dest or Path("weights") / args.model
+    with_controlnet = args.controlnet or args.model == "musev_referencenet_pose"
+    for option, url in (("--base-url", args.base_url), ("--controlnet-url", args.controlnet_url)):
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https", "file"):
+            raise FetchError(f"{option} {url!r} is not a URL; give http://, https:// or file://...")
+    writable_folder(downloads, "--downloads")
+    writable_folder(dest, "--dest")
+    fetch_all(plan(args.model, args.base), downloads, args.base_url)
+    if with_controlnet:
+        fetch_all(plan_controlnet(), downloads / CONTROLNET_DIR, args.controlnet_url)
+    if args.download_only:
+        return downloads
+    controlnet = read_controlnet(downloads / CONTROLNET_DIR) if with_controlnet else None  # checked first
+    motion = downloads / "motion"
+    embeddings = downloads / "embedding"
+    convert(motion / args.model, downloads / "t2i/sd1.5" / args.base, dest, preset=args.model,
+            vae=downloads / "vae/sd-vae-ft-mse",
+            image_encoder_dir=None if args.model == "musev" else downloads / IMAGE_ENCODER,
+            referencenet_dir=motion / "musev_referencenet/referencenet", dtype=args.dtype,
+            embeddings=embeddings if embeddings.is_dir() else None)
+    if controlnet is not None:
+        save_controlnet(dest, "controlnet", *controlnet, dtype=args.dtype)
+    return dest
 
 
 if __name__ == "__main__":

@@ -18,9 +18,12 @@ File formats read (safetensors, or a pickle through `read_state_dict`):
     lora_alpha, alpha_pattern), else alpha = r.
 
 MuseV's video UNet keeps SD1.5's spatial layers under their diffusers names, so an SD1.5 LoRA merges
-into them as into an image UNet; the temporal layers, and the ReferenceNet, are left alone, as in
-the original (MuseV's `update_pipeline_lora_models` changes only `pipeline.unet` and
-`pipeline.text_encoder`). A LoRA made for SDXL or SD2.x is refused, naming the base it was made for.
+into them as into an image UNet. Every linear and conv2d layer of the UNet and text encoder that the
+file names is merged: an SD1.5 LoRA names only spatial layers, so the temporal ones (`temp_attentions`,
+`transformer_in`; `temp_convs` are 3D convolutions, never merged) change only for a LoRA trained on
+MuseV's UNet that names them; `merge_lora` counts them. The ReferenceNet is left alone, as in the
+original (MuseV's `update_pipeline_lora_models` changes only `pipeline.unet` and `pipeline.text_encoder`).
+A LoRA made for SDXL or SD2.x is refused, naming the base it was made for.
 
 Merging computes in float32 and writes back in the model's dtype. The first merge into a layer keeps
 its original weight (a CPU copy, on the layer as `lora_original_weight`); `unmerge_lora` puts every
@@ -40,9 +43,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .limits import parse_nested
 from .weights import WeightsError, name_list, read_metadata, read_state_dict
 
 ORIGINAL = "lora_original_weight"  # attribute holding a merged layer's original weight
+TEMPORAL_MODULES = ("temp_attentions", "temp_convs", "transformer_in")  # MuseV's temporal parts of the UNet
 
 # One pattern per key family: (component, module path, role). Roles: down, up, alpha.
 KOHYA_KEY = re.compile(r"lora_(unet|te)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)")
@@ -135,15 +140,29 @@ def load_lora(path: str | os.PathLike) -> LoRA:
                         f"{name_list(unknown, 20)}.{hint}")
     if not found:
         raise LoraError(f"{path}: no LoRA weights in the file (it is empty)")
-    config = _peft_config(path, metadata)
-    layers, broken = {}, []
+    layers = _layers(path, found, _peft_config(path, metadata))
+    for (component, name), layer in layers.items():
+        inputs = ("attn2_to_k", "attn2_to_v") if component == "unet" else ("q_proj", "k_proj", "v_proj", "fc1")
+        base = OTHER_BASE_WIDTHS[component].get(layer.down.shape[1])
+        if name.endswith(inputs) and base:
+            raise _other_base_error(path, f"{base}: {layer.key} takes {layer.down.shape[1]} inputs")
+    return LoRA(str(path), layers)
+
+
+def _layers(path: Path, found: dict[tuple[str, str], dict], config: dict) -> dict[tuple[str, str], LoRALayer]:
+    """The LoRALayer of every (component, module) found, each checked: a down/up pair of consistent shapes,
+    rank >= 1, alpha one number; its scale alpha / rank (kohya's alpha, else the PEFT config's, else 1)."""
+    layers, broken, empty = {}, [], []
     for (component, module), parts in found.items():
         down, up, alpha = parts.get("down"), parts.get("up"), parts.get("alpha")
+        shapes = {role: tuple(parts[role].shape) for role in ("down", "up", "alpha") if role in parts}
         if (down is None or up is None or down.ndim not in (2, 4) or up.ndim not in (2, 4)
                 or up.shape[1] != down.shape[0] or up.shape[2:].numel() != 1
                 or (alpha is not None and alpha.numel() != 1)):
-            shapes = {role: tuple(parts[role].shape) for role in ("down", "up", "alpha") if role in parts}
             broken.append(f"{parts['key']} {shapes}")
+            continue
+        if down.shape[0] == 0 or 0 in down.shape[1:] or up.shape[0] == 0:  # rank 0, or no inputs / outputs
+            empty.append(f"{parts['key']} {shapes}")
             continue
         rank = down.shape[0]
         scale = (float(alpha) if alpha is not None else rank) / rank  # kohya: no alpha means alpha = rank
@@ -155,25 +174,26 @@ def load_lora(path: str | os.PathLike) -> LoRA:
     if broken:
         raise LoraError(f"{path}: {len(broken)} layer(s) lack a matching lora down/up pair (down (r, in[, k, k]), "
                         f"up (out, r[, 1, 1]), alpha one number): {name_list(broken, 20)}")
-    for (component, name), layer in layers.items():
-        inputs = ("attn2_to_k", "attn2_to_v") if component == "unet" else ("q_proj", "k_proj", "v_proj", "fc1")
-        base = OTHER_BASE_WIDTHS[component].get(layer.down.shape[1])
-        if name.endswith(inputs) and base:
-            raise _other_base_error(path, f"{base}: {layer.key} takes {layer.down.shape[1]} inputs")
-    return LoRA(str(path), layers)
+    if empty:
+        raise LoraError(f"{path}: {len(empty)} layer(s) have empty down/up factors (rank 0, or no inputs or outputs; "
+                        f"a LoRA layer has rank >= 1): {name_list(empty, 20)}; the file is broken (train or export it again)")
+    return layers
 
 
-def merge_lora(unet: nn.Module, text_encoder: nn.Module | None, loras: Sequence[tuple[LoRA, float]]) -> None:
+def merge_lora(unet: nn.Module, text_encoder: nn.Module | None,
+               loras: Sequence[tuple[LoRA, float]]) -> list[dict[str, int]]:
     """Merge LoRAs, each with its own strength, into the weights of `unet` (musev_lite's UNet3D, or
     any module with diffusers' UNet names) and `text_encoder` (CLIPTextModel). Every layer is checked
     before any weight changes: layers that match nothing or do not fit raise one LoraError naming
-    them all. Can be called again to add more; `unmerge_lora` removes them all."""
+    them all. Can be called again to add more; `unmerge_lora` removes them all. Returns, per LoRA, the
+    layers it changed: {"unet": n, "unet_temporal": of those, in the temporal modules, "text_encoder": n}."""
     targets = {"unet": _named_layers(unet), "text_encoder": _named_layers(text_encoder) if text_encoder else {}}
     plan: dict[nn.Module, list[tuple[LoRALayer, float]]] = {}
-    unmatched, misfit = [], []
+    unmatched, misfit, counts = [], [], []
     for lora, scale in loras:
         if not math.isfinite(scale):
             raise LoraError(f"{lora.source}: LoRA scale {scale} is not a finite number")
+        counts.append({"unet": 0, "unet_temporal": 0, "text_encoder": 0})
         for (component, name), layer in lora.layers.items():
             module = targets[component].get(name)
             if module is None:
@@ -182,6 +202,8 @@ def merge_lora(unet: nn.Module, text_encoder: nn.Module | None, loras: Sequence[
                 misfit.append(f"{layer.key} (LoRA {layer.shape}, layer {tuple(module.weight.shape)})")
             else:
                 plan.setdefault(module, []).append((layer, scale))
+                counts[-1][component] += 1
+                counts[-1]["unet_temporal"] += component == "unet" and _temporal(name)
     problems = []
     if unmatched:
         problems.append(f"{len(unmatched)} LoRA layer(s) match no layer of the SD1.5 UNet or text encoder: "
@@ -200,6 +222,7 @@ def merge_lora(unet: nn.Module, text_encoder: nn.Module | None, loras: Sequence[
             for layer, scale in parts:
                 merged = merged + scale * layer.delta(weight.device).reshape(weight.shape)
             weight.copy_(merged)  # rounds to the model's dtype once per merge call
+    return counts
 
 
 def unmerge_lora(unet: nn.Module, text_encoder: nn.Module | None) -> None:
@@ -223,6 +246,11 @@ def _named_layers(model: nn.Module) -> dict[str, nn.Module]:
             flat = name.replace(".", "_")
             layers[flat] = layers[flat.removeprefix("text_model_")] = module
     return layers
+
+
+def _temporal(name: str) -> bool:
+    """Whether a UNet layer (module path with `_` for `.`) is in one of MuseV's temporal modules."""
+    return any(name.startswith(f"{part}_") or f"_{part}_" in name for part in TEMPORAL_MODULES)
 
 
 def _fits(delta: tuple[int, ...], weight: torch.Size) -> bool:
@@ -249,7 +277,7 @@ def _peft_config(path: Path, metadata: dict[str, str]) -> dict[str, tuple[float,
     if "lora_adapter_metadata" not in metadata:
         return {}
     try:
-        config = json.loads(metadata["lora_adapter_metadata"])
+        config = parse_nested(json.loads, metadata["lora_adapter_metadata"], f"{path}: lora_adapter_metadata", LoraError)
     except json.JSONDecodeError as err:
         raise LoraError(f"{path}: its lora_adapter_metadata is not valid JSON ({err})") from None
     out = {}

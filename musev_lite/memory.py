@@ -4,7 +4,7 @@ is refused before the work starts, not met by an allocation failure after it.
 `estimate_memory` adds up, in bytes, beyond the loaded weights (UNET_FACTOR and VAE_FACTOR measured by
 bench/bench_memory.py as the peak growth of the resident set, then rounded up; the copies counted):
 
-    UNet window call  2 x (windows per call x (1 + window frames))                    (both guidance halves)
+    UNet window call  2 x (windows per call x (1 + window frames))    (the largest call, both guidance halves)
                       x sum over UNet levels l of channels_l x (h / 2^l) x (w / 2^l)  (h, w: latent size)
                       x UNET_FACTOR x bytes of model.dtype          (x 1.5 with a ControlNet beside it)
     latents           frames x 4 x h x w x 4 bytes x LATENT_COPIES
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .denoise import context_windows, window_groups
 from .settings import ConfigError, GenerationConfig
 
 UNET_FACTOR = 32  # measured 23.3-25.4 at the tiny preset, 25.5-29.4 with SD1.5's channel doubling (64-256)
@@ -39,9 +40,9 @@ def estimate_memory(pipe, height: int, width: int, config: GenerationConfig, con
     g = config
     h, w = height // 8, width // 8
     frames = g.n_batch * g.num_frames + 1
-    # windows of a shot (counted, not listed: a shot may be long), at most window_batch of them per call
-    windows = max(1, math.ceil((g.num_frames - g.context_overlap) / (g.context_frames - g.context_overlap)))
-    call_frames = 2 * min(g.window_batch, windows) * (1 + min(g.context_frames, g.num_frames))
+    groups = window_groups(context_windows(g.context_schedule, g.num_frames, g.context_frames, g.context_overlap),
+                           g.window_batch)  # a shot's UNet calls, as the denoiser groups them
+    call_frames = 2 * max(len(group) * (1 + max(map(len, group))) for group in groups)  # the largest call, padded
     positions = sum(c * math.ceil(h / 2**level) * math.ceil(w / 2**level)
                     for level, c in enumerate(pipe.unet.config.block_out_channels))
     unet = call_frames * positions * UNET_FACTOR * pipe.dtype.itemsize * (1.5 if control_frames else 1)

@@ -33,21 +33,22 @@ from . import distributed
 from .clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection, clip_image_preprocess
 from .controlnet import ControlNet, ControlNetConfig, MultiControlNet
 from .denoise import (
+    ImageDenoiser,
     WindowControl,
+    WindowedDenoiser,
     context_windows,
     guidance_scales,
     initial_latents,
-    parallel_denoise,
-    video_fusion_noise,
-    window_groups,
+    sample,
 )
 from .ip_adapter import ImageProjection, ImageProjectionConfig
+from .limits import file_stem
 from .lora import load_lora, merge_lora, unmerge_lora
 from .memory import check_memory
 from .prompts import encode_prompt_pair, load_textual_inversion, save_textual_inversion
 from .referencenet import ReferenceNet
-from .samplers import SD15_SCHEDULER, SchedulerConfig, make_sampler
-from .settings import OUTPUT_TYPES, ConfigError, GenerationConfig
+from .samplers import SD15_SCHEDULER, SchedulerConfig, make_sampler, video_fusion_noise
+from .settings import DTYPES, OUTPUT_TYPES, ConfigError, GenerationConfig
 from .tokenizer import CLIPTokenizer
 from .unet import Conditioning, UNet3D, UNet3DConfig
 from .vae import AutoencoderKL, VAEConfig
@@ -61,8 +62,9 @@ from .weights import (
     check_finite,
     config_from_dict,
     load_component,
-    load_weights,
+    load_model,
     missing_weights,
+    read_component_config,
     save_component,
 )
 
@@ -148,7 +150,9 @@ def resolve_device(device, key: str = "device") -> str:
 
 def native_bfloat16(device: str) -> bool:
     """Whether `device` computes bfloat16 in hardware: a CUDA GPU that supports it, or an x86 CPU with
-    AVX512-BF16 or AMX (Linux's /proc/cpuinfo says; elsewhere a CPU counts as without)."""
+    AVX512-BF16 or AMX (Linux's /proc/cpuinfo says; elsewhere a CPU counts as without) whose bf16 torch's
+    kernels use: oneDNN's (which `ONEDNN_MAX_CPU_ISA` can cap below it) and ATen's AVX-512 vector code
+    (which `ATEN_CPU_CAPABILITY` can cap). Emulated bfloat16 is slower than float32."""
     if device.startswith("cuda"):
         return torch.cuda.is_bf16_supported()
     if device != "cpu":
@@ -157,7 +161,9 @@ def native_bfloat16(device: str) -> bool:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    onednn = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    return (("avx512_bf16" in flags or "amx_bf16" in flags) and torch.backends.cpu.get_cpu_capability() == "AVX512"
+            and torch.backends.mkldnn.is_available() and onednn())
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -168,6 +174,19 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if native_bfloat16(device) else torch.float32
     return getattr(torch, name)
+
+
+def model_dtype(value, key: str = "dtype", device: str = "cpu") -> torch.dtype:
+    """The models' dtype given as a torch.dtype or by name: one of settings.DTYPES ("auto" resolved for
+    `device` by `resolve_dtype`), also written as str(torch.float16) writes it ("torch.float16"). Anything
+    else is a ConfigError naming `key`. (diffusers takes a torch.dtype only and turns any other value into
+    float32 with a warning; a name is accepted here, a wrong one refused.)"""
+    name = str(value) if isinstance(value, torch.dtype) else value
+    name = name.removeprefix("torch.") if isinstance(name, str) else None
+    if name not in DTYPES:
+        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(DTYPES)} (a name, or torch.float32, "
+                          "torch.bfloat16, torch.float16)")
+    return resolve_dtype(name, device)
 
 
 def fit_video_size(image_size: tuple[int, int] | None, height: int = 0, width: int = 0,
@@ -196,11 +215,105 @@ def fit_video_size(image_size: tuple[int, int] | None, height: int = 0, width: i
     return h, w
 
 
+def shot_frames(config: GenerationConfig, video, control: list, has_image: bool) -> list[int]:
+    """New frames of each shot a call generates: video2video one pass over the video's frames after frame 0;
+    else `num_frames` per shot, one fewer in the first when frame 0 is drawn."""
+    if video is not None or control:
+        return [len(video if video is not None else control[0].frames) - 1]
+    return [config.num_frames - (shot == 0 and not has_image) for shot in range(config.n_batch)]
+
+
+def check_resume(resume, config: GenerationConfig, latent_hw: tuple[int, int], frames: list[int]) -> None:
+    """A ConfigError when `resume` is a state this call cannot have saved (`resume_problem`)."""
+    problem = resume_problem(resume, config, latent_hw, frames)
+    if problem:
+        raise ConfigError(f"resume state: {problem}; resume with the settings and inputs that saved it (a run's "
+                          "checkpoint: delete its folder to start over)")
+
+
+def resume_problem(resume, config: GenerationConfig, latent_hw: tuple[int, int], frames: list[int]) -> str | None:
+    """What makes `resume` a state this call cannot have saved (None: nothing): shot and step out of range,
+    a seed that is no integer, latents of another shape or dtype than the call's (1, 4, frames, h, w)
+    float32, a random-generator state of another size than torch's."""
+    if not isinstance(resume, RunState):
+        return f"resume must be a RunState (from on_state, or a checkpoint), got {type(resume).__name__}"
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if not (whole(resume.shot) and 0 <= resume.shot <= len(frames)):
+        return f"shot = {resume.shot!r}, but this call has shots 0..{len(frames) - 1} (and {len(frames)}: all done)"
+    if not (whole(resume.step) and 0 <= resume.step <= config.steps):
+        return f"step = {resume.step!r}, but this call has {config.steps} steps per shot"
+    if not (resume.seed is None or whole(resume.seed)):
+        return f"seed = {resume.seed!r} is not an integer"
+    if resume.latents is not None and resume.shot == len(frames):
+        return "it holds latents after the last shot"
+    expected = {"condition": (1, 4, 1, *latent_hw), "first_condition": (1, 4, 1, *latent_hw)}
+    if resume.latents is not None:
+        expected["latents"] = (1, 4, frames[resume.shot], *latent_hw)
+    for name, shape in expected.items():
+        tensor = getattr(resume, name)
+        if not torch.is_tensor(tensor) or tuple(tensor.shape) != shape or tensor.dtype != torch.float32:
+            got = f"{tensor.dtype} {tuple(tensor.shape)}" if torch.is_tensor(tensor) else type(tensor).__name__
+            return f"{name} is {got}; shot {resume.shot} of this call needs float32 {shape}"
+    size = torch.Generator().get_state().shape
+    if not (torch.is_tensor(resume.generator) and resume.generator.dtype == torch.uint8
+            and resume.generator.shape == size):
+        got = tuple(resume.generator.shape) if torch.is_tensor(resume.generator) else type(resume.generator).__name__
+        return f"generator state is {got}, not torch's uint8 {tuple(size)} of a CPU generator"
+    return None
+
+
+def lora_list(loras) -> list[tuple[str | Path, float]]:
+    """`load_loras`' argument as (path, scale) pairs: a path alone is scale 1.0."""
+    items = [loras] if isinstance(loras, (str, Path)) else loras
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"loras must be a path or a list of (path, scale) pairs; got {type(loras).__name__}")
+    pairs = []
+    for n, item in enumerate(items):
+        pair = (item, 1.0) if isinstance(item, (str, Path)) else item
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], (str, Path))
+                and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool)):
+            raise ConfigError(f"loras[{n}] = {item!r:.80} must be a path or a (path, scale) pair, e.g. "
+                              "[(\"style.safetensors\", 0.8)]")
+        pairs.append((pair[0], float(pair[1])))
+    return pairs
+
+
+PART_CONFIGS = {"unet": UNet3DConfig, "text_encoder": CLIPTextConfig, "referencenet": UNet3DConfig,
+                "image_proj": ImageProjectionConfig, "controlnet": ControlNetConfig}
+# Widths a part of a weights folder shares with the UNet: (part, its setting, the UNet's setting, why)
+SHARED_WIDTHS = [
+    ("text_encoder", "hidden_size", "cross_attention_dim", "the UNet attends to the text encoder's output"),
+    ("referencenet", "block_out_channels", "block_out_channels", "its features are fused into the UNet's blocks"),
+    ("referencenet", "cross_attention_dim", "cross_attention_dim", "it reads the same text / IP-Adapter tokens"),
+    ("image_proj", "cross_attention_dim", "cross_attention_dim", "the UNet attends to its IP-Adapter tokens"),
+    ("controlnet", "in_channels", "in_channels", "it reads the UNet's latents"),
+    ("controlnet", "block_out_channels", "block_out_channels", "its residuals are added to the UNet's skip connections"),
+    ("controlnet", "layers_per_block", "layers_per_block", "it gives one residual per UNet skip connection"),
+    ("controlnet", "cross_attention_dim", "cross_attention_dim", "it reads the same text embeddings as the UNet"),
+]
+
+
+def check_parts_fit(weights_dir: Path) -> None:
+    """The parts of a weights folder must agree with the UNet on the widths they pass to each other
+    (SHARED_WIDTHS), checked from their JSON configs before any weights load; else a WeightsError naming
+    the part, the setting, both values and the fix."""
+    unet = config_from_dict(UNet3DConfig, read_component_config(weights_dir, "unet"))
+    for path in sorted(weights_dir.glob("*.json")):
+        part = "controlnet" if path.stem.startswith("controlnet") else path.stem
+        rules = [rule for rule in SHARED_WIDTHS if rule[0] == part]
+        config = config_from_dict(PART_CONFIGS[part], read_component_config(weights_dir, path.stem)) if rules else None
+        for _, key, unet_key, why in rules:
+            ours, theirs = getattr(config, key), getattr(unet, unet_key)
+            if ours != theirs:
+                raise WeightsError(f"{path}: {key} = {ours} but the UNet's {unet_key} is {theirs} (unet.json), and "
+                                   f"{why}; {path.stem} was made for another base model: convert one made for this "
+                                   "UNet's base into the folder")
+
+
 def _load(cls, config_cls, weights_dir: Path, name: str, device, dtype):
     state, config = load_component(weights_dir, name)
-    model = cls(config_from_dict(config_cls, config))
-    load_weights(model, state, str(weights_dir / f"{name}.safetensors"))
-    return model.to(device=device, dtype=dtype).eval()
+    source = str(weights_dir / f"{name}.safetensors")
+    return load_model(cls, config_from_dict(config_cls, config), state, source, device, dtype).eval()
 
 
 class MuseVPipeline:
@@ -215,6 +328,7 @@ class MuseVPipeline:
         self.files: list[str] = []  # what was loaded, for the sidecar
         self.textual_inversions: dict[str, torch.Tensor] = {}  # word -> its vectors
         self.loras: list[tuple[str, float]] = []  # (file, scale) merged into the UNet and text encoder
+        self.negative_prompt = "V2"  # when a call gives none: MuseV's default preset (the demo's is V1)
 
     @property
     def device(self) -> torch.device:
@@ -224,8 +338,22 @@ class MuseVPipeline:
     def dtype(self) -> torch.dtype:
         return self.unet.conv_in.weight.dtype
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> MuseVPipeline:
-        """Move every model to `device` and (except the VAE, which stays float32) to `dtype`."""
+    def to(self, *args, device=None, dtype=None) -> MuseVPipeline:
+        """Move every model to a device and (except the VAE, which stays float32) to a dtype, given as diffusers
+        takes them: `to(device)`, `to(dtype)`, `to(device, dtype)`, or as keywords. The device must be one
+        this torch has (`resolve_device`), the dtype one of settings.DTYPES (`model_dtype`)."""
+        if len(args) == 1 and isinstance(args[0], torch.dtype):
+            args = (None, args[0])
+        if len(args) > 2 or (args and isinstance(args[0], torch.dtype)):
+            raise ConfigError(f"to() takes (device), (dtype) or (device, dtype); got {args!r:.80}")
+        given = dict(zip(("device", "dtype"), args))
+        for key, value in (("device", device), ("dtype", dtype)):
+            if value is not None and given.get(key) is not None:
+                raise ConfigError(f"to(): {key} given twice, as an argument and as {key}=; give it once")
+        device = given.get("device") if device is None else device
+        dtype = given.get("dtype") if dtype is None else dtype
+        device = None if device is None else resolve_device(device)
+        dtype = None if dtype is None else model_dtype(dtype, "dtype", device or str(self.device))
         for name in MODEL_PARTS:
             model = getattr(self, name)
             if model is not None:
@@ -236,18 +364,23 @@ class MuseVPipeline:
 
     @classmethod
     def from_pretrained(cls, weights_dir: str | Path, device="cpu", dtype=torch.float32,
-                        torch_dtype: torch.dtype | None = None) -> MuseVPipeline:
+                        torch_dtype=None) -> MuseVPipeline:
         """Load a folder written by the converters (see weights/README.md). `torch_dtype` is diffusers'
-        name for `dtype`; the VAE stays in float32 either way."""
-        if torch_dtype is not None:
-            if dtype not in (torch.float32, torch_dtype):
-                raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one of them")
-            dtype = torch_dtype
+        name for `dtype`; either is a torch.dtype or a name (`model_dtype`: "float16", "bfloat16", "float32",
+        "auto"); the VAE stays in float32 either way. The parts' widths are checked against each other first
+        (`check_parts_fit`)."""
         device = resolve_device(device)
+        dtype = model_dtype(dtype, "dtype", device)
+        if torch_dtype is not None:
+            wanted = model_dtype(torch_dtype, "torch_dtype", device)
+            if dtype not in (torch.float32, wanted):
+                raise ConfigError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one of them")
+            dtype = wanted
         weights_dir = Path(weights_dir)
         missing = missing_weights(weights_dir)
         if missing:
             raise WeightsError(f"{weights_dir}: missing {', '.join(missing)}; see weights/README.md to fetch them")
+        check_parts_fit(weights_dir)
         unet = _load(UNet3D, UNet3DConfig, weights_dir, "unet", device, dtype)
         vae = _load(AutoencoderKL, VAEConfig, weights_dir, "vae", device, torch.float32)  # VAE in fp32, as MuseV
         text_encoder = _load(CLIPTextModel, CLIPTextConfig, weights_dir, "text_encoder", device, dtype)
@@ -272,25 +405,33 @@ class MuseVPipeline:
     def load_textual_inversion(self, path: str | Path, word: str | None = None) -> str:
         """Add an A1111 textual-inversion embedding (.pt / .safetensors); its word (default: the file
         name) can then be used in prompts. Returns the word."""
-        word = word or Path(path).stem
+        word = file_stem("textual-inversion word", word or Path(path).stem)  # save_pretrained names a file by it
         ids = load_textual_inversion(path, self.tokenizer, self.text_encoder, word)
         table = self.text_encoder.text_model.embeddings.token_embedding.weight
         self.textual_inversions[word] = table[ids[0] : ids[-1] + 1].detach().cpu().clone()
         return word
 
-    def load_loras(self, loras: list[tuple[str | Path, float]]) -> None:
-        """Merge LoRA files (kohya / A1111 or diffusers / PEFT), each with its scale, into the UNet's
-        spatial layers and the text encoder; `unload_loras` restores the weights bitwise."""
-        merge_lora(self.unet, self.text_encoder, [(load_lora(path), scale) for path, scale in loras])
+    def load_loras(self, loras) -> list[dict[str, int]]:
+        """Merge LoRA files (kohya / A1111 or diffusers / PEFT), each with its scale, into the layers of the
+        UNet and text encoder they name (an SD1.5 LoRA: the UNet's spatial layers); `unload_loras` restores
+        the weights bitwise. `loras` is a list of (path, scale) pairs; a path alone (one file, or a list item)
+        is taken at scale 1.0. Returns, per file, the layers it changed (`lora.merge_lora`)."""
+        loras = lora_list(loras)
+        merged = merge_lora(self.unet, self.text_encoder, [(load_lora(path), scale) for path, scale in loras])
         self.loras += [(str(path), scale) for path, scale in loras]
+        return merged
 
     def unload_loras(self) -> None:
         unmerge_lora(self.unet, self.text_encoder)
         self.loras = []
 
     def save_pretrained(self, weights_dir: str | Path) -> None:
-        """Write the folder `from_pretrained` reads: one safetensors + JSON config per component."""
+        """Write the folder `from_pretrained` reads: one safetensors + JSON config per component. The names of
+        files (ControlNets, textual-inversion words) are checked before anything is written."""
         weights_dir = Path(weights_dir)
+        for where, names in (("ControlNet name", self.controlnets), ("textual-inversion word", self.textual_inversions)):
+            for name in names:
+                file_stem(where, name)
         for name in MODEL_PARTS:
             model = getattr(self, name)
             if model is not None:
@@ -302,14 +443,19 @@ class MuseVPipeline:
         for name, net in self.controlnets.items():
             save_component(weights_dir, name, net.state_dict(), dataclasses.asdict(net.config))
         for word, vectors in self.textual_inversions.items():
-            save_textual_inversion(weights_dir / EMBEDDINGS / f"{word}.safetensors", vectors)
+            save_textual_inversion(weights_dir / EMBEDDINGS, word, vectors)
         self.tokenizer.save(weights_dir / "tokenizer")
         (weights_dir / "scheduler.json").write_text(json.dumps(dataclasses.asdict(self.scheduler), indent=2) + "\n")
 
     @classmethod
-    def demo(cls, seed: int = 0, device="cpu") -> MuseVPipeline:
+    def demo(cls, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32) -> MuseVPipeline:
         """The `tiny` preset at seeded random weights with a byte-level tokenizer: exercises every part
-        of the pipeline offline in seconds. A pipeline demo, not a trained model: its videos are noise."""
+        of the pipeline offline in seconds. A pipeline demo, not a trained model: its videos are noise.
+
+        In float32 unless `dtype` says otherwise (the VAE stays float32), as `from_pretrained`; the CLI's
+        demo (`model.preset = "tiny"`) runs in `model.dtype`, "auto" by default: bfloat16 on bfloat16
+        hardware, as it says on stderr. Its default negative prompt is the preset V1: the byte-level
+        tokenizer spends a token per letter, and MuseV's default V2 would be cut at 225 tokens."""
         device = resolve_device(device)
         torch.manual_seed(seed)
         tokenizer = CLIPTokenizer.byte_level()
@@ -329,8 +475,10 @@ class MuseVPipeline:
         controlnet = ControlNet(ControlNetConfig(block_out_channels=(32, 32, 32, 32), heads=2, norm_num_groups=16,
                                                  cross_attention_dim=32, conditioning_embedding_out_channels=(8, 8, 16, 16)))
         models = {k: m.to(device).eval() for k, m in models.items()}
-        return cls(tokenizer=tokenizer, scheduler=SchedulerConfig.from_dict(SD15_SCHEDULER),
+        pipe = cls(tokenizer=tokenizer, scheduler=SchedulerConfig.from_dict(SD15_SCHEDULER),
                    controlnets={"controlnet": controlnet.to(device).eval()}, **models)
+        pipe.negative_prompt = "V1"
+        return pipe.to(dtype=dtype)
 
     # -----------------------------------------------------------------------------------------
     # One call, stage by stage
@@ -355,14 +503,14 @@ class MuseVPipeline:
         image=None,
         config: GenerationConfig | None = None,
         *,
-        negative_prompt: str = "V2",
+        negative_prompt: str | None = None,
         refer_image=None,
         ip_adapter_image=None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         condition_latents: torch.Tensor | None = None,
         video: np.ndarray | None = None,
-        control: list[ControlVideo] | None = None,
+        control: ControlVideo | list[ControlVideo] | None = None,
         fit_images: bool = True,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
@@ -376,30 +524,28 @@ class MuseVPipeline:
 
         `config` holds the generation settings (MuseV's defaults); keyword `settings` override some of
         them, e.g. `pipe(prompt, image, steps=4)`. Without `image` the first frame is drawn from the
-        prompt and the first shot adds `num_frames - 1`. `prompt_embeds` / `negative_prompt_embeds`
-        (1, L, D) skip the text encoder. `condition_latents` (1, 4, 1, h, w) is frame 0 as a latent,
-        instead of `image`. `fit_images=False`: the images already have the video's size and are used
-        as they are (MuseV's centre crop is not the identity even at that size). `latents` (1,4,F,h,w):
-        the first shot's starting noise instead of a draw. `generator` instead of `config.seed`.
+        prompt and the first shot adds `num_frames - 1`. `negative_prompt`: a preset (Empty, V1..V5) or
+        text; None is the pipeline's `negative_prompt` (MuseV's V2; V1 for `demo`). `prompt_embeds` /
+        `negative_prompt_embeds` (1, L, D) skip the text encoder. `condition_latents` (1, 4, 1, h, w) is
+        frame 0 as a latent, instead of `image`. `fit_images=False`: the images already have the video's
+        size and are used as they are (MuseV's centre crop is not the identity even at that size).
+        `latents` (1,4,F,h,w): the first shot's starting noise instead of a draw. `generator` instead of
+        `config.seed`.
         `on_state(RunState)` is called after every sampler step and every shot; `resume=` one of those
         states (with the same arguments otherwise) continues from it: the shots after it are yielded
         and equal those of the uninterrupted run.
 
         Video2video: `video` (F, H, W, 3) uint8 RGB frames to start from (SDEdit, `video_strength`) and/or
-        `control`, one control video per ControlNet; all F frames long. Frame 0 pairs with the condition
-        image (the RGB video's frame 0 when no `image` is given); the other F - 1 frames are generated in
-        one parallel-denoising pass, whatever `num_frames` / `n_batch` say.
+        `control`, one control video per ControlNet (a `ControlVideo` or a list of them); all F frames long.
+        Frame 0 pairs with the condition image (the RGB video's frame 0 when no `image` is given); the other
+        F - 1 frames are generated in one parallel-denoising pass, whatever `num_frames` / `n_batch` say.
         """
-        if config is not None and not isinstance(config, GenerationConfig):
-            raise ConfigError(f"config must be a GenerationConfig or None, got {type(config).__name__} {config!r:.40}; "
-                              "give settings as keywords, e.g. pipe(prompt, image, steps=4)")
-        config = (config or GenerationConfig()).replace(**settings)
-        control = control or []
-        video, control = self.check_videos(video, control, image, condition_latents)
-        if video is not None and image is None and condition_latents is None:
-            image = video[0]  # the RGB video's first frame is the condition image
+        config = self.generation_config(config, settings)
+        image, video, control, (height, width) = self.checked(image, config, video, control, condition_latents)
         has_image = image is not None or condition_latents is not None
-        config.validate(has_image=has_image)
+        negative_prompt = self.negative_prompt if negative_prompt is None else negative_prompt
+        if resume is not None:
+            check_resume(resume, config, (height // 8, width // 8), shot_frames(config, video, control, has_image))
         seed = config.seed if resume is None else resume.seed
         if generator is None:
             seed = random.randrange(10**8) if seed is None else seed
@@ -410,13 +556,6 @@ class MuseVPipeline:
         elif not isinstance(generator, torch.Generator):
             raise ConfigError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         report = callback or (lambda progress: None)
-
-        height, width = self.video_size(image, condition_latents, config)
-        if video is None and not control:
-            check_memory(self, height, width, config)
-        else:  # video2video: one pass over the video's frames
-            length = len(video if video is not None else control[0].frames)
-            check_memory(self, height, width, config.replace(num_frames=length - 1, n_batch=1), length * len(control))
         image, refer_image, ip_adapter_image = self.fit_images(image, refer_image, ip_adapter_image, height, width,
                                                                fit_images)
         video, control = self.fit_videos(video, control, height, width, fit_images)
@@ -453,6 +592,39 @@ class MuseVPipeline:
                 Progress("decode", index, config.n_batch, decoded + done, total, 0)))
             decoded += len(frames)
             yield Shot(index, frames, shot_latents, seed)
+
+    def check(self, image=None, config: GenerationConfig | None = None, *, video: np.ndarray | None = None,
+              control: list[ControlVideo] | None = None, condition_latents: torch.Tensor | None = None,
+              **settings) -> tuple[int, int]:
+        """The checks `generate` makes before it starts working, without the work: the settings, the
+        videos and the ControlNets they name, the video's size, and that there is memory for it
+        (`check_memory`). Raises the ConfigError `generate` would; returns (height, width). For callers
+        that must not start unless the call can run (the CLI makes no output folder before)."""
+        return self.checked(image, self.generation_config(config, settings), video, control, condition_latents)[3]
+
+    @staticmethod
+    def generation_config(config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
+        """`config` (MuseV's defaults when None) with keyword `overrides`."""
+        if config is not None and not isinstance(config, GenerationConfig):
+            raise ConfigError(f"config must be a GenerationConfig or None, got {type(config).__name__} {config!r:.40}; "
+                              "give settings as keywords, e.g. pipe(prompt, image, steps=4)")
+        return (config or GenerationConfig()).replace(**overrides)
+
+    def checked(self, image, config: GenerationConfig, video, control, condition_latents):
+        """(image, video, control, (height, width)) after `check`'s checks; the RGB video's frame 0 is the
+        condition image when none is given."""
+        control = [control] if isinstance(control, ControlVideo) else [] if control is None else control
+        video, control = self.check_videos(video, control, image, condition_latents)
+        if video is not None and image is None and condition_latents is None:
+            image = video[0]  # the RGB video's first frame is the condition image
+        config.validate(has_image=image is not None or condition_latents is not None)
+        height, width = self.video_size(image, condition_latents, config)
+        if video is None and not control:
+            check_memory(self, height, width, config)
+        else:  # video2video: one pass over the video's frames
+            length = len(video if video is not None else control[0].frames)
+            check_memory(self, height, width, config.replace(num_frames=length - 1, n_batch=1), length * len(control))
+        return image, video, control, (height, width)
 
     def condition_latent(self, image, condition_latents, refer_image, ip_adapter_image, text, size: tuple[int, int],
                          config: GenerationConfig, generator, report) -> torch.Tensor:
@@ -549,7 +721,8 @@ class MuseVPipeline:
         return self.unet(sample, t, cond, condition_frames=condition_frames, temporal=temporal, lengths=lengths).float()
 
     def draw_first_frame(self, image, cond: Conditioning, shape_hw, config: GenerationConfig, generator, report):
-        """Draw (no image) or redraw (img2img from `image`) one frame with the temporal layers off."""
+        """Draw (no image) or redraw (img2img from `image`) one frame with the temporal layers off. Every
+        rank of a distributed run draws it itself: the same UNet calls give it the same frame."""
         steps = config.first_frame_steps
         sampler = make_sampler(config.sampler, self.scheduler, steps)
         noise = torch.randn((1, 4, 1, *shape_hw), generator=generator).to(self.device)
@@ -557,14 +730,13 @@ class MuseVPipeline:
             x = noise * sampler.init_noise_sigma
         else:  # MuseV's redraw noises the image to the first timestep: its `strength` is inert
             x = sampler.add_noise(self.encode_images([image])[:, :, None], noise, 0)
-        no_condition = torch.zeros((1, 4, 0, *shape_hw), device=self.device)
+        denoiser = ImageDenoiser(self._unet, cond, sampler, [config.first_frame_guidance] * steps)
 
         def after_step(i, x):
             check_finite(x, f"first frame, step {i + 1}/{steps}", "lower generation.first_frame_guidance")
-            report(Progress("first_frame", 0, config.n_batch, i + 1, steps, 1))
+            report(Progress("first_frame", 0, config.n_batch, i + 1, steps, denoiser.calls_per_step))
 
-        return parallel_denoise(self._unet, x, no_condition, cond, sampler, [[0]], [config.first_frame_guidance] * steps,
-                                generator=generator, temporal=False, callback=after_step, ranks=distributed.current())
+        return sample(denoiser, sampler, x, generator, callback=after_step)
 
     def denoise_shots(self, cond: Conditioning, config: GenerationConfig, generator, latents, report, drawn: bool,
                       resume: RunState, state) -> Iterator[tuple[int, torch.Tensor]]:
@@ -634,19 +806,18 @@ class MuseVPipeline:
         """One parallel-denoising pass over the latents `x` around `condition`, with progress, a NaN/Inf
         check and `state(steps done, latents)` after every step."""
         g = config
-        ranks = distributed.current()  # distributed: each rank denoises its share of the windows
         windows = context_windows(g.context_schedule, x.shape[2], g.context_frames, g.context_overlap)
         guidance = guidance_scales(g.guidance_scale, g.steps, g.guidance_scale_end, g.guidance_method)
-        calls = len(window_groups(windows if ranks is None else ranks.windows(windows), g.window_batch))
+        denoiser = WindowedDenoiser(self._unet, x, condition, cond, sampler, windows, guidance, g.window_batch, control,
+                                    distributed.current())  # distributed: each rank denoises its share of the windows
 
         def after_step(i, latents):
             check_finite(latents, f"shot {shot + 1}/{g.n_batch}, step {i + 1}/{g.steps}", GUIDANCE_FIX)
-            report(Progress("video", shot, g.n_batch, i + 1, g.steps, calls))
+            report(Progress("video", shot, g.n_batch, i + 1, g.steps, denoiser.calls_per_step))
             if state is not None:
                 state(i + 1, latents)
 
-        return parallel_denoise(self._unet, x, condition, cond, sampler, windows, guidance, g.window_batch, generator,
-                                callback=after_step, control=control, start=start, ranks=ranks)
+        return sample(denoiser, sampler, x, generator, start, after_step)
 
     def check_videos(self, video, control: list[ControlVideo], image, condition_latents):
         """The RGB and control videos as uint8 tensors (F, H, W, 3) of one length F >= 2, each control
@@ -661,8 +832,12 @@ class MuseVPipeline:
             return torch.from_numpy(np.ascontiguousarray(array))
 
         video = None if video is None else frames(video, "video")
+        if not isinstance(control, (list, tuple)):
+            raise ConfigError(f"control must be a ControlVideo or a list of them, got {type(control).__name__}")
         checked = []
         for n, c in enumerate(control):
+            if not isinstance(c, ControlVideo):
+                raise ConfigError(f"control[{n}] must be a ControlVideo(frames, controlnet, scale), got {type(c).__name__}")
             if c.controlnet not in self.controlnets:
                 have = ", ".join(self.controlnets) or "none"
                 raise ConfigError(f"control[{n}] names ControlNet {c.controlnet!r}, but this pipeline has {have}; "

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .limits import parse_nested
 from .video_io import MediaError
 
 # the 18 body points, OpenPose COCO order: nose, neck, right shoulder/elbow/wrist, left shoulder/elbow/wrist,
@@ -47,6 +48,10 @@ HAND_BONES = ((0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (0
 HAND_COLORS = tuple(tuple(round(255 * v) for v in colorsys.hsv_to_rgb(i / 20, 1.0, 1.0)) for i in range(20))
 HAND_JOINT_COLOR = (0, 0, 255)
 THRESHOLD = 0.3
+# How far a shown point may lie from the picture, in canvas sizes (x / width, y / height): pose tools put
+# points a little outside the frame, never this far; it keeps the drawing's integer pixels far from overflow
+# (100 canvases of a 16384-px output are 1.6e6 px).
+MAX_EXTENT = 100.0
 LIMB_HALF_WIDTH = 4
 JOINT_RADIUS = 4
 HAND_LINE_WIDTH = 3  # cv2 thickness 2 covers about 3 px (half-width 1 on each side of the centre pixel)
@@ -170,7 +175,7 @@ def _joint(draw: ImageDraw.ImageDraw, xy: np.ndarray, color: tuple[int, int, int
 
 def _load(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return parse_nested(json.loads, path.read_text(encoding="utf-8"), f"keypoints {path}", PoseError)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PoseError(f"keypoints {path}: not valid JSON ({err})") from None
 
@@ -185,7 +190,7 @@ def _frame(data, where: str, canvas: tuple[int, int] | None) -> PoseFrame:
             raise PoseError(f"keypoints {where}: canvas_height / canvas_width must both be positive numbers, "
                             f"got {sizes[0]!r} / {sizes[1]!r}")
         canvas = (round(sizes[0]), round(sizes[1]))
-    bodies, lefts, rights = [], [], []
+    bodies, lefts, rights, named = [], [], [], []  # named: (key, points) of every part, as the frame holds them
     for n, person in enumerate(data["people"]):
         fields = ("pose_keypoints_2d", "hand_left_keypoints_2d", "hand_right_keypoints_2d")
         if not isinstance(person, dict) or not any(f in person for f in fields):
@@ -193,10 +198,12 @@ def _frame(data, where: str, canvas: tuple[int, int] | None) -> PoseFrame:
         body = _points(person, fields[0], (18, 25), f"{where}: people[{n}]")
         if body is not None:
             bodies.append(body[list(BODY_25_TO_18)] if len(body) == 25 else body)
+            named.append((f"people[{n}].{fields[0]}", bodies[-1]))
         for field, hands in zip(fields[1:], (lefts, rights)):
             hand = _points(person, field, (21,), f"{where}: people[{n}]")
             if hand is not None:
                 hands.append(hand)
+                named.append((f"people[{n}].{field}", hand))
     frame = PoseFrame(bodies, lefts + rights, canvas)
     shown = np.concatenate(bodies + lefts + rights + [np.zeros((0, 3))])
     shown = shown[shown[:, 2] > 0, :2]
@@ -206,6 +213,12 @@ def _frame(data, where: str, canvas: tuple[int, int] | None) -> PoseFrame:
                             "\"canvas_height\" to the JSON or give the size of the video the keypoints were found on")
         for points in frame.bodies + frame.hands:
             points[:, :2] /= (canvas[1], canvas[0])
+    for key, points in named:
+        far = points[(points[:, 2] > 0) & (np.abs(points[:, :2]) > MAX_EXTENT).any(axis=1)]
+        if len(far):
+            raise PoseError(f"keypoints {where}: {key} has a point at x, y = {far[0, 0]:g}, {far[0, 1]:g} canvas sizes, "
+                            f"beyond the {MAX_EXTENT:g} canvas sizes a point may lie from the picture; fix the file or "
+                            "give that point confidence 0")
     return frame
 
 

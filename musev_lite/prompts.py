@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .limits import file_stem
 from .weights import WeightsError, atomic_path, check_finite, read_state_dict
 
 CHUNK = 75  # tokens per chunk, between BOS and EOS
@@ -44,6 +45,8 @@ NEGATIVE_PROMPTS = {
     "lowres, ((monochrome)), ((grayscale)), skin spots, acnes, skin blemishes, age spot, glans, (((nsfw))), nipples, "
     "extra fingers, (extra legs), (long neck), mutated hands, (fused fingers), (too many fingers)",
 }
+
+PRESET_NAME = re.compile(r"V\d+")  # the form of the presets' names (V1..V5): another one is most likely a typo
 
 
 class PromptError(ValueError):
@@ -120,6 +123,9 @@ def encode_prompt_pair(tokenizer, text_encoder, prompt: str, negative_prompt: st
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         if not isinstance(text, str):
             raise PromptError(f"{name} must be a string, got {type(text).__name__} {text!r:.60}")
+    if negative_prompt not in NEGATIVE_PROMPTS and PRESET_NAME.fullmatch(negative_prompt):
+        warnings.warn(f"negative_prompt {negative_prompt!r} looks like a preset name but is none "
+                      f"({', '.join(NEGATIVE_PROMPTS)}), so it is used as literal text", stacklevel=2)
     negative_name, negative_prompt = negative_prompt, NEGATIVE_PROMPTS.get(negative_prompt, negative_prompt)
     pairs = [weighted_tokens(tokenizer, text, CHUNK * max_chunks) for text in (negative_prompt, prompt)]
     longest = max(len(ids) for ids, _ in pairs)
@@ -191,10 +197,13 @@ def read_textual_inversion(path: str | Path, width: int) -> torch.Tensor:
     return vectors
 
 
-def save_textual_inversion(path: str | Path, vectors: torch.Tensor) -> None:
-    """Write (n, width) vectors as an A1111 `.safetensors` embedding (`emb_params`)."""
-    with atomic_path(Path(path)) as tmp:
+def save_textual_inversion(folder: str | Path, word: str, vectors: torch.Tensor) -> Path:
+    """Write (n, width) vectors as the A1111 `.safetensors` embedding (`emb_params`) `<folder>/<word>.safetensors`,
+    the file that names the word; `word` must be one plain name (`limits.file_stem`). Returns the path."""
+    path = Path(folder) / f"{file_stem('textual-inversion word', word, WeightsError)}.safetensors"
+    with atomic_path(path) as tmp:
         save_file({"emb_params": vectors.detach().contiguous().cpu()}, tmp)
+    return path
 
 
 def load_textual_inversion(path: str | Path, tokenizer, text_encoder, word: str | None = None) -> list[int]:

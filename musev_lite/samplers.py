@@ -1,4 +1,5 @@
-"""Samplers: Euler (MuseV's default) and DDIM, as plain arithmetic over the noise schedule.
+"""Samplers: Euler (MuseV's default) and DDIM, as plain arithmetic over the noise schedule, and the
+VideoFusion noise MuseV starts a video from (and its Euler draws at every step).
 
     betas            -> alphas_cumprod[t] = prod_{s<=t} (1 - beta_s)     (the training noise schedule)
     sigma(t)         =  sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])
@@ -15,7 +16,9 @@ arithmetic), read their settings from a checkpoint's `scheduler_config.json` the
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
@@ -23,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .denoise import video_fusion_noise
 from .settings import SAMPLERS
+from .limits import parse_nested
 from .weights import config_from_dict
 
 BETA_SCHEDULES = ("linear", "scaled_linear")
@@ -115,7 +118,7 @@ class SchedulerConfig:
     def from_json(cls, path: str | os.PathLike) -> SchedulerConfig:
         path = Path(path)
         try:
-            config = json.loads(path.read_text())
+            config = parse_nested(json.loads, path.read_text(), str(path))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}: cannot read scheduler config ({err})") from None
         try:
@@ -162,6 +165,21 @@ def spaced_timesteps(config: SchedulerConfig, num_steps: int, spacing: str) -> n
             f"{timesteps[0]:g}, past the last training timestep {n - 1}; use fewer steps or steps_offset=0"
         )
     return timesteps
+
+
+def video_fusion_noise(
+    shape: Sequence[int], generator: torch.Generator | None, w_ind_noise: float = 0.5, **tensor_kw
+) -> torch.Tensor:
+    """VideoFusion noise (docs/method.md#starting-noise): one draw shared by all frames plus an
+    independent draw per frame.
+
+    Every pair of frames is correlated by `1 - w_ind_noise`. Draw order (common, then individual)
+    matches the original, so a seeded generator gives the same tensors.
+    """
+    b, c, t, h, w = shape
+    common = torch.randn((b, c, 1, h, w), generator=generator, **tensor_kw)
+    individual = torch.randn((b, c, t, h, w), generator=generator, **tensor_kw)
+    return math.sqrt(1 - w_ind_noise) * common + math.sqrt(w_ind_noise) * individual
 
 
 class EulerSampler:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
+import typing
 from dataclasses import dataclass
 
 PRESETS = ("tiny", "musev", "musev_referencenet", "musev_referencenet_pose")
@@ -28,6 +30,12 @@ MAX_STEPS = 1000  # the training schedule has 1000 timesteps
 
 class ConfigError(ValueError):
     """A setting is unknown, of the wrong type, or out of range."""
+
+
+def printable(name: str) -> str:
+    """A name from a file as an error line shows it: quoted with escapes when it holds a line break or another
+    character that does not print (a TOML key may), so the error stays one line."""
+    return name if name.isprintable() else repr(name)
 
 
 def suggest(name: str, choices) -> str:
@@ -50,27 +58,42 @@ def finite(where: str, value) -> None:
             f"{where} = {value!r} must be a finite number")
 
 
-def typed(where: str, value, annotation: str):
-    """`value` checked against a field's annotation ("int", "float | None", "list[str]", ...); ints are
-    accepted for floats (and returned as float), a bare string for a list of strings."""
-    kinds = {"int": int, "float": (int, float), "str": str, "bool": bool}
-    if value is None or (annotation.endswith("| None") and value == "none"):
-        require(annotation.endswith("| None"), f"{where} must be set to a value")
+def field_types(cls) -> dict[str, object]:
+    """A dataclass's fields and their types: the annotations evaluated (`float | None`), not their text."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def optional_of(kind) -> object | None:
+    """`X` for a type `X | None`, else None."""
+    args = typing.get_args(kind)
+    if isinstance(kind, types.UnionType) and type(None) in args:
+        return next(arg for arg in args if arg is not type(None))
+    return None
+
+
+def typed(where: str, value, kind):
+    """`value` checked against a field's type (int, float | None, list[str], ...); ints are accepted for
+    floats (and returned as float), a bare string for a list of strings. "none" unsets an optional number
+    (TOML has no null); an optional string takes "none" as the text it is."""
+    base = optional_of(kind) or kind
+    if value is None or (base is not kind and value == "none" and base is not str):
+        require(base is not kind, f"{where} must be set to a value")
         return None
-    base = annotation.removesuffix(" | None")
-    if base == "list[str]":
-        value = [value] if isinstance(value, str) else value
-        require(isinstance(value, list) and all(isinstance(v, str) for v in value),
-                f"{where} must be a list of strings, e.g. [\"mp4\", \"gif\"]; got {value!r}")
+    if typing.get_origin(base) is list:
+        (item,) = typing.get_args(base)
+        value = [value] if isinstance(value, str) and item is str else value
+        example = {str: '["mp4", "gif"]', int: "[1080, 1920]"}[item]
+        require(isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value),
+                f"{where} must be a list of {WANTED[item].split(' ', 1)[1]}s, e.g. {example}; got {value!r}")
         return value
-    if base == "list[int]":
-        require(isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
-                f"{where} must be a list of integers, e.g. [1080, 1920]; got {value!r}")
-        return value
-    if (isinstance(value, bool) and base != "bool") or not isinstance(value, kinds[base]):
-        wanted = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}[base]
-        raise ConfigError(f"{where} must be {wanted}; got {value!r}")
-    return float(value) if base == "float" else value
+    accepted = (int, float) if base is float else base
+    if (isinstance(value, bool) and base is not bool) or not isinstance(value, accepted):
+        raise ConfigError(f"{where} must be {WANTED[base]}; got {value!r}")
+    return float(value) if base is float else value
+
+
+WANTED = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 def in_range(where: str, value, low: float, high: float, what: str = "") -> None:
@@ -117,8 +140,8 @@ class GenerationConfig:
     def validate(self, has_image: bool = True) -> GenerationConfig:
         """Raise ConfigError naming the first setting of a wrong type or out of range (as `generation.<key>`);
         return self."""
-        for f in dataclasses.fields(self):
-            typed(f"generation.{f.name}", getattr(self, f.name), f.type)
+        for name, kind in field_types(GenerationConfig).items():
+            typed(f"generation.{name}", getattr(self, name), kind)
         for key in ("height", "width"):
             value = getattr(self, key)
             require(value >= 0, f"generation.{key} = {value} must be >= 0 (0 = from the image)")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from .limits import parse_nested
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_MERGES = 49152 - 256 - 2  # CLIP's vocabulary size minus bytes and specials: merges used
 WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -131,7 +133,8 @@ class CLIPTokenizer:
             if not (folder / name).is_file():
                 raise TokenizerError(f"{folder}: missing {name} (a CLIP tokenizer folder has vocab.json and merges.txt)")
         try:
-            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            vocab = parse_nested(json.loads, (folder / "vocab.json").read_text(encoding="utf-8"), str(folder / "vocab.json"),
+                                 TokenizerError)
             lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise TokenizerError(f"{folder}: unreadable tokenizer files ({err})") from None
@@ -200,7 +203,8 @@ def _pad_token(folder: Path) -> str:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = folder / name
         if path.is_file():
-            pad = json.loads(path.read_text(encoding="utf-8")).get("pad_token")
+            config = parse_nested(json.loads, path.read_text(encoding="utf-8"), str(path), TokenizerError)
+            pad = config.get("pad_token") if isinstance(config, dict) else None
             if isinstance(pad, dict):
                 pad = pad.get("content")
             if pad:

@@ -9,7 +9,8 @@ What it adds to SD1.5 (why: docs/method.md#the-video-unet):
     layer and the mid block, and IP-Adapter image tokens in every cross-attention.
 With `temporal=False` every temporal layer is skipped and it is the SD1.5 UNet ("2D mode", used to
 draw a first frame from text). Module and parameter names are the published diffusers keys, so the
-released checkpoints load with no renaming.
+released checkpoints load with no renaming. The SD1.5 down path (sizes `SD15Sizes`, blocks, time
+embedding, `SD15DownPath`) is written here once; referencenet.py and controlnet.py are built on it.
 
 Left out, because the original computes them for nothing (docs/method.md#left-out): the AdaIN
 "temporal cond" (returns its input), the unconditional attn1 recompute under CFG (overwritten), the
@@ -33,17 +34,32 @@ from torch import nn
 
 
 @dataclass
-class UNet3DConfig:
-    """Sizes and switches of the UNet; SD1.5 sizes by default. `preset()` gives the released models."""
+class SD15Sizes:
+    """The sizes of an SD1.5 UNet's down path, SD1.5's by default: what UNet3DConfig (the UNet and the
+    ReferenceNet) and ControlNetConfig share."""
 
     in_channels: int = 4
-    out_channels: int = 4
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers_per_block: int = 2
     heads: int = 8  # diffusers calls this "attention_head_dim"; it is the number of heads
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     cross_attention_dim: int = 768
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)
+
+    def plain_blocks(self, transformer_norm_eps: float) -> UNet3DConfig:
+        """What unet.py's blocks read to make plain SD1.5 blocks of these sizes: MuseV's switches off."""
+        sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(SD15Sizes)}
+        return UNet3DConfig(**sizes, transformer_norm_eps=transformer_norm_eps)
+
+
+@dataclass
+class UNet3DConfig(SD15Sizes):
+    """Sizes and switches of the UNet; SD1.5 sizes by default. `preset()` gives the released models."""
+
+    out_channels: int = 4
     temporal_conv_groups: int = 32  # TemporalConvLayer's GroupNorm(32, C) is hard-coded in MuseV
     transformer_in_groups: int = 32  # transformer_in is built with the default 32 groups
     # MuseV passes its BasicTransformerBlock arguments by position into a newer diffusers signature,
@@ -55,9 +71,6 @@ class UNet3DConfig:
     zero_condition_temb: bool = False  # condition frames get a zero time embedding
     refer_fusion: bool = False  # ReferenceNet feature fusion (refer_emb_attns)
     ip_cross_attention: bool = False  # IP-Adapter to_k_ip / to_v_ip in every spatial attn2
-
-    def __post_init__(self):
-        self.block_out_channels = tuple(self.block_out_channels)
 
     @classmethod
     def preset(cls, name: str) -> UNet3DConfig:
@@ -168,15 +181,15 @@ class TimestepEmbedding(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, groups: int, eps: float, skip_time_act: bool):
+    def __init__(self, in_ch: int, out_ch: int, cfg: UNet3DConfig):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.norm1 = nn.GroupNorm(cfg.norm_num_groups, in_ch, eps=cfg.norm_eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_ch, out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.time_emb_proj = nn.Linear(4 * cfg.block_out_channels[0], out_ch)
+        self.norm2 = nn.GroupNorm(cfg.norm_num_groups, out_ch, eps=cfg.norm_eps)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
-        self.skip_time_act = skip_time_act
+        self.skip_time_act = cfg.skip_time_act
 
     def forward(self, x, temb):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -309,12 +322,12 @@ class BasicTransformerBlock(nn.Module):
 class Transformer2DModel(nn.Module):
     """SD1.5 spatial transformer: GroupNorm, 1x1 conv in, one block over the h*w tokens, 1x1 conv out."""
 
-    def __init__(self, ch: int, cfg: UNet3DConfig, ip: bool):
+    def __init__(self, ch: int, cfg: UNet3DConfig):
         super().__init__()
         self.norm = nn.GroupNorm(cfg.norm_num_groups, ch, eps=1e-6)
         self.proj_in = nn.Conv2d(ch, ch, 1)
         attn1 = SpatialSelfAttention(ch, cfg.heads)
-        attn2 = CrossAttention(ch, cfg.heads, cfg.cross_attention_dim, ip=ip)
+        attn2 = CrossAttention(ch, cfg.heads, cfg.cross_attention_dim, ip=cfg.ip_cross_attention)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(ch, attn1, attn2, cfg.transformer_norm_eps)])
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
@@ -425,8 +438,7 @@ class ReferEmbFuseAttention(Attention):
 
     def forward(self, x, reference, num_frames: int):
         bt, c, h, w = x.shape
-        # contiguous once for the three (two) projections, which would each copy a transposed view; and
-        # torch.compile (2.13, CPU, bf16) gives NaN for linears that share a transposed input
+        # contiguous once for the three (two) projections, which would each copy a transposed view
         tokens = x.flatten(2).transpose(1, 2).contiguous()  # (b t) (h w) c
         ref = reference.flatten(2).transpose(1, 2).contiguous()  # b (h' w') c
         k_ref = self.to_k(ref).repeat_interleave(num_frames, 0)  # (b t) (h' w') c
@@ -445,23 +457,18 @@ class DownBlock(nn.Module):
     """One resolution of the down path: (ResNet, temporal conv, [spatial + temporal transformer],
     [refer fusion]) per layer, then a downsampler (+ refer fusion), except at the last level."""
 
-    def __init__(self, in_ch, out_ch, cfg: UNet3DConfig, attention: bool, downsample: bool, temporal: bool,
-                 refer: bool, ip: bool, skip_time_act: bool):
+    def __init__(self, in_ch, out_ch, cfg: UNet3DConfig, attention: bool, downsample: bool, temporal: bool):
         super().__init__()
-        temb_ch = 4 * cfg.block_out_channels[0]
         n = cfg.layers_per_block
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, temb_ch, cfg.norm_num_groups, cfg.norm_eps, skip_time_act)
-            for j in range(n)
-        )
+        self.resnets = nn.ModuleList(ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, cfg) for j in range(n))
         self.temp_convs = (nn.ModuleList(TemporalConvLayer(out_ch, cfg.temporal_conv_groups) for _ in range(n))
                            if temporal else None)
-        self.attentions = nn.ModuleList(Transformer2DModel(out_ch, cfg, ip) for _ in range(n)) if attention else None
+        self.attentions = nn.ModuleList(Transformer2DModel(out_ch, cfg) for _ in range(n)) if attention else None
         self.temp_attentions = (nn.ModuleList(TransformerTemporalModel(out_ch, cfg, cfg.norm_num_groups) for _ in range(n))
                                 if attention and temporal else None)
         self.downsamplers = nn.ModuleList([Downsample2D(out_ch)]) if downsample else None
         self.refer_emb_attns = (nn.ModuleList(ReferEmbFuseAttention(out_ch, cfg.heads) for _ in range(n + downsample))
-                                if refer else None)
+                                if cfg.refer_fusion else None)
 
     def forward(self, x, temb, ctx: FrameContext, refer_features=None):
         """Returns the output and the skip tensors (one per layer, one after the downsampler)."""
@@ -490,13 +497,10 @@ class DownBlock(nn.Module):
 class MidBlock(nn.Module):
     """ResNet, temporal conv, spatial + temporal transformer, ResNet, temporal conv."""
 
-    def __init__(self, ch, cfg: UNet3DConfig, temporal: bool, ip: bool, skip_time_act: bool):
+    def __init__(self, ch, cfg: UNet3DConfig, temporal: bool):
         super().__init__()
-        temb_ch = 4 * cfg.block_out_channels[0]
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(ch, ch, temb_ch, cfg.norm_num_groups, cfg.norm_eps, skip_time_act) for _ in range(2)
-        )
-        self.attentions = nn.ModuleList([Transformer2DModel(ch, cfg, ip)])
+        self.resnets = nn.ModuleList(ResnetBlock2D(ch, ch, cfg) for _ in range(2))
+        self.attentions = nn.ModuleList([Transformer2DModel(ch, cfg)])
         self.temp_convs = (nn.ModuleList(TemporalConvLayer(ch, cfg.temporal_conv_groups) for _ in range(2))
                            if temporal else None)
         self.temp_attentions = nn.ModuleList([TransformerTemporalModel(ch, cfg, cfg.norm_num_groups)]) if temporal else None
@@ -519,18 +523,13 @@ class UpBlock(nn.Module):
     """One resolution of the up path: per layer, concat a skip, ResNet, temporal conv,
     [spatial + temporal transformer]; then an upsampler, except at full resolution."""
 
-    def __init__(self, in_ch, out_ch, skip_chs, cfg: UNet3DConfig, attention: bool, upsample: bool, ip: bool,
-                 skip_time_act: bool):
+    def __init__(self, in_ch, out_ch, skip_chs, cfg: UNet3DConfig, attention: bool, upsample: bool):
         super().__init__()
-        temb_ch = 4 * cfg.block_out_channels[0]
         n = len(skip_chs)
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D((in_ch if j == 0 else out_ch) + skip_chs[j], out_ch, temb_ch, cfg.norm_num_groups,
-                          cfg.norm_eps, skip_time_act)
-            for j in range(n)
-        )
+        self.resnets = nn.ModuleList(ResnetBlock2D((in_ch if j == 0 else out_ch) + skip_chs[j], out_ch, cfg)
+                                     for j in range(n))
         self.temp_convs = nn.ModuleList(TemporalConvLayer(out_ch, cfg.temporal_conv_groups) for _ in range(n))
-        self.attentions = nn.ModuleList(Transformer2DModel(out_ch, cfg, ip) for _ in range(n)) if attention else None
+        self.attentions = nn.ModuleList(Transformer2DModel(out_ch, cfg) for _ in range(n)) if attention else None
         self.temp_attentions = (nn.ModuleList(TransformerTemporalModel(out_ch, cfg, cfg.norm_num_groups) for _ in range(n))
                                 if attention else None)
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
@@ -549,6 +548,21 @@ class UpBlock(nn.Module):
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, skips[-1].shape[-2:])
         return x
+
+
+def sd15_down_blocks(cfg: UNet3DConfig, temporal: bool) -> nn.ModuleList:
+    """SD1.5's down path: one DownBlock per level, with spatial transformers and a downsampler at every
+    level but the last."""
+    chs, levels = cfg.block_out_channels, len(cfg.block_out_channels)
+    return nn.ModuleList(DownBlock(chs[max(i - 1, 0)], chs[i], cfg, attention=i < levels - 1,
+                                   downsample=i < levels - 1, temporal=temporal) for i in range(levels))
+
+
+def skip_channels(cfg: SD15Sizes) -> list[int]:
+    """Channels of the down path's skip tensors in order: conv_in's, then every down layer's and
+    downsampler's (12 for SD1.5). The up path pops them from the end; a ControlNet has a 1x1 conv for each."""
+    chs, levels = cfg.block_out_channels, len(cfg.block_out_channels)
+    return [chs[0]] + [chs[i] for i in range(levels) for _ in range(cfg.layers_per_block + (i < levels - 1))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,10 +586,45 @@ def set_conv_layout(model: nn.Module, fmt: torch.memory_format) -> None:
                 module.weight.data = module.weight.data.contiguous(memory_format=layout)
 
 
-class LayoutFollowsDtype(nn.Module):
-    """A model (with a `conv_in`) whose convolution weights take their dtype's layout (`memory_format`)
-    after every .to() / .float() / .bfloat16(): nn.Module._apply is behind them all. A state dict loaded
-    later is copied into that layout."""
+class SD15DownPath(nn.Module):
+    """A model built on SD1.5's down path: UNet3D, ReferenceNet, ControlNet. Each makes its `conv_in`,
+    `time_embedding`, `down_blocks` (sd15_down_blocks) and `mid_block` itself, under diffusers' names and
+    in its own order (seeded random weights, as the demo's, follow the order modules are made in); the
+    time embedding and the pass through the down path are here."""
+
+    def embed_time(self, timestep, n: int, device) -> torch.Tensor:
+        """(n, 4*C0) embedding of one timestep or of one per sample, in the model's dtype."""
+        timestep = torch.as_tensor(timestep, device=device).reshape(-1).expand(n)
+        c0 = self.config.block_out_channels[0]
+        return self.time_embedding(sinusoidal_embedding(timestep, c0).to(self.conv_in.weight.dtype))
+
+    def still_inputs(self, sample: torch.Tensor, timestep, text: torch.Tensor) -> tuple[torch.Tensor, FrameContext]:
+        """Time embedding (N, 4*C0) and block context for N still images `sample` (N, C, h, w) with
+        cross-attention context `text` (N, L, D): one frame each, no temporal layers."""
+        emb = self.embed_time(timestep, sample.shape[0], sample.device)
+        return emb, FrameContext(num_frames=1, condition_frames=0, text=text.to(self.conv_in.weight.dtype),
+                                 frame_emb=None)
+
+    def down_path(self, x: torch.Tensor, emb: torch.Tensor, ctx: FrameContext,
+                  refer: ReferenceFeatures | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """conv_in's output x ((b t), C0, h, w) -> the mid block's output and the skip tensors (x, then every
+        down layer's and downsampler's output: skip_channels). `refer`: ReferenceNet maps to fuse (UNet3D)."""
+        skips = [x]
+        for i, block in enumerate(self.down_blocks):
+            # MuseV slices ReferenceNet features as [1 + n*i : 1 + n*i + n], n = layers (+1 with a
+            # downsampler). For the last block that starts at 7, not 10: it reuses the h/4 maps
+            # 7 and 8 instead of the h/8 maps 10, 11. Trained that way, so kept (docs/method.md#quirks).
+            n = len(block.resnets) + (block.downsamplers is not None)
+            features = None if refer is None else refer.down[1 + n * i : 1 + n * i + n]
+            x, block_skips = block(x, emb, ctx, features)
+            skips.extend(block_skips)
+        return self.mid_block(x, emb, ctx), skips
+
+
+class LayoutFollowsDtype(SD15DownPath):
+    """A down-path model whose convolution weights take their dtype's layout (`memory_format`) after every
+    .to() / .float() / .bfloat16(): nn.Module._apply is behind them all. A state dict loaded later is
+    copied into that layout."""
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -597,23 +646,14 @@ class UNet3D(LayoutFollowsDtype):
                                if cfg.transformer_in else None)
         self.first_refer_emb_attns = ReferEmbFuseAttention(chs[0], cfg.heads) if cfg.refer_fusion else None
         self.mid_block_refer_emb_attns = ReferEmbFuseAttention(chs[-1], cfg.heads) if cfg.refer_fusion else None
-        self.down_blocks = nn.ModuleList(
-            DownBlock(chs[max(i - 1, 0)], chs[i], cfg, attention=i < levels - 1, downsample=i < levels - 1,
-                      temporal=True, refer=cfg.refer_fusion, ip=cfg.ip_cross_attention, skip_time_act=cfg.skip_time_act)
-            for i in range(levels)
-        )
-        self.mid_block = MidBlock(chs[-1], cfg, temporal=True, ip=cfg.ip_cross_attention, skip_time_act=cfg.skip_time_act)
-        # skip channels in the order the up path pops them: conv_in, then each down layer/downsampler
-        skip_chs = [chs[0]] + [chs[i] for i in range(levels) for _ in range(cfg.layers_per_block + (i < levels - 1))]
+        self.down_blocks = sd15_down_blocks(cfg, temporal=True)
+        self.mid_block = MidBlock(chs[-1], cfg, temporal=True)
+        skips, n = skip_channels(cfg), cfg.layers_per_block + 1
         up_blocks = []
-        for k in range(levels):
-            level = levels - 1 - k
-            n = cfg.layers_per_block + 1
-            mine, skip_chs = skip_chs[-n:][::-1], skip_chs[:-n]
-            up_blocks.append(
-                UpBlock(chs[min(level + 1, levels - 1)], chs[level], mine, cfg, attention=level < levels - 1,
-                        upsample=level > 0, ip=cfg.ip_cross_attention, skip_time_act=cfg.skip_time_act)
-            )
+        for level in reversed(range(levels)):  # each takes the last n skips left, last first
+            mine, skips = skips[-n:][::-1], skips[:-n]
+            up_blocks.append(UpBlock(chs[min(level + 1, levels - 1)], chs[level], mine, cfg,
+                                     attention=level < levels - 1, upsample=level > 0))
         self.up_blocks = nn.ModuleList(up_blocks)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chs[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
@@ -629,14 +669,12 @@ class UNet3D(LayoutFollowsDtype):
         cfg = self.config
         b, _, t, h, w = sample.shape
         dtype = self.conv_in.weight.dtype
-        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
-
-        emb = self.time_embedding(sinusoidal_embedding(timestep, cfg.block_out_channels[0]).to(dtype))
+        emb = self.embed_time(timestep, b, sample.device)
         if cfg.anivv1:
             emb = F.silu(emb)
         emb = emb.repeat_interleave(t, 0)  # (b t) d
         if cfg.zero_condition_temb and t > 1 and condition_frames > 0:
-            emb = emb.unflatten(0, (b, t)).clone()
+            emb = emb.unflatten(0, (b, t)).clone()  # b t d
             emb[:, :condition_frames] = 0
             emb = emb.flatten(0, 1)
 
@@ -655,18 +693,7 @@ class UNet3D(LayoutFollowsDtype):
             x = self.transformer_in(x, ctx)
         if refer is not None:
             x = self.first_refer_emb_attns(x, refer.down[0], t)
-        skips = [x]
-        for i, block in enumerate(self.down_blocks):
-            features = None
-            if refer is not None:
-                # MuseV slices ReferenceNet features as [1 + n*i : 1 + n*i + n], n = layers (+1 with a
-                # downsampler). For the last block that starts at 7, not 10: it reuses the h/4 maps
-                # 7 and 8 instead of the h/8 maps 10, 11. Trained that way, so kept (docs/method.md#quirks).
-                n = len(block.resnets) + (block.downsamplers is not None)
-                features = refer.down[1 + n * i : 1 + n * i + n]
-            x, block_skips = block(x, emb, ctx, features)
-            skips.extend(block_skips)
-        x = self.mid_block(x, emb, ctx)
+        x, skips = self.down_path(x, emb, ctx, refer)
         if refer is not None:
             x = self.mid_block_refer_emb_attns(x, refer.mid, t)
         if cond.control is not None:  # ControlNet: residuals on the skip connections and the mid block
@@ -703,8 +730,7 @@ class UNet3D(LayoutFollowsDtype):
             if not cfg.ip_cross_attention:
                 raise ValueError("ip_tokens given, but this UNet has no IP-Adapter attention (ip_cross_attention=False)")
             check_context(cond.ip_tokens, b, cfg.cross_attention_dim, "ip_tokens")
-        levels = len(cfg.block_out_channels)
-        n_down = 1 + levels * cfg.layers_per_block + levels - 1  # conv_in, every layer, every downsampler
+        n_down = len(skip_channels(cfg))  # conv_in, every layer, every downsampler
         if cond.refer is not None:
             refer = cond.refer
             if not cfg.refer_fusion:
@@ -729,3 +755,23 @@ def check_context(context: torch.Tensor, batch: int, dim: int, what: str) -> Non
     """A cross-attention context must be (batch, tokens, dim)."""
     if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != dim:
         raise ValueError(f"{what} must be (B={batch}, tokens, {dim}) to match the sample; got {tuple(context.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """torch.compile `model` with inductor's vector width given explicitly, as the ISA inductor picks.
+
+    Inductor (torch 2.13, CPU) writes its kernels for the vector ISA it picks (AVX-512: 16 floats a
+    vector, AVX2: 8; ATEN_CPU_CAPABILITY chooses among those the CPU has), but its on-disk graph cache
+    does not key on that ISA: a graph cached under one ISA and loaded under another is built with the
+    other's vectors, and returns NaN or garbage or corrupts the heap. Given as an option (`cpp.simdlen`)
+    the width is part of the cache key; the kernels are the same as without it.
+    """
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa  # what inductor generates for (0: no vector ISA)
+    except ImportError:  # torch before 2.4 keeps it elsewhere: compiled as it is
+        return torch.compile(model)
+    return torch.compile(model, options={"cpp.simdlen": pick_vec_isa().bit_width()})

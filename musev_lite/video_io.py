@@ -1,9 +1,10 @@
 """Images in, videos out: reading and fitting input images, and writing every output atomically.
 
 Every writer puts its bytes under a temporary name in the target folder and renames at the end, so
-an interrupted run leaves no half-written file. Videos are consumed as an iterable of uint8 chunks
+an interrupted run leaves no half-written file, and a full disk is one DiskFullError saying how much was
+free and written (`limits.room_for`). Videos are consumed as an iterable of uint8 chunks
 (n, H, W, 3) so a long video never has to sit in memory as a whole for mp4 or PNG output.
-`OutputSet` makes one run's files appear together or not at all, and keeps two runs off one name.
+(`outputs.py` makes one run's files appear together or not at all.)
 """
 
 from __future__ import annotations
@@ -11,11 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import shutil
-import signal
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from itertools import count
@@ -24,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .limits import room_for
 from .weights import atomic_path
 
 VIDEO_FORMATS = ("mp4", "gif", "webp", "png")
@@ -89,20 +87,14 @@ def as_pil(image) -> Image.Image:
 
 
 def fit_image(image: Image.Image, height: int, width: int) -> Image.Image:
-    """Centre-crop to the target aspect ratio, then resize to (width, height) with Lanczos.
+    """Centre-crop to the target aspect ratio (`crop_box`), then resize to (width, height) with Lanczos.
 
-    The crop box follows MuseV's image preprocessing (MMCM dynamic_crop_resize_image): the start is
-    rounded up and the far edge clipped to size-1, so the last row or column is always dropped.
-    Reproduced so the same image gives the same condition latent.
+    MuseV's image preprocessing (MMCM dynamic_crop_resize_image) crops with the same arithmetic as its
+    video crop: the last row and column are always dropped. Reproduced so the same image gives the same
+    condition latent.
     """
-    w, h = image.size
-    if w / h >= width / height:
-        excess = (w - h * width / height) / 2
-        box = (max(0, math.ceil(excess)), 0, min(math.ceil(w - excess), w - 1), h - 1)
-    else:
-        excess = (h - w * height / width) / 2
-        box = (0, max(0, math.ceil(excess)), w - 1, min(math.ceil(h - excess), h - 1))
-    return image.crop(box).resize((width, height), resample=Image.Resampling.LANCZOS)
+    y1, y2, x1, x2 = crop_box(image.height, image.width, height, width)
+    return image.crop((x1, y1, x2, y2)).resize((width, height), resample=Image.Resampling.LANCZOS)
 
 
 # Frames per second every writer accepts. Above 240 (the fastest cameras and displays) H.264 outgrows
@@ -139,8 +131,15 @@ class Mp4Writer:
 
         self.path, self.frames, self.stream = Path(path), 0, None
         self.rate = Fraction(check_fps(fps, ("mp4",))).limit_denominator(1001)  # 30000/1001 stays exact
-        self.container = av.open(str(path), mode="w", format="mp4")
+        # through a file object of ours: when finishing fails (a full disk), av leaves its own file open
+        self.file = open(path, "wb")
+        try:
+            self.container = av.open(self.file, mode="w", format="mp4")
+        except BaseException:
+            self.file.close()
+            raise
         self.to_frame = av.VideoFrame.from_ndarray
+        self.codec_errors = (OSError, av.error.FFmpegError)
 
     def write(self, chunk: np.ndarray) -> None:
         """Encode uint8 frames (n, H, W, 3)."""
@@ -168,13 +167,25 @@ class Mp4Writer:
                 raise MediaError(f"{self.path}: no frames to write")
             container.mux(self.stream.encode())
         finally:
-            container.close()
+            try:
+                container.close()
+            finally:
+                self.file.close()
         return self.frames
 
     def abort(self) -> None:
-        """Close the file unfinished (after an error or an interrupt)."""
+        """Close the file unfinished (after an error or an interrupt). The file is thrown away, so an error
+        closing it (the full disk that stopped the write, again) is not raised over the first one."""
         container, self.container = self.container, None
-        container.close()
+        try:
+            container.close()
+        except self.codec_errors:
+            pass
+        finally:
+            try:
+                self.file.close()
+            except OSError:
+                pass
 
     def __enter__(self) -> Mp4Writer:
         return self
@@ -188,7 +199,7 @@ class Mp4Writer:
 
 def write_mp4(path: Path, chunks: Iterable[np.ndarray], fps: float) -> int:
     """An mp4 of uint8 chunks (n, H, W, 3) at `path`, atomically (`Mp4Writer`); the number of frames."""
-    with atomic_path(path) as tmp, Mp4Writer(tmp, fps) as writer:
+    with atomic_path(path) as tmp, room_for(path.parent, path.name, written=tmp), Mp4Writer(tmp, fps) as writer:
         for chunk in chunks:
             writer.write(chunk)
     return writer.frames
@@ -199,14 +210,14 @@ def write_animation(path: Path, frames: list[Image.Image], fps: float) -> None:
     fmt = "GIF" if path.suffix.lower() == ".gif" else "WEBP"
     duration_ms = round(1000 / check_fps(fps, (fmt.lower(),)))
     extra = {"lossless": False, "quality": 90} if fmt == "WEBP" else {"disposal": 2}
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, room_for(path.parent, path.name, written=tmp):
         frames[0].save(tmp, format=fmt, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0, **extra)
 
 
 def write_png_frames(directory: Path, chunks: Iterable[np.ndarray]) -> int:
     """A folder of 00000.png, 00001.png, ...; appears only when complete."""
     count = 0
-    with atomic_path(directory, is_dir=True) as tmp:
+    with atomic_path(directory, is_dir=True) as tmp, room_for(directory.parent, directory.name, written=tmp):
         for chunk in chunks:
             for frame in chunk:
                 Image.fromarray(frame).save(tmp / f"{count:05d}.png")
@@ -232,172 +243,22 @@ def contact_sheet(frames: np.ndarray, columns: int = 4, max_frames: int = 16) ->
 
 
 def write_image(path: Path, image: Image.Image) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, room_for(path.parent, path.name, written=tmp):
         image.save(tmp, format="PNG")
 
 
 def write_json(path: Path, data: dict) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, room_for(path.parent, path.name, written=tmp):
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# One run's outputs: written under temporary names, published together
-
-
-@contextmanager
-def signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the block (a few renames or removals) is done, so it is never left
-    half-way; they are delivered right after it. A no-op where signals cannot be blocked (Windows)."""
-    mask = getattr(signal, "pthread_sigmask", None)
-    old = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if mask else None
-    try:
-        yield
-    finally:
-        if mask:
-            mask(signal.SIG_SETMASK, old)
-
-
-def lock_holder(path: Path) -> int | None:
-    """The process id a lock file holds, None if it holds none (or is gone)."""
-    try:
-        text = path.read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return int(text) if text.isdigit() and int(text) > 0 else None
-
-
-def process_alive(pid: int) -> bool:
-    if os.name != "posix":
-        return True  # no harmless check there: such a lock is never taken over
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
-class OutputSet:
-    """The outputs of one run, all named after `stem` in `folder`, appearing together or not at all.
-
-    Writers write output `name` to `path(name)`, in a staging folder `.<stem>.<pid>.tmp/` beside the
-    outputs; `publish()` renames them all into place, in the order of `names` (the sidecar last), with
-    signals held. Leaving the `with` block removes the staging folder, whatever happened. While in the
-    block, `<stem>.lock` (created with O_EXCL, holding the pid) keeps other runs off the name: they
-    get a MediaError; the lock of a process that no longer runs is taken over. On entry, temporaries
-    an earlier run left for this stem (killed before it could clean up) are removed: under the lock
-    they can be no one else's. `notes` says what entering took over or removed.
-    """
-
-    def __init__(self, folder: Path, stem: str, names: list[str]):
-        self.folder, self.stem, self.names = Path(folder), stem, list(names)
-        self.lock = self.folder / f"{stem}.lock"
-        self.staging = self.folder / f".{stem}.{os.getpid()}.tmp"
-        self.notes: list[str] = []
-        self.published: list[Path] = []
-        self.locked = False
-
-    def path(self, name: str) -> Path:
-        """Where output `name` is written until it is published."""
-        return self.staging / name
-
-    def existing(self) -> list[Path]:
-        """Outputs of this set that are already in the folder (from an earlier run)."""
-        return [self.folder / name for name in self.names if os.path.lexists(self.folder / name)]
-
-    def stale_temporaries(self) -> list[Path]:
-        """Temporaries of this stem's outputs: staging folders `.<stem>.<pid>.tmp` and the single-file
-        temporaries of `weights.atomic_path` (`.<stem>.xxxxxxxx.tmp.mp4`, `.<stem>_frames.xxxxxxxx.tmp`, ...)."""
-        stem = re.escape(self.stem)
-        ours = re.compile(rf"\.{stem}\.\d+\.tmp|\.{stem}\.[a-z0-9_]{{8}}\.tmp\.(mp4|gif|webp|json)"
-                          rf"|\.{stem}_sheet\.[a-z0-9_]{{8}}\.tmp\.png|\.{stem}_frames\.[a-z0-9_]{{8}}\.tmp")
-        return sorted(p for p in self.folder.glob(".*.tmp*") if ours.fullmatch(p.name))
-
-    def __enter__(self) -> OutputSet:
-        try:
-            with signals_held():
-                self._take_lock()
-                stale = self.stale_temporaries()
-                for path in stale:
-                    if path.is_dir() and not path.is_symlink():
-                        shutil.rmtree(path)
-                    else:
-                        path.unlink()
-                if stale:
-                    self.notes.append(f"removed temporaries an interrupted run left in {self.folder}: "
-                                      + ", ".join(p.name for p in stale))
-                self.staging.mkdir()
-        except BaseException:  # a refusal, or a signal held back until now
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        with signals_held():
-            shutil.rmtree(self.staging, ignore_errors=True)
-            self._release()
-
-    def publish(self) -> list[Path]:
-        """Rename every output into place, replacing an existing one of the same name; return the paths."""
-        with signals_held():
-            for name in self.names:
-                new, final = self.path(name), self.folder / name
-                if os.path.lexists(final) and (new.is_dir() or (final.is_dir() and not final.is_symlink())):
-                    os.replace(final, self.staging / f".old.{name}")  # a folder is not replaced by a rename
-                try:
-                    os.replace(new, final)
-                except OSError as err:
-                    done = ", ".join(p.name for p in self.published) or "none"
-                    raise MediaError(f"{final}: cannot be written ({err.strerror}); published before it: {done}") from None
-                self.published.append(final)
-        return self.published
-
-    def _take_lock(self) -> None:
-        for _ in range(3):
-            try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = lock_holder(self.lock)
-                if holder is None or (holder != os.getpid() and process_alive(holder)):
-                    who = f"another run (pid {holder})" if holder else "a lock file without a process id"
-                    raise MediaError(f"{self.lock}: {who} is writing outputs named {self.stem!r} in {self.folder}; "
-                                     "wait for it, or set another output.name (delete the lock file if no run is "
-                                     "writing there)") from None
-                # its process is gone: move the lock aside (only one run can) and check it was that one
-                aside = self.folder / f".{self.lock.name}.{os.getpid()}.stale"
-                try:
-                    os.replace(self.lock, aside)
-                except FileNotFoundError:
-                    continue  # another run took it over first
-                if lock_holder(aside) != holder:  # a fresh lock came meanwhile: give it back
-                    try:
-                        os.link(aside, self.lock)
-                    except FileExistsError:
-                        pass
-                else:
-                    self.notes.append(f"took over {self.lock}: its run (pid {holder}) no longer runs")
-                aside.unlink()
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            self.locked = True
-            return
-        raise MediaError(f"{self.lock}: other runs keep taking this lock; try again")
-
-    def _release(self) -> None:
-        if self.locked and lock_holder(self.lock) == os.getpid():
-            self.lock.unlink()
-        self.locked = False
 
 
 def crop_box(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:
     """(y1, y2, x1, x2) of the centre region of an h x w picture with the aspect ratio of height x width.
 
-    The arithmetic of MuseV's video crop (MMCM batch_dynamic_crop_resize_images): starts rounded up,
-    far edges rounded up then clipped to size-1, and the slice [y1:y2, x1:x2] excludes the far edge,
-    so the last row and column are always dropped, even when no crop is needed.
+    The arithmetic of MuseV's video and image crops (MMCM batch_dynamic_crop_resize_images,
+    dynamic_crop_resize_image): starts rounded up, far edges rounded up then clipped to size-1, and the
+    slice [y1:y2, x1:x2] excludes the far edge, so the last row and column are always dropped, even when
+    no crop is needed.
     """
     if w / h >= width / height:
         excess = (w - h * width / height) / 2
@@ -435,6 +296,21 @@ class VideoFrames:
     indices: tuple[int, ...]
 
 
+def check_sampling(path: Path, height: int | None, width: int | None, fps: float | None, sample_rate: int) -> None:
+    """`read_video`'s size and sampling arguments, checked (a MediaError naming the video)."""
+    if (height is None) != (width is None):
+        raise MediaError(f"video {path}: give both height and width, or neither (got {height=}, {width=})")
+    if height is not None and not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
+        raise MediaError(f"video {path}: height and width must be positive integers, got {height!r} x {width!r}")
+    if not isinstance(sample_rate, int) or isinstance(sample_rate, bool) or sample_rate < 1:
+        raise MediaError(f"video {path}: sample_rate must be an integer >= 1, got {sample_rate!r}")
+    if fps is not None:
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+            raise MediaError(f"video {path}: fps must be a positive number, got {fps!r}")
+        if sample_rate != 1:
+            raise MediaError(f"video {path}: give fps or sample_rate, not both (fps={fps}, sample_rate={sample_rate})")
+
+
 def read_video(path: str | os.PathLike, height: int | None = None, width: int | None = None,
                fps: float | None = None, sample_rate: int = 1) -> VideoFrames:
     """Decode a video's first video stream to RGB uint8 frames (F, H, W, 3).
@@ -447,17 +323,7 @@ def read_video(path: str | os.PathLike, height: int | None = None, width: int | 
     import av  # imported here: only video input needs the codec library
 
     path = Path(path)
-    if (height is None) != (width is None):
-        raise MediaError(f"video {path}: give both height and width, or neither (got {height=}, {width=})")
-    if height is not None and not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
-        raise MediaError(f"video {path}: height and width must be positive integers, got {height!r} x {width!r}")
-    if not isinstance(sample_rate, int) or isinstance(sample_rate, bool) or sample_rate < 1:
-        raise MediaError(f"video {path}: sample_rate must be an integer >= 1, got {sample_rate!r}")
-    if fps is not None:
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
-            raise MediaError(f"video {path}: fps must be a positive number, got {fps!r}")
-        if sample_rate != 1:
-            raise MediaError(f"video {path}: give fps or sample_rate, not both (fps={fps}, sample_rate={sample_rate})")
+    check_sampling(path, height, width, fps, sample_rate)
     if path.is_dir():
         raise MediaError(f"video {path}: is a folder, not a video file")
     if not path.is_file():

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -13,6 +14,20 @@ FIXTURES = REPO / "tests" / "fixtures"  # small committed fixtures made by tests
 SHARED = Path(os.environ.get("MUSEV_LITE_SHARED", REPO.parent / "shared"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# The numerically sensitive tests (parity, bfloat16, the pipeline, video2video, distributed): CI runs them a
+# second time as on a CPU without AVX-512 or bfloat16 hardware (.ci/run), marked `numerics` here.
+NUMERICS = {"test_bf16.py", "test_cli.py", "test_clip.py", "test_compile.py", "test_controlnet.py",
+            "test_convert.py", "test_denoise.py", "test_distributed.py", "test_ip_adapter.py",
+            "test_loop_parity.py", "test_lora.py", "test_pipeline.py", "test_prompts.py", "test_samplers.py",
+            "test_unet2d.py", "test_unet_parity.py", "test_uneven_windows.py", "test_vae.py",
+            "test_video2video.py", "test_video2video_fixture.py", "test_video2video_parity.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in NUMERICS:
+            item.add_marker(pytest.mark.numerics)
 
 
 @pytest.fixture
@@ -29,6 +44,44 @@ def max_abs_error(ours: torch.Tensor, reference: torch.Tensor, what: str) -> flo
     err = (ours.double() - reference.double()).abs().max().item() if ours.numel() else 0.0
     print(f"{what}: max abs error {err:.3g}")
     return err
+
+
+# ---------------------------------------------------------------------------------------------
+# Tolerances, from an error model (never from the rounding of the host that wrote the test)
+#
+# Two computations of the same float math in another order (another kernel, vector width, thread split,
+# batch size or library) differ by rounding. Every reduction (a linear or convolution layer's sums, done by
+# blocked, vectorised kernels; a norm's mean and variance) rounds its result with a relative error of order
+# u, the unit roundoff (2^-24 in float32); the roundings of the reductions along a value's path are independent and add up like a
+# random walk, to about u * |value| * sqrt(depth). Over an output of up to 10^6 values the largest stays
+# below 5 such sigmas, and each of the two computations has its own: ROUNDING_K = 8 > 5 * sqrt(2).
+
+ROUNDING_K = 8.0
+
+
+def rounding_tolerance(reference: torch.Tensor, depth: float, dtype: torch.dtype = torch.float32) -> float:
+    """ROUNDING_K * u(dtype) * max|reference| * sqrt(depth): how far two correct computations of
+    `reference` in `dtype`, through `depth` reductions, may lie apart."""
+    unit_roundoff = torch.finfo(dtype).eps / 2
+    return ROUNDING_K * unit_roundoff * reference.detach().abs().max().item() * math.sqrt(depth)
+
+
+def reduction_depth(*models: torch.nn.Module) -> int:
+    """The reductions a value goes through in `models`: one per linear and convolution layer (an attention
+    counts its four projections, which covers its two products) and two per norm (its mean and variance,
+    whose rounding the division by a small spread amplifies). Every layer counts, so this bounds the
+    longest path from above."""
+    layers = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    return sum(isinstance(m, layers) + 2 * isinstance(m, norms) for model in models for m in model.modules())
+
+
+def spread_tolerance(recorded_spread: float) -> float:
+    """For a comparison with a run of the original that records its own spread: how far that run moved
+    when only its attention kernel was swapped (fused SDPA -> explicit softmax; the fixtures' manifests,
+    `determinism`). That is one sample of a kernel change's rounding; ROUNDING_K covers another kernel,
+    CPU and order of ours."""
+    return ROUNDING_K * recorded_spread
 
 
 @pytest.fixture(scope="module")

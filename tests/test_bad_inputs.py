@@ -1,19 +1,28 @@
 """Bad inputs at every entry point, one table each: the run command and its configuration, the Python
 API, the converters, fetch, images, videos, keypoint JSON and LoRA files. Every case must give one
 clear message (a regex on its key part), exit code 2 from a command line (a ValueError subclass from
-a function), no traceback, and leave no file behind."""
+a function), no traceback, and leave no file behind. After the tables: names that would leave their folder,
+the other forms the Python API takes, output names against the file system's name limit, and a full disk
+(by fault injection at every kind of write, and on a real tmpfs where the test process may mount one)."""
 
+import errno
 import functools
 import http.server
 import io
+import json
 import os
 import pickle
 import re
+import shlex
+import shutil
 import socket
 import struct
+import subprocess
 import threading
+import warnings
 import wave
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,14 +30,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import REPO
+from conftest import FIXTURES, REPO
 from musev_lite import fetch, lora, pose, run, video_io
 from musev_lite.convert import controlnet as convert_controlnet
 from musev_lite.convert import musev as convert_musev
 from musev_lite.convert import sd15 as convert_sd15
-from musev_lite.checkpoint import save_state
+from musev_lite.checkpoint import fingerprint, save_state
 from musev_lite.config import load_config
-from musev_lite.pipeline import MuseVPipeline, RunState
+from musev_lite.pipeline import ControlVideo, MuseVPipeline, RunState, resolve_dtype
 
 FACE = REPO / "examples/face.png"
 PROJ_IN = "lora_unet_down_blocks_0_attentions_0_proj_in"
@@ -111,7 +120,45 @@ def inputs(tmp_path_factory):
     for name, text in keypoints.items():
         (d / f"kp_{name}.json").write_text(text)
     (d / "kp_binary.json").write_bytes(b"\xff\xfe\x00")
+    limit_inputs(d)
+    weights_folders(d)
     return d
+
+
+def limit_inputs(d):
+    """Inputs past a limit: a point 1e298 canvases away, JSON nested 100,000 deep, a rank-0 LoRA and one with
+    nested metadata, a config file name too long for the default output name; and good files to go with them:
+    an embedding, a diffusers ControlNet folder (the tiny fixture of test_controlnet.py)."""
+    (d / ("c" * 250 + ".toml")).write_text('[model]\npreset = "tiny"\n')
+    huge = '{"canvas_width": 100, "canvas_height": 100, "people": [{"pose_keypoints_2d": [1e300, 5, 1' + ", 0" * 51 + "]}]}"
+    (d / "kp_huge.json").write_text(huge)
+    (d / "kp_deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    save_file({f"{PROJ_IN}.lora_down.weight": torch.zeros(0, 320), f"{PROJ_IN}.lora_up.weight": torch.zeros(320, 0)},
+              d / "rank0_lora.safetensors")
+    save_file({f"{PROJ_IN}.lora_down.weight": torch.zeros(4, 320), f"{PROJ_IN}.lora_up.weight": torch.zeros(320, 4)},
+              d / "deep_metadata_lora.safetensors", metadata={"lora_adapter_metadata": "[" * 1000 + "]" * 1000})
+    save_file({"emb_params": torch.zeros(2, 32)}, d / "embedding.safetensors")
+    (d / "controlnet_folder").mkdir()
+    shutil.copy(FIXTURES / "controlnet/config.json", d / "controlnet_folder/config.json")
+    shutil.copy(FIXTURES / "controlnet/weights.safetensors", d / "controlnet_folder/diffusion_pytorch_model.safetensors")
+
+
+def weights_folders(d):
+    """The demo's weights folder, and copies of it with one config changed: a ControlNet narrower than the
+    UNet, a ControlNet of another text width, unet.json / scheduler.json nested 100,000 deep."""
+    demo = d / "demo_weights"
+    MuseVPipeline.demo(seed=0).save_pretrained(demo)
+    changes = {
+        "narrow_controlnet": ("controlnet.json", lambda c: dict(c, block_out_channels=[16, 16, 16, 16], norm_num_groups=8)),
+        "wide_text_controlnet": ("controlnet.json", lambda c: dict(c, cross_attention_dim=64)),
+        "deep_unet_json": ("unet.json", None),
+        "deep_scheduler": ("scheduler.json", None),
+    }
+    for name, (file, change) in changes.items():
+        shutil.copytree(demo, d / name)
+        target = d / name / file
+        text = json.dumps(change(json.loads(target.read_text()))) if change else "[" * 100_000 + "]" * 100_000
+        target.write_text(text)
 
 
 def files_in(root) -> dict:
@@ -201,7 +248,41 @@ RUN = [
      r"interrupted\.checkpoint was made with other settings: generation\.steps \(40 then, 7 now\); resume with the same"),
     ("resume a broken checkpoint", ["output.name=broken", "--resume"],
      r"broken\.checkpoint/state\.safetensors: not a readable checkpoint \(.*\); delete its folder to start over"),
+    ("name 240 characters", ["output.name=" + "n" * 240],
+     r"output\.name is too long for output\.dir '.*': the longest file name a run writes there, "
+     r"'\.<output\.name>_sheet\.xxxxxxxx\.tmp\.png', would be 264 bytes and that file system allows \d+; set an "
+     r"output\.name of at most \d+ bytes"),
+    ("name 1000 characters", ["output.name=" + "n" * 1000], r"'\.<output\.name>_sheet\.xxxxxxxx\.tmp\.png', would be 1024 bytes"),
+    ("--set nested 10,000 deep", ["output.formats=" + "[" * 10_000 + "]" * 10_000],
+     r"--set output\.formats: arrays or tables are nested more than 32 levels deep; no setting or keypoint file"),
+    ("--set nested 33 deep", ["output.formats=" + "[" * 32 + "]" * 32], r"--set output\.formats: .*more than 32 levels"),
+    ("--set nested 32 deep: a type error", ["output.formats=" + "[" * 31 + "]" * 31],
+     r"output\.formats must be a list of strings"),
+    ("weights config nested deep", ["model.preset=musev", "model.weights_dir={inputs}/deep_unet_json"],
+     r"deep_unet_json/unet\.json: arrays or tables are nested more than 32 levels deep"),
+    ("output dir /dev/null", ["output.dir=/dev/null"],
+     r"output\.dir '/dev/null' is not writable \(it is a character device, not a folder\); choose another folder"),
+    ("output dir a symlink loop", ["output.dir={tmp}/loop"], r"output\.dir '.*loop' is not writable \(it is a symbolic link loop\)"),
+    ("output dir inside a symlink loop", ["output.dir={tmp}/loop/out"],
+     r"is not writable \(it passes through a symbolic link loop at .*loop\)"),
+    ("a file named NAME.checkpoint", ["output.name=plain", "output.checkpoint=true"],
+     r"plain\.checkpoint is a file, not a folder, so it holds no checkpoint of this run's name; move or delete it"),
+    ("a file named NAME.checkpoint, overwrite", ["output.name=plain", "output.checkpoint=true", "output.overwrite=true"],
+     r"plain\.checkpoint is a file, not a folder"),
+    ("resume a file named NAME.checkpoint", ["output.name=plain", "--resume"], r"plain\.checkpoint is a file, not a folder"),
+    ("resume latents of the wrong shape", ["output.name=misshapen", "generation.seed=5", "--resume"],
+     r"resume state: latents is torch\.float32 \(1, 4, 5, 16, 12\); shot 0 of this call needs float32 \(1, 4, 12, 16, 12\); "
+     r"resume with the settings and inputs that saved it"),
+    ("resume metadata nested deep", ["output.name=deep", "--resume"],
+     r"deep\.checkpoint/state\.safetensors: not a readable checkpoint \(fingerprint: arrays or tables are nested more "
+     r"than 32 levels deep"),
 ]
+
+
+def fingerprint_of(path, overrides: list[str], seed: int) -> dict:
+    """The fingerprint a run of the config at `path` with `overrides` and `seed` gives its checkpoint (on the CPU)."""
+    config = load_config(path, overrides)
+    return fingerprint(config, seed, resolve_dtype(config.model.dtype, "cpu"))
 
 
 @pytest.fixture
@@ -218,9 +299,20 @@ def config(tmp_path):
     latent = torch.zeros(1, 4, 1, 2, 2)
     state = RunState(1, 0, latent, None, latent, torch.Generator().get_state(), 5)
     save_state(out / "interrupted.checkpoint" / "state.safetensors", state,
-               run.fingerprint(load_config(path, ["generation.seed=5", "generation.steps=40"]), 5))
+               fingerprint_of(path, ["generation.seed=5", "generation.steps=40"], 5))
     (out / "broken.checkpoint").mkdir()
     (out / "broken.checkpoint" / "state.safetensors").write_bytes(b"not safetensors")
+    (out / "plain.checkpoint").write_text("a file of mine")
+    # a checkpoint of this config (seed 5) whose latents do not fit the video (96x128: latents 16x12, 12 frames)
+    condition = torch.zeros(1, 4, 1, 16, 12)
+    misshapen = RunState(0, 1, condition, torch.zeros(1, 4, 5, 16, 12), condition, torch.Generator().get_state(), 5)
+    save_state(out / "misshapen.checkpoint" / "state.safetensors", misshapen,
+               fingerprint_of(path, ["generation.seed=5"], 5))
+    (out / "deep.checkpoint").mkdir()
+    tensors = {"condition": latent, "first_condition": latent.clone(), "generator": torch.Generator().get_state()}
+    save_file(tensors, out / "deep.checkpoint" / "state.safetensors", metadata={
+        "format": "musev_lite checkpoint 1", "shot": "0", "step": "0", "seed": "5", "fingerprint": "[" * 5000 + "]" * 5000})
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
     return path
 
 
@@ -229,7 +321,7 @@ def test_run_command(config, inputs, capsys, overrides, pattern):
     before = files_in(config.parent)
     argv = [str(config)]
     for item in overrides:
-        argv += [item] if item == "--resume" else ["--set", item.format(inputs=inputs)]
+        argv += [item] if item == "--resume" else ["--set", item.format(inputs=inputs, tmp=config.parent)]
     assert run.main(argv) == 2
     one_error_line(capsys.readouterr().err, pattern)
     assert files_in(config.parent) == before
@@ -251,6 +343,13 @@ CONFIG_FILES = [
      r"model\.lora\[0\]\.path: .*style\.safetensors: no such file \(model\.lora\[0\]\.path = 'style\.safetensors' is "
      r"relative to the config file's folder"),
     ("empty: default weights missing", "", None, r"model\.weights_dir 'weights/musev_referencenet' lacks unet\.safetensors"),
+    ("TOML nested 40 deep", '[output]\nformats = ' + "[" * 40 + "]" * 40 + "\n", None,
+     r"config file .*c\.toml: arrays or tables are nested more than 32 levels deep"),
+    ("TOML nested 10,000 deep", '[output]\nformats = ' + "[" * 10_000 + "]" * 10_000 + "\n", None,
+     r"config file .*c\.toml: arrays or tables are nested more than 32 levels deep"),
+    ("config name too long for the default output name", None, "c" * 250 + ".toml",
+     r"the output name c{250}-<seed> \(from the config file's name\) is too long for output\.dir 'outputs': .* would be "
+     r"\d+ bytes and that file system allows \d+; set an output\.name of at most \d+ bytes"),
 ]
 
 
@@ -276,6 +375,16 @@ def pipe():
 
 
 SMALL = dict(num_frames=2, steps=1, context_frames=4, context_overlap=2)
+MISSING_BACKEND = "mps" if torch.cuda.is_available() else "cuda"  # no torch build has both
+
+
+def state(**changes) -> RunState:
+    """A resume state a SMALL call with FACE (96x128: latents 16x12) could have saved after step 0 of shot 0,
+    with `changes`."""
+    condition = torch.zeros(1, 4, 1, 16, 12)
+    fields = dict(shot=0, step=0, condition=condition, latents=torch.zeros(1, 4, 2, 16, 12), first_condition=condition,
+                  generator=torch.Generator().get_state(), seed=1)
+    return RunState(**{**fields, **changes})
 API = [
     ("image a number", lambda p, d: p("x", 123, **SMALL), r"image array must be uint8 \(H, W, 3\), got int64 \(\)"),
     ("image 2-D", lambda p, d: p("x", np.zeros((16, 16), np.uint8), **SMALL), r"must be uint8 \(H, W, 3\), got uint8 \(16, 16\)"),
@@ -283,7 +392,7 @@ API = [
     ("image missing", lambda p, d: p("x", d / "nowhere.png", **SMALL), r"image .*nowhere\.png: no such file"),
     ("refer image unreadable", lambda p, d: p("x", FACE, refer_image=d / "text.png", **SMALL), r"text\.png: not a readable image"),
     ("prompt a number", lambda p, d: p(123, FACE, **SMALL), r"^prompt must be a string, got int 123"),
-    ("negative prompt None", lambda p, d: p("x", FACE, negative_prompt=None, **SMALL), r"negative_prompt must be a string, got NoneType"),
+    ("negative prompt a number", lambda p, d: p("x", FACE, negative_prompt=3, **SMALL), r"negative_prompt must be a string, got int"),
     ("config a string", lambda p, d: p("x", FACE, "V2"), r"config must be a GenerationConfig or None, got str 'V2'; give settings as keywords"),
     ("unknown setting", lambda p, d: p("x", FACE, stepz=1), r"unknown generation setting 'stepz'; did you mean 'steps'\?"),
     ("steps 0", lambda p, d: p("x", FACE, steps=0), r"generation\.steps = 0 must be at least 1"),
@@ -306,6 +415,45 @@ API = [
     ("LoRA missing", lambda p, d: p.load_loras([(d / "nowhere.safetensors", 1.0)]), r"nowhere\.safetensors: no such file"),
     ("embedding too narrow", lambda p, d: p.load_textual_inversion(d / "narrow_embedding.safetensors"),
      r"embedding vectors do not fit this text encoder \(width 7, expected 32\)"),
+    ("to a backend torch lacks", lambda p, d: p.to(MISSING_BACKEND),
+     rf"device = '{MISSING_BACKEND}' but this torch has no {MISSING_BACKEND.upper()} device; use \"auto\" or one of cpu"),
+    ("to float64", lambda p, d: p.to(torch.float64), r"dtype = torch\.float64 is not one of auto, float32, bfloat16, float16"),
+    ("to (dtype, device)", lambda p, d: p.to(torch.float16, "cpu"), r"to\(\) takes \(device\), \(dtype\) or \(device, dtype\)"),
+    ("to dtype twice", lambda p, d: p.to("cpu", torch.float32, dtype=torch.float32), r"to\(\): dtype given twice"),
+    ("torch_dtype a name torch lacks", lambda p, d: MuseVPipeline.from_pretrained(d / "demo_weights", torch_dtype="float64"),
+     r"torch_dtype = 'float64' is not one of auto, float32, bfloat16, float16"),
+    ("torch_dtype a number", lambda p, d: MuseVPipeline.from_pretrained(d / "demo_weights", torch_dtype=16),
+     r"torch_dtype = 16 is not one of auto, float32"),
+    ("ControlNet narrower than the UNet", lambda p, d: MuseVPipeline.from_pretrained(d / "narrow_controlnet"),
+     r"narrow_controlnet/controlnet\.json: block_out_channels = \(16, 16, 16, 16\) but the UNet's block_out_channels is "
+     r"\(32, 32, 32, 32\) \(unet\.json\), and its residuals are added to the UNet's skip connections; controlnet was made "
+     r"for another base model"),
+    ("ControlNet of another text width", lambda p, d: MuseVPipeline.from_pretrained(d / "wide_text_controlnet"),
+     r"controlnet\.json: cross_attention_dim = 64 but the UNet's cross_attention_dim is 32 \(unet\.json\), and it reads "
+     r"the same text embeddings as the UNet"),
+    ("scheduler.json nested deep", lambda p, d: MuseVPipeline.from_pretrained(d / "deep_scheduler"),
+     r"deep_scheduler/scheduler\.json: arrays or tables are nested more than 32 levels deep"),
+    ("LoRA pair with a word for a scale", lambda p, d: p.load_loras([(d / "nowhere.safetensors", "strong")]),
+     r"loras\[0\] = .* must be a path or a \(path, scale\) pair"),
+    ("LoRA a number", lambda p, d: p.load_loras(5), r"loras must be a path or a list of \(path, scale\) pairs; got int"),
+    ("LoRA one path, missing", lambda p, d: p.load_loras(str(d / "nowhere.safetensors")), r"nowhere\.safetensors: no such file"),
+    ("textual-inversion word a path", lambda p, d: p.load_textual_inversion(d / "embedding.safetensors", word="../evil"),
+     r"textual-inversion word = '\.\./evil' must be a file stem, not a path"),
+    ("control not a ControlVideo", lambda p, d: p("x", FACE, control=[np.zeros((3, 8, 8, 3), np.uint8)], **SMALL),
+     r"control\[0\] must be a ControlVideo\(frames, controlnet, scale\), got ndarray"),
+    ("resume latents of the wrong shape", lambda p, d: p("x", FACE, resume=state(latents=torch.zeros(1, 4, 3, 16, 12)), **SMALL),
+     r"resume state: latents is torch\.float32 \(1, 4, 3, 16, 12\); shot 0 of this call needs float32 \(1, 4, 2, 16, 12\); "
+     r"resume with the settings and inputs that saved it"),
+    ("resume latents bfloat16", lambda p, d: p("x", FACE, resume=state(latents=torch.zeros(1, 4, 2, 16, 12).bfloat16()), **SMALL),
+     r"latents is torch\.bfloat16 \(1, 4, 2, 16, 12\); shot 0 of this call needs float32"),
+    ("resume condition of another size", lambda p, d: p("x", FACE, resume=state(condition=torch.zeros(1, 4, 1, 8, 8)), **SMALL),
+     r"resume state: condition is torch\.float32 \(1, 4, 1, 8, 8\); shot 0 of this call needs float32 \(1, 4, 1, 16, 12\)"),
+    ("resume generator state cut", lambda p, d: p("x", FACE, resume=state(generator=torch.zeros(100, dtype=torch.uint8)), **SMALL),
+     r"resume state: generator state is \(100,\), not torch's uint8 \(\d+,\) of a CPU generator"),
+    ("resume shot out of range", lambda p, d: p("x", FACE, resume=state(shot=7), **SMALL),
+     r"resume state: shot = 7, but this call has shots 0\.\.0 \(and 1: all done\)"),
+    ("resume step beyond the steps", lambda p, d: p("x", FACE, resume=state(step=5), **SMALL),
+     r"resume state: step = 5, but this call has 1 steps per shot"),
 ]
 
 
@@ -346,6 +494,13 @@ CONVERT = [
     ("controlnet empty folder", convert_controlnet, ["{inputs}/empty_folder", "--dest", "{dest}"],
      r"empty_folder: no weights file"),
     ("controlnet pickle with code", convert_controlnet, ["{inputs}/code.ckpt", "--dest", "{dest}"], r"refused to unpickle"),
+    ("controlnet dest a file", convert_controlnet, ["{inputs}/controlnet_folder", "--dest", "{inputs}/text.png"],
+     r"--dest .*text\.png is a file, not a folder; give a folder \(it is made if missing\)"),
+    ("sd15 dest a file", convert_sd15, ["{inputs}/other.safetensors", "{inputs}/text.png"], r"dest .*text\.png is a file, not a folder"),
+    ("musev dest inside a file", convert_musev, ["{inputs}/text.png/w", "--motion", "{inputs}/empty_folder", "--base",
+                                                "{inputs}/empty_folder"], r"dest .*text\.png/w is inside .*text\.png, which is a file"),
+    ("controlnet dest a device", convert_controlnet, ["{inputs}/controlnet_folder", "--dest", "/dev/null"],
+     r"--dest /dev/null is a character device, not a folder"),
 ]
 
 
@@ -444,6 +599,16 @@ READERS = [
     ("LoRA for SDXL", lora.load_lora, "sdxl_lora.safetensors", {}, r"this LoRA was made for SDXL"),
     ("LoRA pickle with code", lora.load_lora, "code.ckpt", {}, r"refused to unpickle"),
     ("LoRA a text file", lora.load_lora, "bad.json", {}, r"unknown checkpoint type '\.json'"),
+    ("keypoints far out (x 1e300)", pose.read_keypoints, "kp_huge.json", {},
+     r"kp_huge\.json: people\[0\]\.pose_keypoints_2d has a point at x, y = 1e\+298, 0\.05 canvas sizes, beyond the 100 "
+     r"canvas sizes a point may lie from the picture"),
+    ("keypoints nested 100,000 deep", pose.read_keypoints, "kp_deep.json", {},
+     r"keypoints .*kp_deep\.json: arrays or tables are nested more than 32 levels deep"),
+    ("LoRA rank 0", lora.load_lora, "rank0_lora.safetensors", {},
+     r"1 layer\(s\) have empty down/up factors \(rank 0, .*\): lora_unet_down_blocks_0_attentions_0_proj_in "
+     r"\{'down': \(0, 320\), 'up': \(320, 0\)\}"),
+    ("LoRA metadata nested deep", lora.load_lora, "deep_metadata_lora.safetensors", {},
+     r"deep_metadata_lora\.safetensors: lora_adapter_metadata: arrays or tables are nested more than 32 levels deep"),
 ]
 
 
@@ -454,6 +619,301 @@ def test_readers(inputs, read, name, kwargs, pattern):
         read(inputs / name, **kwargs)
     assert "\n" not in str(caught.value)
     assert files_in(inputs) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Names that would leave their folder, and the forms the Python API accepts besides the documented one
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "../escaped", "a/b", "a\\b", "..", ".hidden", ""])
+def test_converter_names_cannot_leave_dest(inputs, tmp_path, capsys, name):
+    dest = tmp_path / "a" / "weights"  # ../../escaped would be tmp_path/escaped.safetensors
+    code = convert_controlnet.main([str(inputs / "controlnet_folder"), "--dest", str(dest), "--name", name])
+    assert code == 2
+    one_error_line(capsys.readouterr().err, r"--name = .* must (be a file stem, not a path|not start with a dot|"
+                                            r"be a non-empty name)")
+    assert files_in(tmp_path) == {} and not (tmp_path.parent / "escaped.safetensors").exists()
+
+
+def test_converter_writes_a_plain_name(inputs, tmp_path):
+    """The source of test_converter_names_cannot_leave_dest converts: only the name was refused there."""
+    dest = tmp_path / "a" / "weights"
+    assert convert_controlnet.main([str(inputs / "controlnet_folder"), "--dest", str(dest), "--name", "pose"]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["pose.json", "pose.safetensors"]
+
+
+@pytest.mark.parametrize("part", ["controlnet", "textual inversion"])
+def test_save_pretrained_refuses_names_that_leave_the_folder(tmp_path, part):
+    pipe = MuseVPipeline.demo(seed=0)
+    if part == "controlnet":
+        pipe.controlnets["../escaped"] = pipe.controlnets.pop("controlnet")
+    else:
+        pipe.textual_inversions["../escaped"] = torch.zeros(1, 32)
+    with pytest.raises(ValueError, match=r"(ControlNet name|textual-inversion word) = '\.\./escaped' must be a file stem"):
+        pipe.save_pretrained(tmp_path / "w" / "embeddings")
+    assert files_in(tmp_path) == {}  # checked before anything is written
+
+
+def test_to_and_from_pretrained_take_what_diffusers_takes(inputs):
+    pipe = MuseVPipeline.demo(seed=0)
+    assert pipe.to("cpu").device.type == "cpu" and pipe.dtype == torch.float32
+    assert pipe.to(torch.bfloat16).dtype == torch.bfloat16 and pipe.vae.decoder.conv_out.weight.dtype == torch.float32
+    assert pipe.to("cpu", torch.float32).dtype == torch.float32
+    assert pipe.to(device="cpu", dtype="bfloat16").dtype == torch.bfloat16
+    assert pipe.to(torch.device("cpu"), dtype=torch.float16).dtype == torch.float16
+    assert pipe.controlnets["controlnet"].conv_in.weight.dtype == torch.float16
+    for given, dtype in (("float16", torch.float16), ("torch.bfloat16", torch.bfloat16), (torch.float16, torch.float16)):
+        assert MuseVPipeline.from_pretrained(inputs / "demo_weights", torch_dtype=given).dtype == dtype
+
+
+def test_load_loras_takes_one_path_at_scale_1(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "style.safetensors"
+    key = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{key}.lora_down.weight": torch.randn(2, 32), f"{key}.lora_up.weight": torch.randn(32, 2)}, path)
+    pipe = MuseVPipeline.demo(seed=0)
+    weight = pipe.unet.down_blocks[0].attentions[0].proj_in.weight
+    original = weight.clone()
+    pipe.load_loras(str(path))
+    one_path = weight.clone()
+    pipe.unload_loras()
+    pipe.load_loras([(path, 1.0)])
+    assert not torch.equal(one_path, original) and torch.equal(one_path, weight)
+    assert pipe.loras == [(str(path), 1.0)]
+
+
+def test_control_takes_one_control_video(pipe):
+    frames = np.random.default_rng(0).integers(0, 256, (3, 128, 96, 3), dtype=np.uint8)
+    one = pipe("x", FACE, control=ControlVideo(frames, "controlnet", 0.5), seed=2, **SMALL)
+    listed = pipe("x", FACE, control=[ControlVideo(frames, "controlnet", 0.5)], seed=2, **SMALL)
+    without = pipe("x", FACE, seed=2, **SMALL)
+    assert torch.equal(one.latents, listed.latents) and not torch.equal(one.latents, without.latents)
+
+
+def test_a_negative_prompt_named_like_a_preset_warns(pipe):
+    with pytest.warns(UserWarning, match=r"negative_prompt 'V9' looks like a preset name but is none \(Empty, V1, V2, V3, "
+                                         r"V4, V5\), so it is used as literal text"):
+        pipe.encode_text("x", "V9")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.encode_text("x", "V2")
+        pipe.encode_text("x", "blurry, V9 quality")
+    assert not [w for w in caught if "preset" in str(w.message)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output names against the file system's limit, and a full disk
+
+
+def tiny_config(tmp_path, *lines) -> Path:
+    """A fast run (2 shots of 2 frames, one step, float32) writing to tmp_path/out, plus `lines` of TOML."""
+    path = tmp_path / "tiny.toml"
+    path.write_text("\n".join([
+        "[model]", 'preset = "tiny"', 'dtype = "float32"', "[input]", f'image = "{FACE}"',
+        "[generation]", "num_frames = 2", "n_batch = 2", "steps = 1", "context_frames = 4", "context_overlap = 2",
+        "seed = 3", "[output]", f'dir = "{tmp_path / "out"}"', 'name = "v"', *lines, ""]))
+    return path
+
+
+def test_the_longest_accepted_name_writes_every_file(tmp_path, capsys, monkeypatch):
+    """The limit the refusal states is the real one: a name of that length goes through a stale lock taken over,
+    an interrupt that keeps partial outputs and a checkpoint, and a resume that writes every format and the sheet
+    (with their temporaries); one byte more is refused before anything is written."""
+    config = tiny_config(tmp_path, 'formats = ["mp4", "gif", "webp", "png"]', "checkpoint = true")
+    assert run.main([str(config), "--set", "output.name=" + "n" * 1000]) == 2
+    longest = int(re.search(r"at most (\d+) bytes", capsys.readouterr().err)[1])
+    name, out = "n" * longest, tmp_path / "out"
+    out.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (out / f"{name}.lock").write_text(f"{gone.pid}\n")
+
+    def stop_in_shot_2(self, progress):
+        if progress.stage == "video" and progress.shot == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(run.ProgressPrinter, "__call__", stop_in_shot_2)
+    assert run.main([str(config), "--set", f"output.name={name}"]) == 130
+    assert sorted(p.name.removeprefix(name) for p in out.iterdir()) == [".checkpoint", ".partial.mp4", "_frames.partial"]
+    monkeypatch.undo()
+    assert run.main([str(config), "--set", f"output.name={name}", "--resume"]) == 0
+    assert sorted(p.name.removeprefix(name) for p in out.iterdir()) == [".gif", ".json", ".mp4", ".webp", "_frames",
+                                                                       "_sheet.png"]
+    capsys.readouterr()
+    assert run.main([str(config), "--set", f"output.name={name}n"]) == 2
+    one_error_line(capsys.readouterr().err, rf"would be {longest + 1 + 24} bytes and that file system allows {longest + 24}")
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def fail_on_call(monkeypatch, owner, name, call=1, partial=None, error=enospc, when=lambda *a, **k: True):
+    """Make `owner.name` fail as a full disk on its `call`-th call that `when` accepts, after `partial(*args)` wrote
+    the part of the file that fitted; other calls go through."""
+    original, calls = getattr(owner, name), []
+
+    def failing(*args, **kwargs):
+        if when(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == call:
+                if partial is not None:
+                    partial(*args)
+                error()
+        return original(*args, **kwargs)
+    monkeypatch.setattr(owner, name, failing)
+
+
+class FullFile:
+    """A file (from os.fdopen) on a full disk: writing fails."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, text):
+        enospc()
+
+
+def safetensors_full():
+    from safetensors import SafetensorError
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+PARTIAL = b"x" * 999  # what fitted of a file: the message must count it (measured before it is removed)
+FULL_DISK = [  # (what fills the disk, formats, the file named, written: "999 bytes" when exactly PARTIAL, install)
+    ("lock file", ["mp4"], r"v\.lock", "0 bytes",
+     lambda m: m.setattr(os, "fdopen", lambda fd, *a, _open=os.fdopen, **k: FullFile(_open(fd, *a, **k)))),
+    ("mp4 encoder, shot 2", ["mp4"], r"v\.mp4", r"[\d.]+ (bytes|kB)",
+     lambda m: fail_on_call(m, video_io.Mp4Writer, "write", call=2)),
+    ("mp4 finish", ["mp4"], r"v\.mp4", r"[\d.]+ (bytes|kB)",
+     lambda m: fail_on_call(m, video_io.Mp4Writer, "close", partial=lambda writer: writer.abort())),
+    ("PNG frame 2", ["png"], r"v_frames", r"[\d.]+ kB",
+     lambda m: fail_on_call(m, Image.Image, "save", call=2, partial=lambda image, f, *a: f.write(PARTIAL))),
+    ("GIF", ["gif"], r"v\.gif", "999 bytes",
+     lambda m: fail_on_call(m, Image.Image, "save", partial=lambda image, path, *a: path.write_bytes(PARTIAL))),
+    ("WebP", ["webp"], r"v\.webp", "999 bytes",
+     lambda m: fail_on_call(m, Image.Image, "save", partial=lambda image, path, *a: path.write_bytes(PARTIAL))),
+    ("contact sheet", ["mp4"], r"v_sheet\.png", "999 bytes",
+     lambda m: fail_on_call(m, Image.Image, "save", partial=lambda image, path, *a: path.write_bytes(PARTIAL))),
+    ("sidecar JSON", ["mp4"], r"v\.json", "999 bytes",
+     lambda m: fail_on_call(m, Path, "write_text", partial=lambda path, *a: path.write_bytes(PARTIAL))),
+]
+
+
+@pytest.mark.parametrize("formats, name, written, install", [c[1:] for c in FULL_DISK], ids=[c[0] for c in FULL_DISK])
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, formats, name, written, install):
+    config = tiny_config(tmp_path, f"formats = {json.dumps(formats)}")
+    install(monkeypatch)
+    assert run.main([str(config)]) == 2
+    out = tmp_path / "out"
+    one_error_line(capsys.readouterr().err, rf"^error: {re.escape(str(out))}: no space left on the device while writing "
+                                            rf"{name} \([\d.]+ (bytes|kB|MB|GB) free, {written} written when it filled\); "
+                                            r"the partial files are removed; free some space or choose another output\.dir$")
+    assert list(out.iterdir()) == []  # no output, partial file, temporary, staging folder or lock
+
+
+def test_a_full_disk_while_saving_the_first_state_leaves_no_checkpoint(tmp_path, capsys, monkeypatch):
+    from musev_lite import checkpoint
+    fail_on_call(monkeypatch, checkpoint, "save_file", partial=lambda tensors, path, **k: path.write_bytes(PARTIAL),
+                 error=safetensors_full)
+    assert run.main([str(tiny_config(tmp_path, "checkpoint = true"))]) == 2
+    one_error_line(capsys.readouterr().err, r"out: no space left on the device while writing v\.checkpoint/state\.safetensors "
+                                            r"\([\d.]+ \S+ free, it needs about [\d.]+ kB\); the partial files are removed")
+    assert list((tmp_path / "out").iterdir()) == []  # no state was whole: no checkpoint
+
+
+def test_a_full_disk_keeps_a_whole_checkpoint_that_resumes(tmp_path, capsys, monkeypatch):
+    """The first shot's latents cannot be saved: the state saved before stays, whole, and the command the
+    error gives continues to the video an uninterrupted run writes, byte for byte."""
+    from musev_lite import checkpoint
+    fail_on_call(monkeypatch, checkpoint, "save_file", partial=lambda tensors, path, **k: path.write_bytes(PARTIAL),
+                 error=safetensors_full, when=lambda tensors, *a, **k: list(tensors) == ["latents"])
+    config = tiny_config(tmp_path, "checkpoint = true")
+    assert run.main([str(config)]) == 2
+    err = capsys.readouterr().err
+    one_error_line(err, r"while writing v\.checkpoint/shot_00000\.safetensors .*; v\.checkpoint keeps the last saved step: "
+                        r"once there is room, continue with: python -m musev_lite\.run .*tiny\.toml --resume$")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["v.checkpoint"]
+    assert sorted(p.name for p in (out / "v.checkpoint").iterdir()) == ["state.safetensors"]  # no temporary
+    monkeypatch.undo()
+    command = shlex.split(err.split("continue with: ")[1])
+    assert command[:3] == ["python", "-m", "musev_lite.run"] and run.main(command[3:]) == 0
+    assert run.main([str(config), "--set", f"output.dir={tmp_path / 'whole'}"]) == 0
+    assert (out / "v.mp4").read_bytes() == (tmp_path / "whole/v.mp4").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["v.json", "v.mp4", "v_sheet.png"]
+
+
+def test_a_full_disk_in_a_converter(inputs, tmp_path, capsys, monkeypatch):
+    from musev_lite import weights
+    fail_on_call(monkeypatch, weights, "save_file", partial=lambda tensors, path, **k: path.write_bytes(PARTIAL),
+                 error=safetensors_full)
+    dest = tmp_path / "weights"
+    assert convert_controlnet.main([str(inputs / "controlnet_folder"), "--dest", str(dest)]) == 2
+    one_error_line(capsys.readouterr().err, rf"{re.escape(str(dest))}: no space left on the device while writing "
+                                            r"controlnet\.safetensors \([\d.]+ \S+ free, it needs about [\d.]+ kB\); the "
+                                            r"partial files are removed; free some space or write to another folder$")
+    assert files_in(tmp_path) == {}
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """make(size) -> a folder on a tmpfs of that size, unmounted after the test; skipped where this process
+    may not mount one (not root, in a container without the right), the fault-injection tests covering the
+    same code there."""
+    mounted = []
+
+    def make(size: str) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("mounting a tmpfs needs root")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()[:200]}")
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("formats, size", [(["mp4"], "4k"), (["mp4"], "24k"), (["mp4"], "60k"), (["png"], "60k"),
+                                           (["gif"], "60k"), (["webp"], "24k")])
+def test_a_real_full_disk(tmp_path, capsys, small_disk, formats, size):
+    """A tmpfs too small for the outputs, at sizes that fill it in different writes."""
+    disk = small_disk(size)
+    config = tiny_config(tmp_path, f"formats = {json.dumps(formats)}")
+    assert run.main([str(config), "--set", f"output.dir={disk}"]) == 2
+    one_error_line(capsys.readouterr().err, rf"{re.escape(str(disk))}: no space left on the device while writing "
+                                            r"(v\.mp4|v\.gif|v\.webp|v_frames|v_sheet\.png|v\.json|v\.lock) \([\d.]+ \S+ free, "
+                                            r"[\d.]+ \S+ written when it filled\); the partial files are removed")
+    assert list(disk.iterdir()) == []
+
+
+def test_a_real_full_disk_keeps_a_checkpoint_that_resumes(tmp_path, capsys, small_disk):
+    """A tmpfs with room for the checkpoint but not for the contact sheet: after it is made larger, the
+    command the error gives finishes the video an uninterrupted run writes."""
+    disk = small_disk("64k")
+    config = tiny_config(tmp_path, "checkpoint = true")
+    assert run.main([str(config), "--set", f"output.dir={disk}"]) == 2
+    err = capsys.readouterr().err
+    one_error_line(err, r"no space left on the device while writing .*; v\.checkpoint keeps the last saved step: once there "
+                        r"is room, continue with: ")
+    kept = sorted(p.name for p in (disk / "v.checkpoint").iterdir())
+    assert kept[-1] == "state.safetensors" and all(name.startswith("shot_") for name in kept[:-1])
+    subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+    command = shlex.split(err.split("continue with: ")[1])
+    assert run.main(command[3:]) == 0
+    assert run.main([str(config), "--set", f"output.dir={tmp_path / 'whole'}"]) == 0
+    assert (disk / "v.mp4").read_bytes() == (tmp_path / "whole/v.mp4").read_bytes()
 
 
 def test_the_tables_cover_enough_cases():

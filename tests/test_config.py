@@ -16,7 +16,8 @@ def test_defaults_are_musevs():
     g = config.generation
     assert (g.steps, g.guidance_scale, g.context_frames, g.context_overlap, g.motion_speed) == (10, 3.5, 12, 4, 8.0)
     assert (g.w_ind_noise, g.img_weight, g.num_frames, g.sampler) == (0.5, 0.001, 12, "euler")
-    assert config.input.negative_prompt == "V2" and config.output.formats == ["mp4"]
+    assert config.input.negative_prompt is None and config.output.formats == ["mp4"]  # unset: the model's, MuseV's V2
+    assert load_config(None, ["input.negative_prompt=none"]).input.negative_prompt == "none"  # text, not "unset"
     assert RunConfig().as_dict()["model"]["preset"] == "musev_referencenet"
 
 

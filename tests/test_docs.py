@@ -1,12 +1,14 @@
 """The docs stay true: every configuration key is in the README, CI runs the README's commands, docs/method.md
-matches the code and is what the code points at."""
+matches the code and is what the code points at, the imports go down DEVELOPERS.md's floors."""
 
+import ast
 import dataclasses
+import inspect
 import re
 
 from conftest import REPO
 from musev_lite.config import RunConfig
-from musev_lite.denoise import context_windows, uniform_v2_windows, uniform_windows
+from musev_lite.denoise import WindowedDenoiser, context_windows, sample, uniform_v2_windows, uniform_windows
 
 README = (REPO / "README.md").read_text()
 METHOD = (REPO / "docs/method.md").read_text()
@@ -28,12 +30,64 @@ def test_ci_runs_the_readme_test_command():
     assert "python -m musev_lite.run examples/demo.toml" in README and (REPO / "examples/demo.toml").is_file()
 
 
+def layout_floors() -> dict[str, int]:
+    """DEVELOPERS.md's layout table: the floor of each module of musev_lite/ ("" is the package's __init__,
+    "convert" the converters' package), by its name in the package."""
+    text = (REPO / "DEVELOPERS.md").read_text()
+    floors = {}
+    for floor, paths in re.findall(r"^\| (\d+) \| ([^|]+) \|", text, re.M):
+        for path in re.findall(r"`([\w./]+)`", paths):
+            name = path.removeprefix("musev_lite/").removesuffix("/").removesuffix(".py")
+            floors["" if name == "__init__" else name] = int(floor)
+    return floors
+
+
+def imported_modules(path) -> set[str]:
+    """The modules of musev_lite a file imports, by name in the package ("" for the package itself; a name
+    `from . import` takes is a module if there is one of that name)."""
+    package = path.parent.relative_to(REPO / "musev_lite").parts
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = list(package[:len(package) - node.level + 1]) + (node.module.split(".") if node.module else [])
+            names.add(".".join(base))
+            if node.module is None:
+                names.update(".".join(base + [alias.name]) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "musev_lite":
+            names.add(node.module.removeprefix("musev_lite").removeprefix("."))
+        elif isinstance(node, ast.Import):
+            names.update(a.name.removeprefix("musev_lite").removeprefix(".") for a in node.names
+                         if a.name.split(".")[0] == "musev_lite")
+    return names
+
+
+def test_imports_go_down_the_floors():
+    """Every module of musev_lite/ has a floor in DEVELOPERS.md's layout table, and imports only modules on
+    lower floors (within the convert package, its modules import each other)."""
+    floors = layout_floors()
+    sources = sorted((REPO / "musev_lite").rglob("*.py"))
+    modules = {".".join(p.relative_to(REPO / "musev_lite").with_suffix("").parts).removesuffix("__init__").rstrip(".")
+               for p in sources}
+    unplaced = [m for m in modules if m.split(".")[0] not in floors]
+    assert not unplaced, f"DEVELOPERS.md's layout table gives no floor to {unplaced}"
+    upward = []
+    for path in sources:
+        importer = ".".join(path.relative_to(REPO / "musev_lite").with_suffix("").parts).split(".")[0]
+        importer = "" if importer == "__init__" else importer
+        for name in imported_modules(path) & modules:
+            imported = name.split(".")[0]
+            if imported != importer and floors[imported] >= floors[importer]:
+                upward.append(f"{path.relative_to(REPO)} (floor {floors[importer]}) imports {name or 'musev_lite'} "
+                              f"(floor {floors[imported]})")
+    assert not upward, "imports that do not go down DEVELOPERS.md's floors: " + "; ".join(upward)
+
+
 def test_weights_readme_commands_use_real_options():
     """Every `python -m musev_lite.<cli> ... --option` in weights/README.md names an option that CLI has."""
     text = (REPO / "weights/README.md").read_text().replace("\\\n", " ")
-    sources = {"musev_lite.fetch": REPO / "musev_lite/fetch.py", "musev_lite.convert.musev": REPO / "convert/musev.py",
-               "musev_lite.convert.sd15": REPO / "convert/sd15.py",
-               "musev_lite.convert.controlnet": REPO / "convert/controlnet.py"}
+    sources = {"musev_lite.fetch": REPO / "musev_lite/fetch.py", "musev_lite.convert.musev": REPO / "musev_lite/convert/musev.py",
+               "musev_lite.convert.sd15": REPO / "musev_lite/convert/sd15.py",
+               "musev_lite.convert.controlnet": REPO / "musev_lite/convert/controlnet.py"}
     commands = re.findall(r"python -m (musev_lite[\w.]*)([^\n`]*)", text)
     assert set(sources) <= {module for module, _ in commands}
     for module, args in commands:
@@ -74,6 +128,21 @@ def test_method_diagram_matches_the_code():
     for schedule, frames, context, overlap, shown in diagrams:
         expected = windows_diagram(schedule, int(frames), int(context), int(overlap))
         assert shown == expected, f"docs/method.md's {schedule} diagram is stale; it should read:\n{expected}"
+
+
+def code_lines(text: str) -> list[str]:
+    """The lines of Python `text` without comments, indentation or blank lines."""
+    lines = (re.sub(r"\s+#\s.*$", "", line).strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def test_method_shows_the_loop_as_the_code_has_it():
+    """docs/method.md's `sample` and `WindowedDenoiser.__call__` are the code's, line for line (comments aside)."""
+    blocks = [code_lines(block) for block in re.findall(r"```python\n(.*?)```", METHOD, re.S)]
+    for function in (sample, WindowedDenoiser.__call__):
+        body = code_lines(inspect.getsource(function).split('"""')[-1])  # after the docstring
+        shown = [block[1:] for block in blocks if block and block[0].startswith(f"def {function.__name__}(")]
+        assert shown == [body], f"docs/method.md should show {function.__qualname__}'s body as:\n" + "\n".join(body)
 
 
 def test_code_points_only_at_docs_a_clone_has():

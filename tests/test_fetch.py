@@ -211,6 +211,8 @@ def test_fetch_pose_model_with_its_controlnet(release, tmp_path, capsys):
     state, config = load_component(dest, "controlnet")
     assert state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in weights)
     assert config["block_out_channels"] == [8, 16, 16, 16]
+    for name in ("controlnet.json", "controlnet.safetensors"):  # this tiny ControlNet fits no UNet of the release
+        (dest / name).rename(tmp_path / name)  # (from_pretrained checks the widths: test_bad_inputs.py)
     assert MuseVPipeline.from_pretrained(dest).referencenet is not None  # the rest of the folder is complete
 
 

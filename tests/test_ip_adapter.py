@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import max_abs_error
+from conftest import max_abs_error, reduction_depth, rounding_tolerance
 from musev_lite.ip_adapter import ImageProjection, ImageProjectionConfig
 from musev_lite.weights import WeightsError, load_weights
 
@@ -18,7 +18,8 @@ def test_tokens_equal_the_original(shared):
     embeds = tensors["inputs.clip_image_embeds"]
     with torch.no_grad():
         tokens = model(torch.cat([torch.zeros_like(embeds), embeds]))  # uncond = proj(0)
-    assert max_abs_error(tokens, tensors["ip.image_emb"], "IP tokens") <= 1e-4
+    reference = tensors["ip.image_emb"]  # one linear layer and a LayerNorm: rounding through them (fp32)
+    assert max_abs_error(tokens, reference, "IP tokens") <= rounding_tolerance(reference, reduction_depth(model))
 
 
 def test_wrong_shape_is_named():

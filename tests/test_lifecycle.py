@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, interrupt_when, sets
-from musev_lite import memory, run
+from musev_lite import memory, outputs, run
 from musev_lite.pipeline import MuseVPipeline, fit_video_size
 from musev_lite.settings import ConfigError, GenerationConfig
 
@@ -91,13 +91,13 @@ def test_signal_while_writing_in_process(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "v.mp4").write_bytes(b"an older video")
-    writer = run.write_animation
+    writer = outputs.write_animation
 
     def interrupted_writer(path, frames, fps):
         writer(path, frames[:2], fps)
         signal.raise_signal(signal.SIGTERM)
 
-    monkeypatch.setattr(run, "write_animation", interrupted_writer)
+    monkeypatch.setattr(outputs, "write_animation", interrupted_writer)
     code = run_main(out, 'output.formats=["mp4", "png", "gif"]', "output.overwrite=true")
     err = capsys.readouterr().err
     assert code == 143, err
@@ -233,7 +233,8 @@ def test_run_says_the_size_it_chose(tmp_path, capsys):
     big = tmp_path / "big.png"
     Image.new("RGB", (1000, 625), (90, 120, 150)).save(big)
     assert run_main(tmp_path / "out", f"input.image={big}", "generation.num_frames=1") == 0
-    assert "size: 512x320 from the image's 1000x625 (set generation.height/width to choose)" in capsys.readouterr().err
+    assert ("size: 320x512 (height x width) from the image's 625x1000 (set generation.height/width to choose)"
+            in capsys.readouterr().err)
     assert json.loads((tmp_path / "out/v.json").read_text())["width"] == 512
 
 

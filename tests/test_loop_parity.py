@@ -1,8 +1,9 @@
 """The whole parallel-denoising loop against the ORIGINAL MuseV pipeline run (../shared fixtures).
 
 From the recorded x_T, condition latent, text (and IP tokens, ReferenceNet features), our loop with
-our Euler must give the original's guided noise per step (<= 1e-4) and latents (<= 1e-3 on latents of
-magnitude up to ~100), one window per call and with windows batched.
+our Euler must give the original's guided noise per step and latents (of magnitude up to ~100), one
+window per call and with windows batched. Tolerance: 8x how far the original's own run moved when only
+its attention kernel was swapped (conftest.spread_tolerance), about 1e-4 on the noise, 1.2e-3 on the latents.
 """
 
 import json
@@ -11,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SHARED, max_abs_error, original_fixture_models
-from musev_lite.denoise import context_windows, parallel_denoise
+from conftest import SHARED, max_abs_error, original_fixture_models, spread_tolerance
+from musev_lite.denoise import WindowedDenoiser, context_windows, sample
 from musev_lite.samplers import EulerSampler, SchedulerConfig
 from musev_lite.unet import Conditioning, ReferenceFeatures
 
@@ -50,12 +51,16 @@ def test_loop_equals_the_original(shared, unets, variant, run, window_batch):
 
     sampler.__class__ = Recording
     steps = []
+    denoiser = WindowedDenoiser(unets[variant], x_t, tensors["cond.condition_latents"], cond, sampler, windows,
+                                [3.5] * len(sampler.timesteps), window_batch=window_batch)
     with torch.no_grad():
-        latents = parallel_denoise(unets[variant], x_t, tensors["cond.condition_latents"], cond, sampler,
-                                   windows, [3.5] * len(sampler.timesteps), window_batch=window_batch,
-                                   callback=lambda i, x: steps.append(x))
+        latents = sample(denoiser, sampler, x_t, callback=lambda i, x: steps.append(x))
+    # how far the original's own run moved with another attention kernel, over all steps (manifest)
+    spread = meta["determinism"]["rerun_math_attention_by_group"]
+    eps_tolerance = spread_tolerance(max(spread[f"steps.{i}.noise_pred_guided"] for i in range(len(steps))))
+    latents_tolerance = spread_tolerance(max([spread[f"steps.{i}.latents"] for i in range(len(steps))] + [spread["final"]]))
     for i, (noise, x) in enumerate(zip(guided, steps)):
-        assert max_abs_error(noise, tensors[f"steps.{i}.noise_pred_guided"], f"{variant}/{run} eps {i}") <= 1e-4
-        assert max_abs_error(x, tensors[f"steps.{i}.latents"], f"{variant}/{run} latents {i}") <= 1e-3
+        assert max_abs_error(noise, tensors[f"steps.{i}.noise_pred_guided"], f"{variant}/{run} eps {i}") <= eps_tolerance
+        assert max_abs_error(x, tensors[f"steps.{i}.latents"], f"{variant}/{run} latents {i}") <= latents_tolerance
     final = torch.cat([tensors["cond.condition_latents"], latents], dim=2)
-    assert max_abs_error(final, tensors["final.latents"], f"{variant}/{run} final") <= 1e-3
+    assert max_abs_error(final, tensors["final.latents"], f"{variant}/{run} final") <= latents_tolerance

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from musev_lite.pipeline import MuseVPipeline
+from conftest import max_abs_error, reduction_depth, rounding_tolerance
+from musev_lite.pipeline import MODEL_PARTS, MuseVPipeline
 from musev_lite.weights import WeightsError, load_component
 
 pytestmark = pytest.mark.filterwarnings("ignore:prompt truncated")  # the byte tokenizer makes V2 long
@@ -38,7 +39,9 @@ def test_same_seed_same_video(pipe):
 def test_batched_windows_give_the_same_video(pipe):
     one = pipe("a face", image=IMAGE, num_frames=9, seed=3, window_batch=1, **FAST)
     many = pipe("a face", image=IMAGE, num_frames=9, seed=3, window_batch=8, **FAST)
-    assert (one.latents - many.latents).abs().max() <= 1e-4 * one.latents.abs().max()
+    steps = FAST["steps"]  # each step's UNet calls in other batches: rounding through the UNet, per step
+    tolerance = rounding_tolerance(one.latents, steps * reduction_depth(pipe.unet))
+    assert max_abs_error(many.latents, one.latents, "window_batch 8 vs 1") <= tolerance
     assert np.abs(one.frames.astype(int) - many.frames.astype(int)).max() <= 1
 
 
@@ -118,12 +121,32 @@ def test_save_and_load_a_weights_folder(pipe, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
         "controlnet.safetensors", "image_encoder.safetensors", "image_proj.safetensors", "referencenet.safetensors",
         "text_encoder.safetensors", "unet.safetensors", "vae.safetensors"]
+    assert (pipe.negative_prompt, loaded.negative_prompt) == ("V1", "V2")  # the demo's default is not saved
     a = pipe("a face", image=IMAGE, num_frames=3, seed=5, **FAST)
-    b = loaded("a face", image=IMAGE, num_frames=3, seed=5, **FAST)
+    b = loaded("a face", image=IMAGE, num_frames=3, seed=5, negative_prompt="V1", **FAST)
     assert np.array_equal(a.frames, b.frames)
     (tmp_path / "vae.safetensors").unlink()
     with pytest.raises(WeightsError, match=r"missing vae.safetensors; see weights/README.md"):
         MuseVPipeline.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_loaded_folder_holds_the_saved_weights(pipe, tmp_path, dtype):
+    """from_pretrained (models built on the meta device, then given the file's tensors) gives every model
+    the tensors the saved pipeline has after .to(dtype): same values, dtype (the VAE's float32) and memory
+    layout (bfloat16 convolutions channels-last); no parameter or buffer left on the meta device."""
+    pipe.save_pretrained(tmp_path)
+    loaded = MuseVPipeline.from_pretrained(tmp_path, dtype=dtype)
+    expected = MuseVPipeline.demo(seed=0).to(dtype=dtype)
+    models = [(name, getattr(expected, name), getattr(loaded, name)) for name in MODEL_PARTS]
+    models += [(name, net, loaded.controlnets[name]) for name, net in expected.controlnets.items()]
+    for name, want, got in models:
+        assert not got.training, name
+        tensors = dict(got.named_parameters()) | dict(got.named_buffers())
+        assert tensors.keys() == want.state_dict().keys(), name
+        for key, value in want.state_dict().items():
+            assert not tensors[key].is_meta and tensors[key].dtype == value.dtype, (name, key)
+            assert tensors[key].stride() == value.stride() and torch.equal(tensors[key], value), (name, key)
 
 
 def test_textual_inversions_are_saved_beside_the_base_vocabulary(tmp_path):

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import REPO, interrupt_when, sets
-from musev_lite import run
+from musev_lite import run, video_io
 from musev_lite.video_io import read_video
 
 DEMO = REPO / "examples/demo.toml"
@@ -127,8 +127,8 @@ def test_resume_finds_a_drawn_seed(tmp_path, capsys):
 def test_shots_are_streamed_to_the_outputs(tmp_path, monkeypatch):
     """Each shot's frames reach the mp4 encoder and the PNG folder before the next shot is denoised."""
     events = []
-    write = run.Mp4Writer.write
-    monkeypatch.setattr(run.Mp4Writer, "write", lambda self, chunk: (events.append(("mp4", len(chunk))),
+    write = video_io.Mp4Writer.write
+    monkeypatch.setattr(video_io.Mp4Writer, "write", lambda self, chunk: (events.append(("mp4", len(chunk))),
                                                                       write(self, chunk))[1])
     printer = run.ProgressPrinter.__call__
     monkeypatch.setattr(run.ProgressPrinter, "__call__", lambda self, p: (events.append((p.stage, p.shot)),

@@ -6,9 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, max_abs_error
+from conftest import FIXTURES, max_abs_error, rounding_tolerance
 from musev_lite.samplers import SchedulerConfig, make_sampler
 
+# Tolerances (conftest.rounding_tolerance, fp32): the schedule (sigma from alphas_cumprod, the timestep
+# interpolation) takes ~5 roundings that another CPU's pow/sqrt may do differently (the cumulative product is
+# the same sequential loop everywhere); each Euler or DDIM step ~10 more.
+SCHEDULE_ROUNDINGS, STEP_ROUNDINGS = 5, 10
 CASES = json.loads((FIXTURES / "samplers/cases.json").read_text())
 STEPS = load_file(FIXTURES / "samplers/steps.safetensors")
 SD15 = next(c["config"] for c in CASES if c["config"].get("_class_name") == "PNDMScheduler")
@@ -34,8 +38,8 @@ def case_id(case):
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_diffusers(case):
-    """Timesteps exact; sigmas, model inputs, latents after every step and add_noise within 1e-6 relative
-    to the latents' magnitude (they reach ~15 at sigma_max)."""
+    """Timesteps exact; sigmas, model inputs, latents after every step and add_noise to the rounding of
+    the schedule and the steps (they reach ~15 at sigma_max)."""
     sampler, latents, scaled = run(case)
     key = case["key"]
     assert sampler.timesteps.dtype == STEPS[f"{key}.timesteps"].dtype
@@ -43,15 +47,16 @@ def test_matches_diffusers(case):
     # 2 float32 ulps: torch's float32 pow rounds differently on different CPUs (diffusers itself gives
     # 6.6463127 on one machine and 6.6463118 on another for case85)
     assert sampler.init_noise_sigma == pytest.approx(case["init_noise_sigma"], rel=2.5e-7)
-    scale = max(1.0, STEPS[f"{key}.latents"].abs().max().item())
-    if f"{key}.sigmas" in STEPS:
-        assert max_abs_error(sampler.sigmas, STEPS[f"{key}.sigmas"], f"{key} sigmas") <= 1e-6 * scale
-    if f"{key}.scaled_inputs" in STEPS:
-        assert max_abs_error(scaled, STEPS[f"{key}.scaled_inputs"], f"{key} model inputs") <= 1e-6 * scale
-    assert max_abs_error(latents, STEPS[f"{key}.latents"], f"{key} latents") <= 1e-6 * scale
+    steps_depth = SCHEDULE_ROUNDINGS + STEP_ROUNDINGS * case["steps"]  # after every step, at most
+    for name, ours, depth in (("sigmas", getattr(sampler, "sigmas", None), SCHEDULE_ROUNDINGS),
+                              ("scaled_inputs", scaled, steps_depth), ("latents", latents, steps_depth)):
+        if f"{key}.{name}" in STEPS:  # DDIM has no sigmas
+            reference = STEPS[f"{key}.{name}"]
+            assert max_abs_error(ours, reference, f"{key} {name}") <= rounding_tolerance(reference, depth)
     if f"{key}.noised" in STEPS:
         noised = torch.stack([sampler.add_noise(STEPS["clean"], STEPS["x_T"], i) for i in range(case["steps"])])
-        assert max_abs_error(noised, STEPS[f"{key}.noised"], f"{key} add_noise") <= 1e-6 * scale
+        reference = STEPS[f"{key}.noised"]
+        assert max_abs_error(noised, reference, f"{key} add_noise") <= rounding_tolerance(reference, SCHEDULE_ROUNDINGS + 5)
 
 
 def test_grid_covers_the_brief():
@@ -89,7 +94,7 @@ def test_trailing_keeps_num_steps_where_diffusers_adds_one():
 @pytest.mark.parametrize("run_name", ["t20_linspace", "t20_leading", "t13_linspace3"])
 def test_euler_equals_the_original_run(shared, variant, run_name):
     """Euler from the checkpoint's scheduler_config.json, stepped with the original's guided eps:
-    latents after every step within 1e-4 of the original run's."""
+    latents after every step equal to the original run's, to the rounding of the schedule and the steps."""
     fixtures = shared / "reference/fixtures"
     meta = json.loads((fixtures / "manifest.json").read_text())["variants"][variant]["runs"][run_name]
     tensors = load_file(fixtures / variant / f"{run_name}.safetensors")
@@ -97,12 +102,15 @@ def test_euler_equals_the_original_run(shared, variant, run_name):
     sampler = make_sampler("euler", SchedulerConfig.from_dict(meta["checkpoint_scheduler_config"]), num_steps)
     assert sampler.timesteps.tolist() == meta["step_timesteps"]
     assert torch.equal(sampler.timesteps, tensors["scheduler.timesteps"].float())
-    assert max_abs_error(sampler.sigmas, tensors["scheduler.sigmas"].float(), f"{run_name} sigmas") <= 1e-6
+    sigmas = tensors["scheduler.sigmas"].float()
+    assert max_abs_error(sampler.sigmas, sigmas, f"{run_name} sigmas") <= rounding_tolerance(sigmas, SCHEDULE_ROUNDINGS)
     assert sampler.init_noise_sigma == pytest.approx(meta["init_noise_sigma"], rel=1e-7)
     x = tensors["latents.x_T"]
     for i in range(num_steps):
         x = sampler.step(tensors[f"steps.{i}.noise_pred_guided"], i, x)
-        assert max_abs_error(x, tensors[f"steps.{i}.latents"], f"{variant}/{run_name} step {i}") <= 1e-4
+        reference = tensors[f"steps.{i}.latents"]
+        tolerance = rounding_tolerance(reference, SCHEDULE_ROUNDINGS + STEP_ROUNDINGS * (i + 1))
+        assert max_abs_error(x, reference, f"{variant}/{run_name} step {i}") <= tolerance
 
 
 def test_config_from_json_ignores_foreign_keys(tmp_path):

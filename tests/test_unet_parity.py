@@ -1,8 +1,9 @@
 """UNet3D and ReferenceNet against the ORIGINAL MuseV's recorded calls (../shared fixtures).
 
 Every recorded step-0 window call of every run is reproduced from its recorded inputs, with our
-arguments translated from the call's recorded kwargs (manifest.json). Tolerance 1e-4 (fp32; the
-fixture README measured up to 3.2e-6 between two valid attention kernels).
+arguments translated from the call's recorded kwargs (manifest.json). Tolerance: rounding through the
+model's reductions (conftest.rounding_tolerance), 2.6e-5 for the UNets' outputs of up to 2.5; the
+original's own outputs moved by 3.1e-6 when only its attention kernel was swapped (manifest: determinism).
 """
 
 import json
@@ -11,12 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import max_abs_error, original_fixture_models
+from conftest import max_abs_error, original_fixture_models, reduction_depth, rounding_tolerance
 from musev_lite.convert.musev import unet_config_from_diffusers
 from musev_lite.unet import Conditioning, ReferenceFeatures
 
 RUNS = ["t20_linspace", "t20_leading", "t13_linspace3"]
-TOLERANCE = 1e-4
 # our config switch -> the original UNet3DConditionModel constructor kwarg (fixture config.json)
 SWITCHES = {
     "transformer_in": "need_transformer_in",
@@ -103,7 +103,8 @@ def test_unet_window_calls(shared, models, variant, run):
         with torch.no_grad():
             out = unet(sample, timestep, cond, condition_frames=condition_frames)
         what = f"{variant}/{run} step {call['step']} window {call['window']} t={timestep.item()}"
-        assert max_abs_error(out, tensors[call["tensors"]["out"]], what) <= TOLERANCE
+        reference = tensors[call["tensors"]["out"]]
+        assert max_abs_error(out, reference, what) <= rounding_tolerance(reference, reduction_depth(unet))
 
 
 @pytest.mark.parametrize("run", RUNS)
@@ -118,6 +119,7 @@ def test_referencenet_features(shared, models, run):
     expected = reference_features(tensors, [f"refnet.down_block_refer_embs.{i}" for i in range(12)],
                                   "refnet.mid_block_refer_emb")
     assert len(features.down) == 12
-    for i in range(12):
-        assert max_abs_error(features.down[i], expected.down[i], f"{run} referencenet down {i}") <= TOLERANCE
-    assert max_abs_error(features.mid, expected.mid, f"{run} referencenet mid") <= TOLERANCE
+    depth = reduction_depth(referencenet)
+    for ours, reference, what in zip(features.down + [features.mid], expected.down + [expected.mid],
+                                     [f"down {i}" for i in range(12)] + ["mid"]):
+        assert max_abs_error(ours, reference, f"{run} referencenet {what}") <= rounding_tolerance(reference, depth)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import max_abs_error, original_fixture_models
+from conftest import max_abs_error, original_fixture_models, reduction_depth, rounding_tolerance
 from musev_lite.pipeline import MuseVPipeline
 from musev_lite.unet import Conditioning, ReferenceFeatures, UNet3D, UNet3DConfig
 
@@ -64,7 +64,8 @@ def test_padded_call_equals_each_window_alone(preset):
     condition, frames = torch.randn(1, 4, 1, 16, 16), torch.randn(1, 4, 6, 16, 16)
     with torch.no_grad():
         padded, naive, alone = padded_vs_alone(unet, condition, frames, cond, [6, 3, 6, 1])
-    assert max_abs_error(padded, alone, f"{preset}: padded with lengths vs alone") <= 1e-5
+    tolerance = rounding_tolerance(alone, reduction_depth(unet))  # another batch: rounding through the UNet
+    assert max_abs_error(padded, alone, f"{preset}: padded with lengths vs alone") <= tolerance
     assert max_abs_error(naive, alone, f"{preset}: padded without lengths vs alone") > 1e-2  # the pad matters
 
 
@@ -82,7 +83,8 @@ def test_padded_call_equals_each_window_alone_original_weights(shared):
         frames = tensors["latents.x_T"][:, :, :8] / 14.6  # scaled to the UNet's input range at sigma_max
         with torch.no_grad():
             padded, naive, alone = padded_vs_alone(unet, tensors["cond.condition_latents"], frames, cond, [8, 3])
-        assert max_abs_error(padded, alone, f"{variant}: padded with lengths vs alone") <= 1e-5
+        tolerance = rounding_tolerance(alone, reduction_depth(unet))  # another batch: rounding through the UNet
+        assert max_abs_error(padded, alone, f"{variant}: padded with lengths vs alone") <= tolerance
         assert max_abs_error(naive, alone, f"{variant}: padded without lengths vs alone") > 1e-1
 
 
@@ -96,9 +98,9 @@ def test_lengths_are_checked():
 
 def test_uneven_windows_share_one_call_and_give_the_same_video():
     """The tiny pipeline, 9 frames in windows of 4, 4, 4 and 3: one UNet call per step with
-    window_batch 8, four with window_batch 1, the same latents (to float rounding: 1e-5 of their
-    magnitude, where a pad without `lengths` is off by their magnitude) and frames (to 1 level, where
-    rounding meets the truncation to uint8). 96x96 for the reason given above."""
+    window_batch 8, four with window_batch 1, the same latents (to the rounding of 2 steps through the UNet,
+    conftest.rounding_tolerance, where a pad without `lengths` is off by their magnitude) and frames (to 1
+    level, where rounding meets the truncation to uint8). 96x96 for the reason given above."""
     pipe = MuseVPipeline.demo(seed=0)
     open_temporal_gates(pipe.unet)
     image = np.random.default_rng(0).integers(0, 255, (96, 96, 3)).astype(np.uint8)
@@ -109,6 +111,6 @@ def test_uneven_windows_share_one_call_and_give_the_same_video():
                                   context_overlap=2, window_batch=window_batch,
                                   callback=lambda p: calls.append(p.unet_calls) if p.stage == "video" else None)
         assert calls == [4 if window_batch == 1 else 1] * 2
-    scale = runs[1].latents.abs().max().item()
-    assert max_abs_error(runs[8].latents, runs[1].latents, "tiny pipeline, window_batch 8 vs 1") <= 1e-5 * scale
+    tolerance = rounding_tolerance(runs[1].latents, 2 * reduction_depth(pipe.unet))
+    assert max_abs_error(runs[8].latents, runs[1].latents, "tiny pipeline, window_batch 8 vs 1") <= tolerance
     assert np.abs(runs[8].frames.astype(int) - runs[1].frames).max() <= 1

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, max_abs_error
+from conftest import FIXTURES, max_abs_error, rounding_tolerance
 from make_fixtures import crop_resize_frames, seeded_weights, tensors_sha256
 
 ROOT = FIXTURES / "video2video"
@@ -72,7 +72,10 @@ def test_control_frames_reach_the_controlnet(case):
         picked = frames[:, ([0] + [1 + f for f in window]) * 2].transpose(0, 1).float() / 255
         sums = torch.tensor(call["controlnet_cond_row_sums"], dtype=torch.float64)
         what = f"{case} step {call['step']} window {window} control row sums"
-        assert max_abs_error(picked.double().flatten(1).sum(1), sums, what) <= 1e-5
+        # float64 sums of the same float32 values in another order: a sum of n terms in any order is off by at
+        # most n * u * (the sum of their sizes) (Higham's bound for recursive summation; the values are >= 0)
+        tolerance = 2 * picked[0].numel() * torch.finfo(torch.float64).eps / 2 * sums.max().item()
+        assert max_abs_error(picked.double().flatten(1).sum(1), sums, what) <= tolerance
 
 
 def test_controlnet_weights_rebuild():
@@ -97,7 +100,7 @@ def test_initial_latents_and_euler_steps(case):
     noise = torch.sqrt(1 - half) * common + torch.sqrt(half) * individual
     if case == "video_middle":  # image-based video noise: a 1e-3 share of the condition latent, scaled by sigma_0
         expected = (1e-3**0.5 * cond.expand_as(x_t) + (1 - 1e-3) ** 0.5 * noise) * meta["init_noise_sigma"]
-        assert max_abs_error(x_t, expected, "x_T from the seed") <= 1e-5
+        assert max_abs_error(x_t, expected, "x_T from the seed") <= rounding_tolerance(x_t, 7)  # 7 roundings
     else:  # VAE latents of RGB frames 1..5 plus sigma_0 noise: what is left is latent-sized (the condition
         # latent, from the same tiny VAE, has |x| <= 0.52), not noise-sized (sigma_0 = 14.6)
         assert (x_t - sigmas[0] * noise).abs().max() < 1
@@ -105,7 +108,9 @@ def test_initial_latents_and_euler_steps(case):
     for i in range(len(meta["timesteps"])):
         x = x + (sigmas[i + 1] - sigmas[i]) * tensors[f"steps.{i}.noise_pred_guided"]
     assert torch.equal(tensors["final.latents"][:, :, :1], cond)
-    assert max_abs_error(x, tensors["final.latents"][:, :, 1:], f"{case} Euler steps") <= 1e-4
+    # x + (sigma_next - sigma) eps and the scheduler's x0 / derivative form: 5 roundings a step
+    reference = tensors["final.latents"][:, :, 1:]
+    assert max_abs_error(x, reference, f"{case} Euler steps") <= rounding_tolerance(reference, 5 * len(meta["timesteps"]))
 
 
 def test_shared_inputs_unchanged(shared):
@@ -113,4 +118,6 @@ def test_shared_inputs_unchanged(shared):
     run = load_file(shared / "reference/fixtures/musev_referencenet/t13_linspace3.safetensors")
     for key, digest in MANIFEST["shared_inputs"].items():
         assert tensors_sha256({key: run[key]}) == digest, key
-    assert max_abs_error(INPUTS["ip.image_emb"], run["ip.image_emb"], "IP tokens vs the shared run") <= 1e-5
+    # two runs of the original's projection (one linear layer and a LayerNorm: 3 reductions) on the same embedding
+    reference = run["ip.image_emb"]
+    assert max_abs_error(INPUTS["ip.image_emb"], reference, "IP tokens vs the shared run") <= rounding_tolerance(reference, 3)

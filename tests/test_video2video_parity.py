@@ -1,9 +1,10 @@
 """Video2video against the ORIGINAL MuseV (tests/fixtures/video2video, made by tests/make_fixtures.py from
 the original's predictor and pipeline with a tiny random ControlNet; the UNet, ReferenceNet and IP tokens are
 the shared musev_referencenet fixture's). From the recorded x_T, text, IP tokens and control video, our loop
-with our ControlNet must give the original's guided noise per step (<= 1e-4) and final latents (<= 1e-3, on
-latents up to ~100), for `video_middle` (control video only) and `video` (RGB init + control), one window per
-call and with `window_batch` 2.
+with our ControlNet must give the original's guided noise per step and final latents (up to ~100), for
+`video_middle` (control video only) and `video` (RGB init + control), one window per call and with
+`window_batch` 2. Tolerance: 8x how far the original's run moved with another attention kernel (its manifest,
+conftest.spread_tolerance): about 1.2e-4 on the noise, 1.1e-3 on the final latents.
 """
 
 import json
@@ -12,19 +13,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, SHARED, max_abs_error, original_fixture_models
+from conftest import FIXTURES, SHARED, max_abs_error, original_fixture_models, rounding_tolerance, spread_tolerance
 from make_fixtures import seeded_weights
 from musev_lite.controlnet import ControlNet, ControlNetConfig, MultiControlNet
 from musev_lite.denoise import (
     WindowControl,
+    WindowedDenoiser,
     context_windows,
     initial_latents,
-    parallel_denoise,
-    video_fusion_noise,
+    sample,
     window_groups,
 )
 from musev_lite.pipeline import MuseVPipeline
-from musev_lite.samplers import SD15_SCHEDULER, EulerSampler, SchedulerConfig
+from musev_lite.samplers import SD15_SCHEDULER, EulerSampler, SchedulerConfig, video_fusion_noise
 from musev_lite.unet import Conditioning
 from musev_lite.vae import AutoencoderKL, VAEConfig
 from musev_lite.video_io import crop_resize
@@ -85,14 +86,19 @@ def test_video2video_loop_equals_the_original(models, case, window_batch):
 
     sampler.__class__ = Recording
     counting = lambda *args, **kw: calls.append(1) or unet(*args, **kw)  # noqa: E731
+    denoiser = WindowedDenoiser(counting, tensors["latents.x_T"], INPUTS["cond.condition_latents"], cond, sampler,
+                                windows, meta["guidance"], window_batch, control=control)
     with torch.no_grad():
-        latents = parallel_denoise(counting, tensors["latents.x_T"], INPUTS["cond.condition_latents"], cond, sampler,
-                                   windows, meta["guidance"], window_batch, control=control)
-    assert len(calls) == len(meta["timesteps"]) * len(window_groups(windows, window_batch))
+        latents = sample(denoiser, sampler, tensors["latents.x_T"])
+    assert denoiser.calls_per_step == len(window_groups(windows, window_batch))
+    assert len(calls) == len(meta["timesteps"]) * denoiser.calls_per_step
+    spread = meta["determinism"]["math_attention_not_sdpa"]  # the original's run with another attention kernel
+    eps_tolerance = spread_tolerance(max(spread[f"steps.{i}.noise_pred_guided"] for i in range(len(guided))))
     for i, noise in enumerate(guided):
-        assert max_abs_error(noise, tensors[f"steps.{i}.noise_pred_guided"], f"{case} eps {i}") <= 1e-4
+        assert max_abs_error(noise, tensors[f"steps.{i}.noise_pred_guided"], f"{case} eps {i}") <= eps_tolerance
     final = torch.cat([INPUTS["cond.condition_latents"], latents], dim=2)
-    assert max_abs_error(final, tensors["final.latents"], f"{case} final latents") <= 1e-3
+    tolerance = spread_tolerance(spread["final.latents"])
+    assert max_abs_error(final, tensors["final.latents"], f"{case} final latents") <= tolerance
 
 
 def test_video_middle_starting_noise_is_the_original():
@@ -101,7 +107,8 @@ def test_video_middle_starting_noise_is_the_original():
     generator = torch.Generator().manual_seed(1000)
     x_t = initial_latents(tensors["latents.x_T"].shape, generator, MANIFEST["cases"]["video_middle"]["init_noise_sigma"],
                           0.5, INPUTS["cond.condition_latents"], 1e-3)
-    assert max_abs_error(x_t, tensors["latents.x_T"], "video_middle x_T") <= 1e-5
+    # from the recorded condition latent and the seeded draws: 7 roundings (two mixes, the image weight, sigma)
+    assert max_abs_error(x_t, tensors["latents.x_T"], "video_middle x_T") <= rounding_tolerance(tensors["latents.x_T"], 7)
 
 
 def test_video_starting_latents_are_the_original(models):
@@ -118,4 +125,5 @@ def test_video_starting_latents_are_the_original(models):
     sampler = EulerSampler(SchedulerConfig.from_dict(SD15_SCHEDULER), 2, "video_fusion")
     noise = video_fusion_noise(init.shape, torch.Generator().manual_seed(1000), 0.5)
     tensors = load_file(ROOT / "video.safetensors")
-    assert max_abs_error(sampler.add_noise(init, noise, 0), tensors["latents.x_T"], "video x_T") <= 1e-4
+    tolerance = spread_tolerance(MANIFEST["cases"]["video"]["determinism"]["math_attention_not_sdpa"]["latents.x_T"])
+    assert max_abs_error(sampler.add_noise(init, noise, 0), tensors["latents.x_T"], "video x_T") <= tolerance

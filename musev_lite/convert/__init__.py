@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from musev_lite.weights import WeightsError
+from ..weights import WeightsError
 
 Rule = tuple[str, str | Callable[[re.Match], str]]
 

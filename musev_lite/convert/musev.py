@@ -24,18 +24,21 @@ from pathlib import Path
 
 import torch
 
-from musev_lite.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
-from musev_lite.ip_adapter import ImageProjection, ImageProjectionConfig
-from musev_lite.prompts import read_textual_inversion, save_textual_inversion
-from musev_lite.referencenet import ReferenceNet
-from musev_lite.unet import UNet3D, UNet3DConfig
-from musev_lite.weights import (
+from ..clip import CLIPVisionConfig, CLIPVisionModelWithProjection
+from ..command import exit_code
+from ..ip_adapter import ImageProjection, ImageProjectionConfig
+from ..limits import file_stem
+from ..prompts import read_textual_inversion, save_textual_inversion
+from ..referencenet import ReferenceNet
+from ..unet import UNet3D, UNet3DConfig
+from ..weights import (
     EMBEDDING_SUFFIXES,
     EMBEDDINGS,
     WeightsError,
     check_state_dict,
     config_from_dict,
     read_state_dict,
+    writable_folder,
 )
 
 from .sd15 import checked, expected_keys, find_weights, read_base, read_json, text_side, write_folder
@@ -132,7 +135,8 @@ def textual_inversions(folder: Path, width: int) -> dict[str, torch.Tensor]:
     files = sorted(p for p in folder.glob("*") if p.suffix in EMBEDDING_SUFFIXES)
     if not files:
         raise WeightsError(f"{folder}: no textual-inversion files ({', '.join(EMBEDDING_SUFFIXES)})")
-    return {path.stem: read_textual_inversion(path, width) for path in files}
+    return {file_stem("textual-inversion word", path.stem, WeightsError): read_textual_inversion(path, width)
+            for path in files}
 
 
 def convert(motion: Path, base: Path, dest: Path, preset: str | None = None, vae: Path | None = None,
@@ -160,12 +164,12 @@ def convert(motion: Path, base: Path, dest: Path, preset: str | None = None, vae
     words = textual_inversions(embeddings, sd.text_config.hidden_size) if embeddings is not None else {}
     write_folder(dest, components, sd, dtype)  # only once everything fits
     for word, vectors in words.items():
-        save_textual_inversion(dest / EMBEDDINGS / f"{word}.safetensors", vectors)
+        save_textual_inversion(dest / EMBEDDINGS, word, vectors)
     return dest
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m musev_lite.convert.musev",
+def main(argv=None, prog: str = "python -m musev_lite.convert.musev") -> int:
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Convert a released MuseV model into a musev_lite weights folder.")
     parser.add_argument("dest", help="output folder (model.weights_dir)")
     parser.add_argument("--motion", required=True, type=Path, help="checkpoints/motion/<model> of the release")
@@ -179,14 +183,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=MODELS, help="default: the motion folder's name")
     parser.add_argument("--dtype", choices=("keep", "fp16", "fp32"), default="keep")
     args = parser.parse_args(argv)
-    try:
-        dest = convert(args.motion, args.base, Path(args.dest), args.preset, args.vae, args.image_encoder,
-                       args.referencenet, args.tokenizer, args.dtype, args.embeddings)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(dest)
-    return 0
+    return exit_code(lambda: [convert(args.motion, args.base, writable_folder(args.dest, "dest"), args.preset, args.vae,
+                                      args.image_encoder, args.referencenet, args.tokenizer, args.dtype, args.embeddings)])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ sizes are used unless --config names a diffusers config.json. A ControlNet for S
 
     python -m musev_lite.convert.controlnet SRC --dest DIR [--name NAME] [--config FILE] [--dtype keep|fp16|fp32]
 
-writes DIR/NAME.safetensors + DIR/NAME.json (NAME: `controlnet` unless given), e.g. into a weights folder.
+writes DIR/NAME.safetensors + DIR/NAME.json (NAME: `controlnet` unless given; one plain name, no path), e.g.
+into a weights folder.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from pathlib import Path
 
 import torch
 
-from musev_lite.controlnet import ControlNet, ControlNetConfig, check_sd15_base
-from musev_lite.weights import WeightsError, check_state_dict, read_state_dict, save_component
+from ..command import exit_code
+from ..controlnet import ControlNet, ControlNetConfig, check_sd15_base
+from ..limits import file_stem
+from ..weights import WeightsError, check_state_dict, read_state_dict, save_component, writable_folder
 
 from . import Rule, rename
 from .sd15 import RESNET_PARTS, UNET_BLOCKS, cast, expected_keys, find_weights, read_json
@@ -108,8 +111,8 @@ def save_controlnet(dest: str | Path, name: str, state: dict, config: ControlNet
     return save_component(dest, name, cast(state, dtype), dataclasses.asdict(config))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m musev_lite.convert.controlnet",
+def main(argv=None, prog: str = "python -m musev_lite.convert.controlnet") -> int:
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Convert an SD1.5 ControlNet to musev_lite's format.")
     parser.add_argument("src", help="a diffusers ControlNet folder, or a single file (.pth / .safetensors / .ckpt)")
     parser.add_argument("--dest", required=True, type=Path, help="output folder, e.g. a weights folder")
@@ -117,14 +120,13 @@ def main(argv=None) -> int:
     parser.add_argument("--config", type=Path, help="a diffusers config.json for a single file that is not SD1.5-sized")
     parser.add_argument("--dtype", choices=("keep", "fp16", "fp32"), default="keep")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> list[Path]:
+        file_stem("--name", args.name, WeightsError)  # DEST/NAME.safetensors stays in DEST
+        writable_folder(args.dest, "--dest")
         state, config = read_controlnet(args.src, args.config)
-        path = save_controlnet(args.dest, args.name, state, config, args.dtype)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+        return [save_controlnet(args.dest, args.name, state, config, args.dtype)]
+    return exit_code(work)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,21 @@ from pathlib import Path
 
 import torch
 
-from musev_lite.clip import CLIPTextConfig, CLIPTextModel
-from musev_lite.samplers import SD15_SCHEDULER
-from musev_lite.vae import AutoencoderKL, VAEConfig
-from musev_lite.video_io import write_json
-from musev_lite.weights import WeightsError, atomic_path, check_state_dict, config_from_dict, read_state_dict, save_component
+from ..clip import CLIPTextConfig, CLIPTextModel
+from ..command import exit_code
+from ..samplers import SD15_SCHEDULER
+from ..vae import AutoencoderKL, VAEConfig
+from ..limits import parse_nested
+from ..video_io import write_json
+from ..weights import (
+    WeightsError,
+    atomic_path,
+    check_state_dict,
+    config_from_dict,
+    read_state_dict,
+    save_component,
+    writable_folder,
+)
 
 from . import rename
 
@@ -170,8 +180,8 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise WeightsError(f"{path}: missing (the component {path.parent.name!r} needs its config.json)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        return parse_nested(json.loads, path.read_text(), str(path), WeightsError)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise WeightsError(f"{path}: not valid JSON ({err})") from None
 
 
@@ -256,8 +266,8 @@ def write_folder(dest: Path, components: list, base: SD15Base, dtype: str) -> No
     write_json(dest / "scheduler.json", base.scheduler)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m musev_lite.convert.sd15",
+def main(argv=None, prog: str = "python -m musev_lite.convert.sd15") -> int:
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Convert an SD1.5 base model to musev_lite's format.")
     parser.add_argument("src", help="a diffusers folder or a single-file .safetensors/.ckpt")
     parser.add_argument("dest", help="output folder")
@@ -265,15 +275,13 @@ def main(argv=None) -> int:
     parser.add_argument("--vae", help="a diffusers VAE folder to use instead of the base's own")
     parser.add_argument("--dtype", choices=("keep", "fp16", "fp32"), default="keep")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> list[Path]:
+        dest = writable_folder(args.dest, "dest")
         base = read_base(args.src, args.tokenizer, args.vae)
-        dest = Path(args.dest)
         write_folder(dest, text_side(base) + [("sd_unet", base.unet, base.unet_config)], base, args.dtype)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(dest)
-    return 0
+        return [dest]
+    return exit_code(work)
 
 
 if __name__ == "__main__":
