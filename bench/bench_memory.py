@@ -44,6 +44,7 @@ def measure(part: str, height: int, width: int) -> None:
     from musev_lite.denoise import context_windows
     from musev_lite.memory import estimate_memory
     from musev_lite.pipeline import MuseVPipeline
+    from musev_lite.plan import make_plan
     from musev_lite.settings import GenerationConfig
     from musev_lite.unet import UNet3D, UNet3DConfig
     from musev_lite.vae import AutoencoderKL, VAEConfig
@@ -75,7 +76,8 @@ def measure(part: str, height: int, width: int) -> None:
             config = GenerationConfig(height=height, width=width, num_frames=24, steps=1, context_frames=12, seed=0)
             windows = context_windows(config.context_schedule, 24, 12, 4)
             grew = peak_growth(lambda: pipe("a face", image, config, negative_prompt="V1"))
-            estimate = sum(estimate_memory(pipe, height, width, config).values())
+            plan = make_plan(config, image, None, None, None, pipe.controlnets)[0]
+            estimate = sum(estimate_memory(pipe, plan).values())
             print(f"whole call, {width}x{height}, 25 frames, {len(windows)} windows: measured {grew / 1e6:.0f} MB, "
                   f"estimated {estimate / 1e6:.0f} MB ({estimate / grew:.2f}x)")
             return

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from .config import RunConfig
 from .limits import folder_problem, parse_nested, room_for
 from .outputs import ROOM_FIX, OutputSet, StreamedOutputs, signals_held
-from .pipeline import RunState
+from .plan import RunState
 from .settings import ConfigError
 from .weights import atomic_path
 

@@ -27,6 +27,7 @@ from .outputs import names_beside
 from .settings import (DTYPES, FORMATS, PRESETS, TASKS, ConfigError, GenerationConfig, field_types, in_range, one_of, printable,
                        require, suggest, typed)
 from .video_io import MediaError, check_fps
+from .weights import CONTROLNET
 
 
 @dataclass
@@ -52,7 +53,7 @@ class ControlConfig:
     """One `[[input.control]]` table: a control video for a ControlNet (video2video)."""
 
     path: str = ""  # a rendered control video (pose, depth, edges), or OpenPose / DWPose keypoint JSON
-    controlnet: str = "controlnet"  # the ControlNet: a component of model.weights_dir
+    controlnet: str = CONTROLNET  # the ControlNet: a component of model.weights_dir
     scale: float = 1.0
     pose_canvas: list[int] = field(default_factory=list)  # [height, width] of pixel keypoints without a canvas
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from .command import exit_code
 from .convert.controlnet import read_controlnet, save_controlnet
 from .convert.musev import convert
-from .weights import writable_folder
+from .weights import CONTROLNET, writable_folder
 
 DEFAULT_BASE_URL = "https://huggingface.co/TMElyralab/MuseV/resolve/main"
 BASE_MODELS = ("majicmixRealv6Fp16", "fantasticmix_v10")
@@ -217,7 +217,7 @@ def fetch_and_convert(args: argparse.Namespace) -> Path:
             referencenet_dir=motion / "musev_referencenet/referencenet", dtype=args.dtype,
             embeddings=embeddings if embeddings.is_dir() else None)
     if controlnet is not None:
-        save_controlnet(dest, "controlnet", *controlnet, dtype=args.dtype)
+        save_controlnet(dest, CONTROLNET, *controlnet, dtype=args.dtype)
     return dest
 
 

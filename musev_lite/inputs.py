@@ -16,7 +16,8 @@ from PIL import Image
 
 from . import distributed
 from .config import RunConfig
-from .pipeline import ControlVideo, MuseVPipeline
+from .pipeline import MuseVPipeline
+from .plan import ControlVideo
 from .pose import PoseFrame, draw_pose, read_keypoints
 from .prompts import NEGATIVE_PROMPTS, parse_weights
 from .settings import ConfigError
@@ -35,13 +36,6 @@ class RunInputs:
     images: dict[str, Image.Image]  # input.image, refer_image, ip_adapter_image: those that are set, by key
     video: VideoFrames | None  # input.video (video2video)
     sources: list[VideoFrames | list[PoseFrame]]  # each [[input.control]]: a video, or keypoints drawn later
-
-    def video_length(self, config: RunConfig, controls: list[ControlVideo]) -> int:
-        """Frames of the video this run writes (`controls`: the sources as the pipeline takes them)."""
-        if self.video is not None or controls:
-            return len(self.video.frames) if self.video is not None else len(controls[0].frames)
-        g = config.generation
-        return g.n_batch * g.num_frames + ("image" in self.images)
 
 
 def read_inputs(config: RunConfig) -> RunInputs:

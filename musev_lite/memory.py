@@ -11,10 +11,11 @@ bench/bench_memory.py as the peak growth of the resident set, then rounded up; t
     decoding          8 frames x H x W x (mean of the VAE's first two widths) x 4 bytes x VAE_FACTOR
     frames            (frames + control frames) x H x W x 3 bytes x FRAME_COPIES
 
-where frames = n_batch x num_frames + 1 and H, W the video's size. Windows are denoised one call at a
-time, so the UNet part does not grow with the video's length; the latents and frames do. The estimate
-is rough and errs high: for a whole tiny call (384x384 and 512x320, 25 frames) it was 1.26-1.35x the
-measured peak.
+where frames is the plan's video length (`GenerationPlan.total_frames`) and H, W the video's size.
+Windows are denoised one call at a time, so the UNet part does not grow with the video's length; the
+latents and frames do. The estimate is rough and errs high: for a whole tiny call (384x384 and 512x320,
+25 frames) it was 1.26-1.35x the measured peak. The parts that grow with the length are checked first,
+so an absurd length is refused at once, before its windows are listed.
 """
 
 from __future__ import annotations
@@ -25,34 +26,43 @@ from pathlib import Path
 
 import torch
 
-from .denoise import context_windows, window_groups
-from .settings import ConfigError, GenerationConfig
+from .plan import GenerationPlan
+from .settings import ConfigError
+from .vae import DECODE_CHUNK
 
 UNET_FACTOR = 32  # measured 23.3-25.4 at the tiny preset, 25.5-29.4 with SD1.5's channel doubling (64-256)
 VAE_FACTOR = 6  # measured 5.3-5.6 for the tiny VAE, 4.7 for SD's VAE
 LATENT_COPIES = 8  # the video's latents, their noise, the window sums of both halves, the shots joined
 FRAME_COPIES = 3  # the decoded uint8 frames and the copies a writer (GIF/WebP) makes of them
-DECODE_CHUNK = 8  # frames the VAE decodes at a time (MuseVPipeline.decode)
 
 
-def estimate_memory(pipe, height: int, width: int, config: GenerationConfig, control_frames: int = 0) -> dict[str, int]:
-    """Bytes a `pipe` call of this size needs beyond its weights, by part (the formula above)."""
-    g = config
-    h, w = height // 8, width // 8
-    frames = g.n_batch * g.num_frames + 1
-    groups = window_groups(context_windows(g.context_schedule, g.num_frames, g.context_frames, g.context_overlap),
-                           g.window_batch)  # a shot's UNet calls, as the denoiser groups them
-    call_frames = 2 * max(len(group) * (1 + max(map(len, group))) for group in groups)  # the largest call, padded
-    positions = sum(c * math.ceil(h / 2**level) * math.ceil(w / 2**level)
-                    for level, c in enumerate(pipe.unet.config.block_out_channels))
-    unet = call_frames * positions * UNET_FACTOR * pipe.dtype.itemsize * (1.5 if control_frames else 1)
+def estimate_memory(pipe, plan: GenerationPlan) -> dict[str, int]:
+    """Bytes a `pipe` call of this plan needs beyond its weights, by part (the formula above)."""
     vae_width = sum(pipe.vae.config.block_out_channels[:2]) / 2
     return {
-        "UNet window call": int(unet),
-        "latents": frames * 4 * h * w * 4 * LATENT_COPIES,
-        "decoding": int(min(DECODE_CHUNK, frames) * height * width * vae_width * 4 * VAE_FACTOR),
-        "frames": (frames + control_frames) * height * width * 3 * FRAME_COPIES,
+        "UNet window call": unet_call_memory(pipe, plan),
+        **length_memory(plan),
+        "decoding": int(min(DECODE_CHUNK, plan.total_frames) * plan.height * plan.width * vae_width * 4 * VAE_FACTOR),
     }
+
+
+def length_memory(plan: GenerationPlan) -> dict[str, int]:
+    """The parts of `estimate_memory` that grow with the video's length."""
+    (h, w), frames = plan.latent_hw, plan.total_frames
+    return {
+        "latents": frames * 4 * h * w * 4 * LATENT_COPIES,
+        "frames": (frames + plan.control_frames) * plan.height * plan.width * 3 * FRAME_COPIES,
+    }
+
+
+def unet_call_memory(pipe, plan: GenerationPlan) -> int:
+    """The largest UNet call of the plan (its windows padded to one length, both guidance halves)."""
+    h, w = plan.latent_hw
+    call_frames = 2 * max(len(group) * (1 + max(map(len, group)))
+                          for frames in plan.windows for group in plan.unet_calls(frames))
+    positions = sum(c * math.ceil(h / 2**level) * math.ceil(w / 2**level)
+                    for level, c in enumerate(pipe.unet.config.block_out_channels))
+    return int(call_frames * positions * UNET_FACTOR * pipe.dtype.itemsize * (1.5 if plan.control_frames else 1))
 
 
 def available_memory(device: torch.device) -> tuple[int, str] | None:
@@ -90,10 +100,15 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
 
 
-def check_memory(pipe, height: int, width: int, config: GenerationConfig, control_frames: int = 0) -> None:
+def check_memory(pipe, plan: GenerationPlan) -> None:
     """ConfigError if `estimate_memory` exceeds what `available_memory` reports (on CUDA the frames are
-    counted against the host's memory, the rest against the GPU's)."""
-    need = estimate_memory(pipe, height, width, config, control_frames)
+    counted against the host's memory, the rest against the GPU's). The parts that grow with the length
+    are checked before the UNet call is worked out."""
+    refuse_beyond_memory(pipe, plan, length_memory(plan))
+    refuse_beyond_memory(pipe, plan, estimate_memory(pipe, plan))
+
+
+def refuse_beyond_memory(pipe, plan: GenerationPlan, need: dict[str, int]) -> None:
     pools = {pipe.device: {k: v for k, v in need.items() if pipe.device.type == "cpu" or k != "frames"}}
     if pipe.device.type != "cpu":
         pools[torch.device("cpu")] = {"frames": need["frames"]}
@@ -104,6 +119,6 @@ def check_memory(pipe, height: int, width: int, config: GenerationConfig, contro
         largest = max(parts, key=parts.get)
         detail = ", ".join(f"{part} {gb(n)}" for part, n in sorted(parts.items(), key=lambda kv: -kv[1]))
         raise ConfigError(
-            f"a {width}x{height} video of {config.n_batch} x {config.num_frames} frames needs about "
+            f"a {plan.width}x{plan.height} video of {plan.shots} x {max(plan.shot_frames)} frames needs about "
             f"{gb(sum(parts.values()))} ({detail}) but {gb(free[0])} is available ({free[1]}); "
             f"{FIXES[largest]}")

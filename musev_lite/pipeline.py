@@ -1,77 +1,51 @@
-"""MuseVPipeline: load the models once, then turn an image (or only a prompt) into a video.
+"""MuseVPipeline: load the models once, then turn an image (or only a prompt, or a video) into a video.
 
     pipe = MuseVPipeline.from_pretrained("weights/musev_referencenet")
     video = pipe("(masterpiece, best quality), (1girl, solo), (eye blinks:1.8)", image="face.png",
                  num_frames=24, seed=1)
     video.frames  # uint8 (F, H, W, 3): the condition image, then 24 new frames
 
-One call is five stages, each a method below (docs/method.md tells the method):
-  1. `fit_images`, `encode_text`: the images fitted to the video size; the prompt pair [negative; positive];
-  2. `image_conditioning`: IP-Adapter tokens and ReferenceNet features, once per call;
-  3. `draw_first_frame`: without a condition image, the first frame is drawn from the prompt in 2D mode;
-  4. `denoise_shots`: per shot, VideoFusion noise, then parallel denoising around the clean condition
+The models, their loading and saving, LoRA and textual inversion are `models.MuseVModels`; this file is
+the call. `generate` is a numbered skeleton of named stages (docs/method.md tells the method):
+  1. `plan_call`: the inputs and settings checked, and what the call will do (`plan.GenerationPlan`), with
+     the memory it needs;
+  2. `seeded_generator`: the random generator, from the seed (rank 0's under torchrun);
+  3. the images and videos fitted to the video size; `encode_text`: the prompt pair [negative; positive];
+  4. `condition_latent`: frame 0 as a latent: the condition image's, or drawn from the prompt in 2D mode
+     (`draw_first_frame`);
+  5. `image_conditioning`: IP-Adapter tokens and ReferenceNet features, once per call;
+  6. `denoise_shots`: per shot, VideoFusion noise, then parallel denoising around the clean condition
      latent; the next shot continues from this shot's last latent. Video2video (`video=` RGB frames to
      start from and/or `control=` control videos for ControlNets) is one pass over the whole video:
      `denoise_video`;
-  5. `decode`: the latents, a few frames at a time, into uint8 frames.
+  7. `decode`: each shot's latents, a few frames at a time, into uint8 frames, yielded as the shot is done.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from . import distributed
-from .clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection, clip_image_preprocess
-from .controlnet import ControlNet, ControlNetConfig, MultiControlNet
-from .denoise import (
-    ImageDenoiser,
-    WindowControl,
-    WindowedDenoiser,
-    context_windows,
-    guidance_scales,
-    initial_latents,
-    sample,
-)
-from .ip_adapter import ImageProjection, ImageProjectionConfig
-from .limits import file_stem
-from .lora import load_lora, merge_lora, unmerge_lora
+from .clip import clip_image_preprocess
+from .controlnet import MultiControlNet
+from .denoise import ImageDenoiser, WindowControl, WindowedDenoiser, guidance_scales, initial_latents, sample
 from .memory import check_memory
-from .prompts import encode_prompt_pair, load_textual_inversion, save_textual_inversion
-from .referencenet import ReferenceNet
-from .samplers import SD15_SCHEDULER, SchedulerConfig, make_sampler, video_fusion_noise
-from .settings import DTYPES, OUTPUT_TYPES, ConfigError, GenerationConfig
-from .tokenizer import CLIPTokenizer
-from .unet import Conditioning, UNet3D, UNet3DConfig
-from .vae import AutoencoderKL, VAEConfig
-from .video_io import as_pil, crop_resize, fit_image
-from .weights import (
-    EMBEDDING_SUFFIXES,
-    EMBEDDINGS,
-    REFERENCENET_PARTS,
-    REQUIRED,
-    WeightsError,
-    check_finite,
-    config_from_dict,
-    load_component,
-    load_model,
-    missing_weights,
-    read_component_config,
-    save_component,
-)
+from .models import MuseVModels
+from .plan import ControlVideo, GenerationPlan, RunState, check_resume, fitted_images, fitted_videos, make_plan
+from .prompts import encode_prompt_pair
+from .samplers import make_sampler, video_fusion_noise
+from .settings import OUTPUT_TYPES, ConfigError, GenerationConfig
+from .unet import Conditioning
+from .vae import DECODE_CHUNK
+from .weights import check_finite
 
-DEFAULT_SIZE = (512, 320)  # (height, width) without a condition image: MuseV's training size
-WORKING_SIZE = max(DEFAULT_SIZE)  # a bigger condition image is scaled down to this long side
 GUIDANCE_FIX = "lower generation.guidance_scale / guidance_scale_end / ip_adapter_scale"
-MODEL_PARTS = REQUIRED + REFERENCENET_PARTS
 
 
 @dataclass
@@ -87,17 +61,6 @@ class Progress:
 
 
 @dataclass
-class ControlVideo:
-    """A control video for a ControlNet (video2video): rendered pose / depth / edge frames, frame 0 for
-    the condition image, frame 1 + f for generated frame f (MuseV's pairing)."""
-
-    frames: np.ndarray  # uint8 (F, H, W, 3)
-    controlnet: str = "controlnet"  # which of the pipeline's ControlNets (a weights-folder component)
-    scale: float = 1.0
-    at_video_size: bool = False  # the frames already have the video's size (e.g. drawn from keypoints): no crop
-
-
-@dataclass
 class Shot:
     """What `generate` yields when a shot is done: its frames (the condition frame first, for shot 0)."""
 
@@ -108,381 +71,27 @@ class Shot:
 
 
 @dataclass
-class RunState:
-    """Where a generation is, after a sampler step or a shot: `generate(..., resume=state)` continues from
-    it to the same video, bit for bit. Small: latents, not frames."""
-
-    shot: int  # the shot in progress (n_batch: all done)
-    step: int  # sampler steps done in it (0: not started)
-    condition: torch.Tensor  # (1, 4, 1, h, w) its condition latent
-    latents: torch.Tensor | None  # (1, 4, n, h, w) its latents after `step` steps; None before the first
-    first_condition: torch.Tensor  # frame 0's latent (the reference images' stand-in when it was drawn)
-    generator: torch.Tensor  # torch.Generator.get_state() at that point
-    seed: int | None
-
-
-@dataclass
 class VideoResult:
     frames: np.ndarray | list[Image.Image]  # uint8 (F, H, W, 3), or PIL images
     latents: torch.Tensor  # (1, 4, F, H/8, W/8), clean
     seed: int | None
 
 
-def resolve_device(device, key: str = "device") -> str:
-    """`device` (a name or torch.device) checked against what this torch has; "auto" picks cuda, then mps,
-    then cpu. `key` names the setting in errors."""
-    name = str(device)
-    has = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name == "auto":
-        return next(kind for kind in ("cuda", "mps", "cpu") if has[kind])
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"{key} = {name!r} is not a torch device; use \"auto\", \"cpu\", \"cuda\", "
-                          "\"cuda:1\" or \"mps\"") from None
-    if not has.get(device.type, False):
-        raise ConfigError(f"{key} = {name!r} but this torch has no {device.type.upper()} device; "
-                          f"use \"auto\" or one of {', '.join(k for k, ok in has.items() if ok)}")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"{key} = {name!r} but there are {torch.cuda.device_count()} CUDA devices")
-    return name
+def seeded_generator(generator: torch.Generator | None, seed: int | None) -> tuple[torch.Generator, int | None]:
+    """The call's random generator and its seed: the caller's generator, or a CPU one seeded with `seed`
+    (a random one when None). Under torchrun every rank takes rank 0's seed, so all draw the same noise."""
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise ConfigError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        return generator, seed
+    seed = random.randrange(10**8) if seed is None else seed
+    ranks = distributed.current()
+    if ranks is not None:  # distributed: every rank draws rank 0's noise
+        seed = ranks.broadcast_seed(seed)
+    return torch.Generator("cpu").manual_seed(seed), seed
 
 
-def native_bfloat16(device: str) -> bool:
-    """Whether `device` computes bfloat16 in hardware: a CUDA GPU that supports it, or an x86 CPU with
-    AVX512-BF16 or AMX (Linux's /proc/cpuinfo says; elsewhere a CPU counts as without) whose bf16 torch's
-    kernels use: oneDNN's (which `ONEDNN_MAX_CPU_ISA` can cap below it) and ATen's AVX-512 vector code
-    (which `ATEN_CPU_CAPABILITY` can cap). Emulated bfloat16 is slower than float32."""
-    if device.startswith("cuda"):
-        return torch.cuda.is_bf16_supported()
-    if device != "cpu":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    onednn = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    return (("avx512_bf16" in flags or "amx_bf16" in flags) and torch.backends.cpu.get_cpu_capability() == "AVX512"
-            and torch.backends.mkldnn.is_available() and onednn())
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """The models' dtype for a `model.dtype` setting on `device`. "auto" is bfloat16 where the hardware
-    computes it (about 4x float32 for SD1.5's UNet on such a CPU, bench/roofline.py; frames within a few
-    levels of float32's, tests/test_bf16.py) and float32 elsewhere, where emulated bfloat16 can be slower.
-    float32 reproduces the original MuseV to rounding."""
-    if name == "auto":
-        return torch.bfloat16 if native_bfloat16(device) else torch.float32
-    return getattr(torch, name)
-
-
-def model_dtype(value, key: str = "dtype", device: str = "cpu") -> torch.dtype:
-    """The models' dtype given as a torch.dtype or by name: one of settings.DTYPES ("auto" resolved for
-    `device` by `resolve_dtype`), also written as str(torch.float16) writes it ("torch.float16"). Anything
-    else is a ConfigError naming `key`. (diffusers takes a torch.dtype only and turns any other value into
-    float32 with a warning; a name is accepted here, a wrong one refused.)"""
-    name = str(value) if isinstance(value, torch.dtype) else value
-    name = name.removeprefix("torch.") if isinstance(name, str) else None
-    if name not in DTYPES:
-        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(DTYPES)} (a name, or torch.float32, "
-                          "torch.bfloat16, torch.float16)")
-    return resolve_dtype(name, device)
-
-
-def fit_video_size(image_size: tuple[int, int] | None, height: int = 0, width: int = 0,
-                   multiple: int = 8) -> tuple[int, int]:
-    """(height, width) of a video: `height` and `width` as set; an unset one follows the condition image
-    (`image_size` = (h, w)): both unset, the image scaled down (never up) to a long side of at most
-    WORKING_SIZE, aspect kept; one set, the other by the image's aspect. Without an image, MuseV's 512x320.
-    Then floored to `multiple`, as MuseV's scripts floor to 64. (MuseV's scripts take an image's own size,
-    which for a camera photo needs far more memory than a machine has; the model was trained at 512x320.)"""
-    if image_size is None:
-        h, w = height or DEFAULT_SIZE[0], width or DEFAULT_SIZE[1]
-    else:
-        ih, iw = image_size
-        if height and width:
-            h, w = height, width
-        elif height or width:
-            h, w = height or ih * width // iw, width or iw * height // ih
-        else:
-            long = max(ih, iw, WORKING_SIZE)
-            h, w = ih * WORKING_SIZE // long, iw * WORKING_SIZE // long
-    h, w = h // multiple * multiple, w // multiple * multiple
-    if h < 8 or w < 8:
-        source = f" from the image's {image_size[1]}x{image_size[0]}" if image_size and not (height and width) else ""
-        raise ConfigError(f"video size {w}x{h} (width x height){source} is too small; set generation.height/width "
-                          f"to at least {multiple}")
-    return h, w
-
-
-def shot_frames(config: GenerationConfig, video, control: list, has_image: bool) -> list[int]:
-    """New frames of each shot a call generates: video2video one pass over the video's frames after frame 0;
-    else `num_frames` per shot, one fewer in the first when frame 0 is drawn."""
-    if video is not None or control:
-        return [len(video if video is not None else control[0].frames) - 1]
-    return [config.num_frames - (shot == 0 and not has_image) for shot in range(config.n_batch)]
-
-
-def check_resume(resume, config: GenerationConfig, latent_hw: tuple[int, int], frames: list[int]) -> None:
-    """A ConfigError when `resume` is a state this call cannot have saved (`resume_problem`)."""
-    problem = resume_problem(resume, config, latent_hw, frames)
-    if problem:
-        raise ConfigError(f"resume state: {problem}; resume with the settings and inputs that saved it (a run's "
-                          "checkpoint: delete its folder to start over)")
-
-
-def resume_problem(resume, config: GenerationConfig, latent_hw: tuple[int, int], frames: list[int]) -> str | None:
-    """What makes `resume` a state this call cannot have saved (None: nothing): shot and step out of range,
-    a seed that is no integer, latents of another shape or dtype than the call's (1, 4, frames, h, w)
-    float32, a random-generator state of another size than torch's."""
-    if not isinstance(resume, RunState):
-        return f"resume must be a RunState (from on_state, or a checkpoint), got {type(resume).__name__}"
-    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-    if not (whole(resume.shot) and 0 <= resume.shot <= len(frames)):
-        return f"shot = {resume.shot!r}, but this call has shots 0..{len(frames) - 1} (and {len(frames)}: all done)"
-    if not (whole(resume.step) and 0 <= resume.step <= config.steps):
-        return f"step = {resume.step!r}, but this call has {config.steps} steps per shot"
-    if not (resume.seed is None or whole(resume.seed)):
-        return f"seed = {resume.seed!r} is not an integer"
-    if resume.latents is not None and resume.shot == len(frames):
-        return "it holds latents after the last shot"
-    expected = {"condition": (1, 4, 1, *latent_hw), "first_condition": (1, 4, 1, *latent_hw)}
-    if resume.latents is not None:
-        expected["latents"] = (1, 4, frames[resume.shot], *latent_hw)
-    for name, shape in expected.items():
-        tensor = getattr(resume, name)
-        if not torch.is_tensor(tensor) or tuple(tensor.shape) != shape or tensor.dtype != torch.float32:
-            got = f"{tensor.dtype} {tuple(tensor.shape)}" if torch.is_tensor(tensor) else type(tensor).__name__
-            return f"{name} is {got}; shot {resume.shot} of this call needs float32 {shape}"
-    size = torch.Generator().get_state().shape
-    if not (torch.is_tensor(resume.generator) and resume.generator.dtype == torch.uint8
-            and resume.generator.shape == size):
-        got = tuple(resume.generator.shape) if torch.is_tensor(resume.generator) else type(resume.generator).__name__
-        return f"generator state is {got}, not torch's uint8 {tuple(size)} of a CPU generator"
-    return None
-
-
-def lora_list(loras) -> list[tuple[str | Path, float]]:
-    """`load_loras`' argument as (path, scale) pairs: a path alone is scale 1.0."""
-    items = [loras] if isinstance(loras, (str, Path)) else loras
-    if not isinstance(items, (list, tuple)):
-        raise ConfigError(f"loras must be a path or a list of (path, scale) pairs; got {type(loras).__name__}")
-    pairs = []
-    for n, item in enumerate(items):
-        pair = (item, 1.0) if isinstance(item, (str, Path)) else item
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], (str, Path))
-                and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool)):
-            raise ConfigError(f"loras[{n}] = {item!r:.80} must be a path or a (path, scale) pair, e.g. "
-                              "[(\"style.safetensors\", 0.8)]")
-        pairs.append((pair[0], float(pair[1])))
-    return pairs
-
-
-PART_CONFIGS = {"unet": UNet3DConfig, "text_encoder": CLIPTextConfig, "referencenet": UNet3DConfig,
-                "image_proj": ImageProjectionConfig, "controlnet": ControlNetConfig}
-# Widths a part of a weights folder shares with the UNet: (part, its setting, the UNet's setting, why)
-SHARED_WIDTHS = [
-    ("text_encoder", "hidden_size", "cross_attention_dim", "the UNet attends to the text encoder's output"),
-    ("referencenet", "block_out_channels", "block_out_channels", "its features are fused into the UNet's blocks"),
-    ("referencenet", "cross_attention_dim", "cross_attention_dim", "it reads the same text / IP-Adapter tokens"),
-    ("image_proj", "cross_attention_dim", "cross_attention_dim", "the UNet attends to its IP-Adapter tokens"),
-    ("controlnet", "in_channels", "in_channels", "it reads the UNet's latents"),
-    ("controlnet", "block_out_channels", "block_out_channels", "its residuals are added to the UNet's skip connections"),
-    ("controlnet", "layers_per_block", "layers_per_block", "it gives one residual per UNet skip connection"),
-    ("controlnet", "cross_attention_dim", "cross_attention_dim", "it reads the same text embeddings as the UNet"),
-]
-
-
-def check_parts_fit(weights_dir: Path) -> None:
-    """The parts of a weights folder must agree with the UNet on the widths they pass to each other
-    (SHARED_WIDTHS), checked from their JSON configs before any weights load; else a WeightsError naming
-    the part, the setting, both values and the fix."""
-    unet = config_from_dict(UNet3DConfig, read_component_config(weights_dir, "unet"))
-    for path in sorted(weights_dir.glob("*.json")):
-        part = "controlnet" if path.stem.startswith("controlnet") else path.stem
-        rules = [rule for rule in SHARED_WIDTHS if rule[0] == part]
-        config = config_from_dict(PART_CONFIGS[part], read_component_config(weights_dir, path.stem)) if rules else None
-        for _, key, unet_key, why in rules:
-            ours, theirs = getattr(config, key), getattr(unet, unet_key)
-            if ours != theirs:
-                raise WeightsError(f"{path}: {key} = {ours} but the UNet's {unet_key} is {theirs} (unet.json), and "
-                                   f"{why}; {path.stem} was made for another base model: convert one made for this "
-                                   "UNet's base into the folder")
-
-
-def _load(cls, config_cls, weights_dir: Path, name: str, device, dtype):
-    state, config = load_component(weights_dir, name)
-    source = str(weights_dir / f"{name}.safetensors")
-    return load_model(cls, config_from_dict(config_cls, config), state, source, device, dtype).eval()
-
-
-class MuseVPipeline:
-    def __init__(self, unet: UNet3D, vae: AutoencoderKL, text_encoder, tokenizer, scheduler: SchedulerConfig,
-                 referencenet: ReferenceNet | None = None, image_proj: ImageProjection | None = None,
-                 image_encoder: CLIPVisionModelWithProjection | None = None,
-                 controlnets: dict[str, ControlNet] | None = None):
-        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.scheduler = scheduler
-        self.referencenet, self.image_proj, self.image_encoder = referencenet, image_proj, image_encoder
-        self.controlnets = controlnets or {}  # name (weights-folder component) -> ControlNet
-        self.files: list[str] = []  # what was loaded, for the sidecar
-        self.textual_inversions: dict[str, torch.Tensor] = {}  # word -> its vectors
-        self.loras: list[tuple[str, float]] = []  # (file, scale) merged into the UNet and text encoder
-        self.negative_prompt = "V2"  # when a call gives none: MuseV's default preset (the demo's is V1)
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.conv_in.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.conv_in.weight.dtype
-
-    def to(self, *args, device=None, dtype=None) -> MuseVPipeline:
-        """Move every model to a device and (except the VAE, which stays float32) to a dtype, given as diffusers
-        takes them: `to(device)`, `to(dtype)`, `to(device, dtype)`, or as keywords. The device must be one
-        this torch has (`resolve_device`), the dtype one of settings.DTYPES (`model_dtype`)."""
-        if len(args) == 1 and isinstance(args[0], torch.dtype):
-            args = (None, args[0])
-        if len(args) > 2 or (args and isinstance(args[0], torch.dtype)):
-            raise ConfigError(f"to() takes (device), (dtype) or (device, dtype); got {args!r:.80}")
-        given = dict(zip(("device", "dtype"), args))
-        for key, value in (("device", device), ("dtype", dtype)):
-            if value is not None and given.get(key) is not None:
-                raise ConfigError(f"to(): {key} given twice, as an argument and as {key}=; give it once")
-        device = given.get("device") if device is None else device
-        dtype = given.get("dtype") if dtype is None else dtype
-        device = None if device is None else resolve_device(device)
-        dtype = None if dtype is None else model_dtype(dtype, "dtype", device or str(self.device))
-        for name in MODEL_PARTS:
-            model = getattr(self, name)
-            if model is not None:
-                model.to(device=device, dtype=None if name == "vae" else dtype)
-        for net in self.controlnets.values():
-            net.to(device=device, dtype=dtype)
-        return self
-
-    @classmethod
-    def from_pretrained(cls, weights_dir: str | Path, device="cpu", dtype=torch.float32,
-                        torch_dtype=None) -> MuseVPipeline:
-        """Load a folder written by the converters (see weights/README.md). `torch_dtype` is diffusers'
-        name for `dtype`; either is a torch.dtype or a name (`model_dtype`: "float16", "bfloat16", "float32",
-        "auto"); the VAE stays in float32 either way. The parts' widths are checked against each other first
-        (`check_parts_fit`)."""
-        device = resolve_device(device)
-        dtype = model_dtype(dtype, "dtype", device)
-        if torch_dtype is not None:
-            wanted = model_dtype(torch_dtype, "torch_dtype", device)
-            if dtype not in (torch.float32, wanted):
-                raise ConfigError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one of them")
-            dtype = wanted
-        weights_dir = Path(weights_dir)
-        missing = missing_weights(weights_dir)
-        if missing:
-            raise WeightsError(f"{weights_dir}: missing {', '.join(missing)}; see weights/README.md to fetch them")
-        check_parts_fit(weights_dir)
-        unet = _load(UNet3D, UNet3DConfig, weights_dir, "unet", device, dtype)
-        vae = _load(AutoencoderKL, VAEConfig, weights_dir, "vae", device, torch.float32)  # VAE in fp32, as MuseV
-        text_encoder = _load(CLIPTextModel, CLIPTextConfig, weights_dir, "text_encoder", device, dtype)
-        tokenizer = CLIPTokenizer.from_folder(weights_dir / "tokenizer")
-        extra = {}
-        if (weights_dir / "referencenet.json").is_file():
-            extra = dict(
-                referencenet=_load(ReferenceNet, UNet3DConfig, weights_dir, "referencenet", device, dtype),
-                image_proj=_load(ImageProjection, ImageProjectionConfig, weights_dir, "image_proj", device, dtype),
-                image_encoder=_load(CLIPVisionModelWithProjection, CLIPVisionConfig, weights_dir, "image_encoder",
-                                    device, dtype),
-            )
-        extra["controlnets"] = {path.stem: _load(ControlNet, ControlNetConfig, weights_dir, path.stem, device, dtype)
-                                for path in sorted(weights_dir.glob("controlnet*.json"))}
-        pipe = cls(unet, vae, text_encoder, tokenizer, SchedulerConfig.from_json(weights_dir / "scheduler.json"), **extra)
-        embeddings = sorted(p for p in (weights_dir / EMBEDDINGS).glob("*") if p.suffix in EMBEDDING_SUFFIXES)
-        for path in embeddings:
-            pipe.load_textual_inversion(path)
-        pipe.files = sorted(str(p) for p in weights_dir.glob("*.safetensors")) + [str(p) for p in embeddings]
-        return pipe
-
-    def load_textual_inversion(self, path: str | Path, word: str | None = None) -> str:
-        """Add an A1111 textual-inversion embedding (.pt / .safetensors); its word (default: the file
-        name) can then be used in prompts. Returns the word."""
-        word = file_stem("textual-inversion word", word or Path(path).stem)  # save_pretrained names a file by it
-        ids = load_textual_inversion(path, self.tokenizer, self.text_encoder, word)
-        table = self.text_encoder.text_model.embeddings.token_embedding.weight
-        self.textual_inversions[word] = table[ids[0] : ids[-1] + 1].detach().cpu().clone()
-        return word
-
-    def load_loras(self, loras) -> list[dict[str, int]]:
-        """Merge LoRA files (kohya / A1111 or diffusers / PEFT), each with its scale, into the layers of the
-        UNet and text encoder they name (an SD1.5 LoRA: the UNet's spatial layers); `unload_loras` restores
-        the weights bitwise. `loras` is a list of (path, scale) pairs; a path alone (one file, or a list item)
-        is taken at scale 1.0. Returns, per file, the layers it changed (`lora.merge_lora`)."""
-        loras = lora_list(loras)
-        merged = merge_lora(self.unet, self.text_encoder, [(load_lora(path), scale) for path, scale in loras])
-        self.loras += [(str(path), scale) for path, scale in loras]
-        return merged
-
-    def unload_loras(self) -> None:
-        unmerge_lora(self.unet, self.text_encoder)
-        self.loras = []
-
-    def save_pretrained(self, weights_dir: str | Path) -> None:
-        """Write the folder `from_pretrained` reads: one safetensors + JSON config per component. The names of
-        files (ControlNets, textual-inversion words) are checked before anything is written."""
-        weights_dir = Path(weights_dir)
-        for where, names in (("ControlNet name", self.controlnets), ("textual-inversion word", self.textual_inversions)):
-            for name in names:
-                file_stem(where, name)
-        for name in MODEL_PARTS:
-            model = getattr(self, name)
-            if model is not None:
-                state = model.state_dict()
-                if name == "text_encoder":  # the base vocabulary; added words go to embeddings/
-                    key = "text_model.embeddings.token_embedding.weight"
-                    state[key] = state[key][: self.tokenizer.base_vocab_size]
-                save_component(weights_dir, name, state, dataclasses.asdict(model.config))
-        for name, net in self.controlnets.items():
-            save_component(weights_dir, name, net.state_dict(), dataclasses.asdict(net.config))
-        for word, vectors in self.textual_inversions.items():
-            save_textual_inversion(weights_dir / EMBEDDINGS, word, vectors)
-        self.tokenizer.save(weights_dir / "tokenizer")
-        (weights_dir / "scheduler.json").write_text(json.dumps(dataclasses.asdict(self.scheduler), indent=2) + "\n")
-
-    @classmethod
-    def demo(cls, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32) -> MuseVPipeline:
-        """The `tiny` preset at seeded random weights with a byte-level tokenizer: exercises every part
-        of the pipeline offline in seconds. A pipeline demo, not a trained model: its videos are noise.
-
-        In float32 unless `dtype` says otherwise (the VAE stays float32), as `from_pretrained`; the CLI's
-        demo (`model.preset = "tiny"`) runs in `model.dtype`, "auto" by default: bfloat16 on bfloat16
-        hardware, as it says on stderr. Its default negative prompt is the preset V1: the byte-level
-        tokenizer spends a token per letter, and MuseV's default V2 would be cut at 225 tokens."""
-        device = resolve_device(device)
-        torch.manual_seed(seed)
-        tokenizer = CLIPTokenizer.byte_level()
-        unet_config = UNet3DConfig.preset("tiny")
-        text_config = CLIPTextConfig(vocab_size=tokenizer.vocab_size, hidden_size=unet_config.cross_attention_dim,
-                                     intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-        vision_config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, patch_size=32, projection_dim=64)
-        models = dict(
-            unet=UNet3D(unet_config),
-            vae=AutoencoderKL(VAEConfig(block_out_channels=(16, 16, 16, 16), norm_num_groups=8, layers_per_block=1)),
-            text_encoder=CLIPTextModel(text_config),
-            referencenet=ReferenceNet(unet_config),
-            image_proj=ImageProjection(ImageProjectionConfig(vision_config.projection_dim, unet_config.cross_attention_dim)),
-            image_encoder=CLIPVisionModelWithProjection(vision_config),
-        )
-        controlnet = ControlNet(ControlNetConfig(block_out_channels=(32, 32, 32, 32), heads=2, norm_num_groups=16,
-                                                 cross_attention_dim=32, conditioning_embedding_out_channels=(8, 8, 16, 16)))
-        models = {k: m.to(device).eval() for k, m in models.items()}
-        pipe = cls(tokenizer=tokenizer, scheduler=SchedulerConfig.from_dict(SD15_SCHEDULER),
-                   controlnets={"controlnet": controlnet.to(device).eval()}, **models)
-        pipe.negative_prompt = "V1"
-        return pipe.to(dtype=dtype)
-
-    # -----------------------------------------------------------------------------------------
-    # One call, stage by stage
-
+class MuseVPipeline(MuseVModels):
     @torch.no_grad()
     def __call__(self, *args, output_type: str = "uint8", **kwargs) -> VideoResult:
         """The whole video at once: every shot `generate` yields, joined. Takes `generate`'s arguments;
@@ -540,37 +149,34 @@ class MuseVPipeline:
         Frame 0 pairs with the condition image (the RGB video's frame 0 when no `image` is given); the other
         F - 1 frames are generated in one parallel-denoising pass, whatever `num_frames` / `n_batch` say.
         """
-        config = self.generation_config(config, settings)
-        image, video, control, (height, width) = self.checked(image, config, video, control, condition_latents)
-        has_image = image is not None or condition_latents is not None
-        negative_prompt = self.negative_prompt if negative_prompt is None else negative_prompt
+        # 1. Check the inputs and plan the call: nothing runs unless it can
+        plan, image, video, control = self.plan_call(image, config, video=video, control=control,
+                                                     condition_latents=condition_latents, **settings)
+        g, (height, width) = plan.config, (plan.height, plan.width)
         if resume is not None:
-            check_resume(resume, config, (height // 8, width // 8), shot_frames(config, video, control, has_image))
-        seed = config.seed if resume is None else resume.seed
-        if generator is None:
-            seed = random.randrange(10**8) if seed is None else seed
-            ranks = distributed.current()
-            if ranks is not None:  # distributed: every rank draws rank 0's noise
-                seed = ranks.broadcast_seed(seed)
-            generator = torch.Generator("cpu").manual_seed(seed)
-        elif not isinstance(generator, torch.Generator):
-            raise ConfigError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            check_resume(resume, plan)
+        # 2. The random generator
+        generator, seed = seeded_generator(generator, g.seed if resume is None else resume.seed)
         report = callback or (lambda progress: None)
-        image, refer_image, ip_adapter_image = self.fit_images(image, refer_image, ip_adapter_image, height, width,
-                                                               fit_images)
-        video, control = self.fit_videos(video, control, height, width, fit_images)
+        # 3. The images and videos at the video's size; the prompt pair
+        image, refer_image, ip_adapter_image = fitted_images(image, refer_image, ip_adapter_image, height, width,
+                                                             fit_images)
+        video, control = fitted_videos(video, control, height, width, fit_images)
+        negative_prompt = self.negative_prompt if negative_prompt is None else negative_prompt
         text = self.encode_text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        # 4. Frame 0 as a latent
         if resume is not None:
             condition = resume.first_condition.to(self.device)
         else:
-            condition = self.condition_latent(image, condition_latents, refer_image, ip_adapter_image, text,
-                                              (height, width), config, generator, report)
-        if image is None or config.redraw_condition_image:
-            # frame 0 as an image stands in for missing reference images; a redraw replaces them
+            condition = self.condition_latent(image, condition_latents, refer_image, ip_adapter_image, text, plan,
+                                              generator, report)
+        # 5. IP-Adapter tokens and ReferenceNet features, once (frame 0 stands in for a missing reference image)
+        if image is None or g.redraw_condition_image:
             frame0 = Image.fromarray(self.decode(condition)[0])
-            refer_image = frame0 if config.redraw_condition_image or refer_image is None else refer_image
-            ip_adapter_image = frame0 if config.redraw_condition_image or ip_adapter_image is None else ip_adapter_image
-        cond = self.image_conditioning(refer_image, ip_adapter_image, text, config)
+            refer_image = frame0 if g.redraw_condition_image or refer_image is None else refer_image
+            ip_adapter_image = frame0 if g.redraw_condition_image or ip_adapter_image is None else ip_adapter_image
+        cond = self.image_conditioning(refer_image, ip_adapter_image, text, g)
+        # 6. Parallel denoising, shot by shot (video2video: one pass), from the start or the resumed state
         if resume is None:
             resume = RunState(0, 0, condition, None, condition, generator.get_state(), seed)
         else:
@@ -580,27 +186,30 @@ class MuseVPipeline:
             if on_state is not None:
                 on_state(RunState(shot, step, shot_condition, latents, condition, generator.get_state(), seed))
 
-        if video is None and not control:
-            shots = self.denoise_shots(cond, config, generator, latents, report, not has_image, resume, state)
-            total = config.n_batch * config.num_frames + has_image  # frames of the whole video
+        if plan.task == "video2video":
+            shots = self.denoise_video(cond, plan, generator, video, control, report, resume, state)
         else:
-            shots = self.denoise_video(cond, config, generator, video, control, report, resume, state)
-            total = len(video if video is not None else control[0].frames)
+            shots = self.denoise_shots(cond, plan, generator, latents, report, resume, state)
+        # 7. Each shot decoded as it is done
         decoded = 0
         for index, shot_latents in shots:
             frames = self.decode(shot_latents, progress=lambda done, _: report(
-                Progress("decode", index, config.n_batch, decoded + done, total, 0)))
+                Progress("decode", index, plan.shots, decoded + done, plan.total_frames, 0)))
             decoded += len(frames)
             yield Shot(index, frames, shot_latents, seed)
 
-    def check(self, image=None, config: GenerationConfig | None = None, *, video: np.ndarray | None = None,
-              control: list[ControlVideo] | None = None, condition_latents: torch.Tensor | None = None,
-              **settings) -> tuple[int, int]:
-        """The checks `generate` makes before it starts working, without the work: the settings, the
-        videos and the ControlNets they name, the video's size, and that there is memory for it
-        (`check_memory`). Raises the ConfigError `generate` would; returns (height, width). For callers
-        that must not start unless the call can run (the CLI makes no output folder before)."""
-        return self.checked(image, self.generation_config(config, settings), video, control, condition_latents)[3]
+    def plan_call(self, image=None, config: GenerationConfig | None = None, *, video: np.ndarray | None = None,
+                  control: ControlVideo | list[ControlVideo] | None = None,
+                  condition_latents: torch.Tensor | None = None, **settings) -> tuple[GenerationPlan, object, object, list]:
+        """The checks `generate` makes before it starts working, without the work: the settings, the videos
+        and the ControlNets they name, the video's size, and that there is memory for it (`check_memory`).
+        Raises the ConfigError `generate` would; returns (plan, image, video, control) as `plan.make_plan`
+        does. For callers that must not start unless the call can run (the CLI makes no output folder
+        before), and that report what the call will do (its frames, steps and UNet calls)."""
+        plan, image, video, control = make_plan(self.generation_config(config, settings), image, video, control,
+                                                condition_latents, self.controlnets)
+        check_memory(self, plan)
+        return plan, image, video, control
 
     @staticmethod
     def generation_config(config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
@@ -610,63 +219,20 @@ class MuseVPipeline:
                               "give settings as keywords, e.g. pipe(prompt, image, steps=4)")
         return (config or GenerationConfig()).replace(**overrides)
 
-    def checked(self, image, config: GenerationConfig, video, control, condition_latents):
-        """(image, video, control, (height, width)) after `check`'s checks; the RGB video's frame 0 is the
-        condition image when none is given."""
-        control = [control] if isinstance(control, ControlVideo) else [] if control is None else control
-        video, control = self.check_videos(video, control, image, condition_latents)
-        if video is not None and image is None and condition_latents is None:
-            image = video[0]  # the RGB video's first frame is the condition image
-        config.validate(has_image=image is not None or condition_latents is not None)
-        height, width = self.video_size(image, condition_latents, config)
-        if video is None and not control:
-            check_memory(self, height, width, config)
-        else:  # video2video: one pass over the video's frames
-            length = len(video if video is not None else control[0].frames)
-            check_memory(self, height, width, config.replace(num_frames=length - 1, n_batch=1), length * len(control))
-        return image, video, control, (height, width)
-
-    def condition_latent(self, image, condition_latents, refer_image, ip_adapter_image, text, size: tuple[int, int],
-                         config: GenerationConfig, generator, report) -> torch.Tensor:
+    def condition_latent(self, image, condition_latents, refer_image, ip_adapter_image, text, plan: GenerationPlan,
+                         generator, report) -> torch.Tensor:
         """Frame 0's clean latent (1, 4, 1, h, w): given, the image's, or drawn in 2D mode (no image, or
         MuseV's img2img redraw of the image)."""
+        g = plan.config
         if condition_latents is not None:
-            if image is not None or config.redraw_condition_image:
+            if image is not None or g.redraw_condition_image:
                 raise ConfigError("condition_latents replace the condition image: give no image and leave "
                                   "redraw_condition_image off")
-            return self.check_condition_latents(condition_latents, *size)
-        if image is not None and not config.redraw_condition_image:
+            return self.check_condition_latents(condition_latents, plan.height, plan.width)
+        if image is not None and not g.redraw_condition_image:
             return self.encode_images([image])[:, :, None]  # 1 4 1 h w
-        first = self.image_conditioning(refer_image, ip_adapter_image, text, config)
-        return self.draw_first_frame(image, first, (size[0] // 8, size[1] // 8), config, generator, report)
-
-    @staticmethod
-    def video_size(image, condition_latents, config: GenerationConfig) -> tuple[int, int]:
-        """(height, width) of the video: `fit_video_size` of the condition image, or the condition latent's."""
-        if condition_latents is not None:  # the latent fixes the size
-            h, w = condition_latents.shape[-2] * 8, condition_latents.shape[-1] * 8
-            return fit_video_size(None, config.height or h, config.width or w, config.size_multiple)
-        size = None if image is None else as_pil(image).size[::-1]
-        return fit_video_size(size, config.height, config.width, config.size_multiple)
-
-    @staticmethod
-    def fit_images(image, refer_image, ip_adapter_image, height: int, width: int, fit: bool = True):
-        """The condition, ReferenceNet and IP-Adapter images as RGB PIL images of the video's size (the
-        reference images default to the condition image). `fit=False`: they must have that size."""
-
-        def fitted(im, name):
-            im = as_pil(im)
-            if fit:
-                return fit_image(im, height, width)
-            if im.size != (width, height):
-                raise ConfigError(f"{name} is {im.width}x{im.height} but the video is {width}x{height}; "
-                                  "pass fit_images=True to centre-crop and resize it")
-            return im
-
-        image = None if image is None else fitted(image, "image")
-        refer_image = image if refer_image is None else fitted(refer_image, "refer_image")
-        ip_adapter_image = image if ip_adapter_image is None else fitted(ip_adapter_image, "ip_adapter_image")
-        return image, refer_image, ip_adapter_image
+        first = self.image_conditioning(refer_image, ip_adapter_image, text, g)
+        return self.draw_first_frame(image, first, plan, generator, report)
 
     def encode_text(self, prompt: str, negative_prompt: str, prompt_embeds=None, negative_prompt_embeds=None):
         """(2, L, D) text embeddings [negative; positive], from the prompts or given embeddings."""
@@ -720,74 +286,71 @@ class MuseVPipeline:
     def _unet(self, sample, t, cond: Conditioning, condition_frames: int, temporal: bool = True, lengths=None):
         return self.unet(sample, t, cond, condition_frames=condition_frames, temporal=temporal, lengths=lengths).float()
 
-    def draw_first_frame(self, image, cond: Conditioning, shape_hw, config: GenerationConfig, generator, report):
+    def draw_first_frame(self, image, cond: Conditioning, plan: GenerationPlan, generator, report):
         """Draw (no image) or redraw (img2img from `image`) one frame with the temporal layers off. Every
         rank of a distributed run draws it itself: the same UNet calls give it the same frame."""
-        steps = config.first_frame_steps
-        sampler = make_sampler(config.sampler, self.scheduler, steps)
-        noise = torch.randn((1, 4, 1, *shape_hw), generator=generator).to(self.device)
+        g, steps = plan.config, plan.first_frame_steps
+        sampler = make_sampler(g.sampler, self.scheduler, steps)
+        noise = torch.randn((1, 4, 1, *plan.latent_hw), generator=generator).to(self.device)
         if image is None:
             x = noise * sampler.init_noise_sigma
         else:  # MuseV's redraw noises the image to the first timestep: its `strength` is inert
             x = sampler.add_noise(self.encode_images([image])[:, :, None], noise, 0)
-        denoiser = ImageDenoiser(self._unet, cond, sampler, [config.first_frame_guidance] * steps)
+        denoiser = ImageDenoiser(self._unet, cond, sampler, [g.first_frame_guidance] * steps)
 
         def after_step(i, x):
             check_finite(x, f"first frame, step {i + 1}/{steps}", "lower generation.first_frame_guidance")
-            report(Progress("first_frame", 0, config.n_batch, i + 1, steps, denoiser.calls_per_step))
+            report(Progress("first_frame", 0, plan.shots, i + 1, steps, denoiser.calls_per_step))
 
         return sample(denoiser, sampler, x, generator, callback=after_step)
 
-    def denoise_shots(self, cond: Conditioning, config: GenerationConfig, generator, latents, report, drawn: bool,
-                      resume: RunState, state) -> Iterator[tuple[int, torch.Tensor]]:
+    def denoise_shots(self, cond: Conditioning, plan: GenerationPlan, generator, latents, report, resume: RunState,
+                      state) -> Iterator[tuple[int, torch.Tensor]]:
         """(shot, its latents (1, 4, n, h, w)) shot by shot, from `resume` on; shot 0's start with the
         condition latent. Each shot starts from VideoFusion noise and is denoised in parallel windows
         around its condition latent: the image's for the first shot, the last latent of the shot before
         for the others."""
-        g = config
-        condition = resume.condition
-        shape_hw = tuple(condition.shape[-2:])
-        for shot in range(resume.shot, g.n_batch):
-            frames = g.num_frames - 1 if shot == 0 and drawn else g.num_frames
+        g, condition = plan.config, resume.condition
+        for shot in range(resume.shot, plan.shots):
+            shape = (1, 4, plan.shot_frames[shot], *plan.latent_hw)
             sampler = make_sampler(g.sampler, self.scheduler, g.steps, noise_type="video_fusion")
             start = 0
             if shot == resume.shot and resume.latents is not None:
                 x, start = resume.latents.to(self.device), resume.step
             elif shot == 0 and latents is not None:
-                if tuple(latents.shape) != (1, 4, frames, *shape_hw):
-                    raise ConfigError(f"latents have shape {tuple(latents.shape)}; this call needs "
-                                      f"{(1, 4, frames, *shape_hw)} (batch, channels, new frames, height/8, width/8)")
+                if tuple(latents.shape) != shape:
+                    raise ConfigError(f"latents have shape {tuple(latents.shape)}; this call needs {shape} "
+                                      "(batch, channels, new frames, height/8, width/8)")
                 x = latents.to(self.device, torch.float32) * sampler.init_noise_sigma
             else:
-                x = initial_latents((1, 4, frames, *shape_hw), generator, sampler.init_noise_sigma, g.w_ind_noise,
-                                    condition, g.img_weight).to(self.device)
-            x = self.denoise_shot(x, condition, cond, sampler, config, generator, report, shot, start=start,
+                x = initial_latents(shape, generator, sampler.init_noise_sigma, g.w_ind_noise, condition,
+                                    g.img_weight).to(self.device)
+            x = self.denoise_shot(x, condition, cond, sampler, plan, generator, report, shot, start=start,
                                   state=lambda step, x, shot=shot, c=condition: state(shot, step, c, x))
             yield shot, (torch.cat([condition, x], dim=2) if shot == 0 else x)
             condition = x[:, :, -1:]  # the next shot continues from this shot's last frame
             state(shot + 1, 0, condition, None)
 
-    def denoise_video(self, cond: Conditioning, config: GenerationConfig, generator, video: torch.Tensor | None,
+    def denoise_video(self, cond: Conditioning, plan: GenerationPlan, generator, video: torch.Tensor | None,
                       control: list[ControlVideo], report, resume: RunState, state) -> Iterator[tuple[int, torch.Tensor]]:
         """Video2video: frames 1.. of the input video(s) in one parallel-denoising pass, yielded as one shot
         (1, 4, F, h, w) with the condition latent first. With an RGB `video` the pass starts from its latents
-        noised to step N (1 - video_strength) (MuseV: strength 1, the first step); else from VideoFusion
-        noise as image2video. Every window's ControlNet sees the control frames of its frames."""
-        g = config
+        noised to step `plan.start_step` (1 - video_strength of the steps; MuseV: strength 1, the first
+        step); else from VideoFusion noise as image2video. Every window's ControlNet sees the control frames
+        of its frames."""
+        g = plan.config
         if resume.shot > 0:  # resumed after the pass: nothing is left to do
             return
         condition = resume.condition
-        frames = len(video if video is not None else control[0].frames) - 1
-        shape = (1, 4, frames, *condition.shape[-2:])
+        shape = (1, 4, plan.shot_frames[0], *plan.latent_hw)
         sampler = make_sampler(g.sampler, self.scheduler, g.steps, noise_type="video_fusion")
-        start = 0
+        start = plan.start_step
         if resume.latents is not None:
             x, start = resume.latents.to(self.device), resume.step
         elif video is None:
             x = initial_latents(shape, generator, sampler.init_noise_sigma, g.w_ind_noise, condition,
                                 g.img_weight).to(self.device)
         else:
-            start = g.steps - min(int(g.steps * g.video_strength), g.steps)  # as diffusers' img2img
             init = self.encode_frames(video[1:])
             noise = video_fusion_noise(shape, generator, g.w_ind_noise).to(self.device)
             x = init if start == g.steps else sampler.add_noise(init, noise, start)
@@ -796,87 +359,36 @@ class MuseVPipeline:
             nets = [self.controlnets[c.controlnet] for c in control]
             window_control = WindowControl(MultiControlNet(nets), [c.frames for c in control], [c.scale for c in control],
                                            g.control_guidance_start, g.control_guidance_end)
-        x = self.denoise_shot(x, condition, cond, sampler, config, generator, report, 0, window_control, start,
+        x = self.denoise_shot(x, condition, cond, sampler, plan, generator, report, 0, window_control, start,
                               state=lambda step, x: state(0, step, condition, x))
         yield 0, torch.cat([condition, x], dim=2)
         state(1, 0, x[:, :, -1:], None)
 
-    def denoise_shot(self, x, condition, cond, sampler, config: GenerationConfig, generator, report, shot: int,
+    def denoise_shot(self, x, condition, cond, sampler, plan: GenerationPlan, generator, report, shot: int,
                      control: WindowControl | None = None, start: int = 0, state=None) -> torch.Tensor:
-        """One parallel-denoising pass over the latents `x` around `condition`, with progress, a NaN/Inf
-        check and `state(steps done, latents)` after every step."""
-        g = config
-        windows = context_windows(g.context_schedule, x.shape[2], g.context_frames, g.context_overlap)
+        """One parallel-denoising pass over the latents `x` around `condition`, with the plan's windows, with
+        progress, a NaN/Inf check and `state(steps done, latents)` after every step."""
+        g = plan.config
         guidance = guidance_scales(g.guidance_scale, g.steps, g.guidance_scale_end, g.guidance_method)
-        denoiser = WindowedDenoiser(self._unet, x, condition, cond, sampler, windows, guidance, g.window_batch, control,
-                                    distributed.current())  # distributed: each rank denoises its share of the windows
+        denoiser = WindowedDenoiser(self._unet, x, condition, cond, sampler, plan.windows[x.shape[2]], guidance,
+                                    g.window_batch, control, distributed.current())  # distributed: a share of windows
 
         def after_step(i, latents):
-            check_finite(latents, f"shot {shot + 1}/{g.n_batch}, step {i + 1}/{g.steps}", GUIDANCE_FIX)
-            report(Progress("video", shot, g.n_batch, i + 1, g.steps, denoiser.calls_per_step))
+            check_finite(latents, f"shot {shot + 1}/{plan.shots}, step {i + 1}/{g.steps}", GUIDANCE_FIX)
+            report(Progress("video", shot, plan.shots, i + 1, g.steps, denoiser.calls_per_step))
             if state is not None:
                 state(i + 1, latents)
 
         return sample(denoiser, sampler, x, generator, start, after_step)
 
-    def check_videos(self, video, control: list[ControlVideo], image, condition_latents):
-        """The RGB and control videos as uint8 tensors (F, H, W, 3) of one length F >= 2, each control
-        naming a ControlNet this pipeline has; a control video needs a condition image."""
-        def frames(array, what):
-            array = np.asarray(array)
-            if array.dtype != np.uint8 or array.ndim != 4 or array.shape[3] != 3:
-                raise ConfigError(f"{what} must be uint8 frames (F, H, W, 3); got {array.dtype} {array.shape}")
-            if len(array) < 2:
-                raise ConfigError(f"{what} has {len(array)} frame(s); video2video needs at least 2 (frame 0 pairs "
-                                  "with the condition image, the rest are generated)")
-            return torch.from_numpy(np.ascontiguousarray(array))
-
-        video = None if video is None else frames(video, "video")
-        if not isinstance(control, (list, tuple)):
-            raise ConfigError(f"control must be a ControlVideo or a list of them, got {type(control).__name__}")
-        checked = []
-        for n, c in enumerate(control):
-            if not isinstance(c, ControlVideo):
-                raise ConfigError(f"control[{n}] must be a ControlVideo(frames, controlnet, scale), got {type(c).__name__}")
-            if c.controlnet not in self.controlnets:
-                have = ", ".join(self.controlnets) or "none"
-                raise ConfigError(f"control[{n}] names ControlNet {c.controlnet!r}, but this pipeline has {have}; "
-                                  "convert one into the weights folder (python -m musev_lite.convert.controlnet)")
-            checked.append(dataclasses.replace(c, frames=frames(c.frames, f"control[{n}] video")))
-        lengths = {len(v) for v in [video] + [c.frames for c in checked] if v is not None}
-        if len(lengths) > 1:
-            raise ConfigError(f"the RGB and control videos have different lengths {sorted(lengths)}; give videos of "
-                              "the same frames (same length and frame rate)")
-        if checked and video is None and image is None and condition_latents is None:
-            raise ConfigError("a control video (pose2video) needs a condition image: the person to animate "
-                              "(input.image), its pose being control frame 0")
-        return video, checked
-
-    @staticmethod
-    def fit_videos(video, control: list[ControlVideo], height: int, width: int, fit: bool = True):
-        """Every frame crop-resized to the video size as MuseV's video reader does; `fit=False`: the
-        frames must already have it."""
-        def fitted(frames, what):
-            if not fit:
-                if tuple(frames.shape[1:3]) != (height, width):
-                    raise ConfigError(f"{what} frames are {frames.shape[2]}x{frames.shape[1]} but the video is "
-                                      f"{width}x{height}; pass fit_images=True to crop and resize them")
-                return frames
-            return torch.stack([torch.from_numpy(crop_resize(f.numpy(), height, width)) for f in frames])
-
-        video = None if video is None else fitted(video, "video")
-        control = [c if c.at_video_size and tuple(c.frames.shape[1:3]) == (height, width)
-                   else dataclasses.replace(c, frames=fitted(c.frames, f"control[{n}]")) for n, c in enumerate(control)]
-        return video, control
-
     @torch.no_grad()
-    def encode_frames(self, frames: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
+    def encode_frames(self, frames: torch.Tensor, chunk_size: int = DECODE_CHUNK) -> torch.Tensor:
         """uint8 frames (F, H, W, 3) -> clean latents (1, 4, F, h, w), `chunk_size` frames at a time."""
         chunks = [self.encode_images(list(frames[i : i + chunk_size].numpy())) for i in range(0, len(frames), chunk_size)]
         return torch.cat(chunks).transpose(0, 1)[None]
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, chunk_size: int = 8, progress=None) -> np.ndarray:
+    def decode(self, latents: torch.Tensor, chunk_size: int = DECODE_CHUNK, progress=None) -> np.ndarray:
         """(1, 4, F, h, w) -> uint8 (F, H, W, 3), `chunk_size` frames in float at a time. Distributed,
         each rank decodes a block of the chunks and every rank gets all frames."""
         frames = latents[0].transpose(0, 1)  # f 4 h w

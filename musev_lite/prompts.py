@@ -27,7 +27,8 @@ from .weights import WeightsError, atomic_path, check_finite, read_state_dict
 
 CHUNK = 75  # tokens per chunk, between BOS and EOS
 
-# MuseV's presets (configs/model/negative_prompt.py), selected by name; "V2" is its default.
+# MuseV's presets (configs/model/negative_prompt.py), selected by name, and its default.
+DEFAULT_NEGATIVE_PROMPT = "V2"
 NEGATIVE_PROMPTS = {
     "Empty": "",
     "V1": "nsfw, lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, cropped, "
@@ -116,7 +117,7 @@ def weighted_tokens(tokenizer, text: str, max_tokens: int) -> tuple[list[int], l
     return ids[:max_tokens], weights[:max_tokens]
 
 
-def encode_prompt_pair(tokenizer, text_encoder, prompt: str, negative_prompt: str = "V2",
+def encode_prompt_pair(tokenizer, text_encoder, prompt: str, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
                        max_chunks: int = 3) -> torch.Tensor:
     """(2, 77k, D) text embeddings, [negative; positive]. `negative_prompt` is a preset name
     (`NEGATIVE_PROMPTS`: Empty, V1..V5) or else taken as literal text."""

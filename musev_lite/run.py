@@ -50,7 +50,9 @@ from .inputs import RunInputs, control_videos, describe_video2video, load_pipeli
 from .limits import DiskFullError  # noqa: E402
 from .outputs import (OutputSet, RunInterrupted, StreamedOutputs, check_output_dir, make_output_dir,  # noqa: E402
                       refuse_existing, signals_interrupt)
-from .pipeline import ControlVideo, MuseVPipeline, Progress, resolve_device, resolve_dtype  # noqa: E402
+from .device import resolve_device, resolve_dtype  # noqa: E402
+from .pipeline import MuseVPipeline, Progress  # noqa: E402
+from .plan import ControlVideo, GenerationPlan, video_size  # noqa: E402
 from .settings import ConfigError  # noqa: E402
 
 @dataclass(frozen=True)
@@ -91,38 +93,34 @@ class ProgressPrinter:
               f"{elapsed:.0f}s elapsed, ~{eta:.0f}s left", file=sys.stderr, flush=True)
 
 
-def prepare(job: Job) -> tuple[MuseVPipeline, list[ControlVideo]]:
-    """Load the models and make the checks `pipe.generate` makes before it works (the size, the ControlNets
-    named, the memory), so that a run that cannot go ahead fails before it makes an output folder; say on
-    stderr (rank 0's) the size and what video2video read. The pipeline and the controls as it takes them
-    (keypoints drawn at the video size)."""
+def prepare(job: Job) -> tuple[MuseVPipeline, list[ControlVideo], GenerationPlan]:
+    """Load the models and plan the call as `pipe.generate` will (the size, the ControlNets named, the memory),
+    so that a run that cannot go ahead fails before it makes an output folder; say on stderr (rank 0's) the
+    size and what video2video read. The pipeline, the controls as it takes them (keypoints drawn at the
+    video size) and the plan."""
     pipe = load_pipeline(job.config, job.device, job.dtype)
     config, images, video, sources = job.config, job.inputs.images, job.inputs.video, job.inputs.sources
     g = config.generation
     first = images.get("image", Image.fromarray(video.frames[0]) if video is not None else None)
-    height, width = pipe.video_size(first, None, g)
+    height, width = video_size(first, None, g)
     if distributed.is_main():
         print(size_note(first, height, width, config), file=sys.stderr)
         if video is not None or sources:
             print(describe_video2video(video, sources), file=sys.stderr)
     controls = control_videos(config, sources, height, width)
-    pipe.check(images.get("image"), g, video=None if video is None else video.frames, control=controls)
-    return pipe, controls
+    plan = pipe.plan_call(images.get("image"), g, video=None if video is None else video.frames, control=controls)[0]
+    return pipe, controls, plan
 
 
-def generate(pipe: MuseVPipeline, job: Job, controls: list[ControlVideo],
+def generate(pipe: MuseVPipeline, job: Job, controls: list[ControlVideo], plan: GenerationPlan,
              checkpoint: Checkpoint | None = None) -> Iterator[np.ndarray]:
     """Each shot's frames as it is done, with progress on stderr (rank 0's). A resumed run (a checkpoint
     with a loaded state) first decodes the shots the checkpoint holds, then continues from its state."""
     g, i, images, video = job.config.generation, job.config.input, job.inputs.images, job.inputs.video
-    video2video = video is not None or bool(controls)
-    drawn_first = ("image" not in images and video is None) or g.redraw_condition_image
-    shots = 1 if video2video else g.n_batch
-    steps = shots * g.steps + (g.first_frame_steps if drawn_first else 0)
-    extra = dict(video=None if video is None else video.frames, control=controls) if video2video else {}
+    extra = dict(video=None if video is None else video.frames, control=controls) if plan.task == "video2video" else {}
     resume = checkpoint.saved if checkpoint is not None else None
     if resume is not None:
-        steps = (shots - resume.shot) * g.steps - resume.step
+        shots = plan.shots
         where = f"shot {resume.shot + 1}/{shots} at step {resume.step}/{g.steps}" if resume.shot < shots else "all shots"
         print(f"resuming {checkpoint.folder.name}: {resume.shot} of {shots} shots done, {where}; "
               f"decoding the {resume.shot} done", file=sys.stderr, flush=True)
@@ -131,7 +129,7 @@ def generate(pipe: MuseVPipeline, job: Job, controls: list[ControlVideo],
     result = pipe.generate(
         i.prompt, images.get("image"), g.replace(seed=job.seed), negative_prompt=i.negative_prompt,
         refer_image=images.get("refer_image"), ip_adapter_image=images.get("ip_adapter_image"),
-        callback=ProgressPrinter(steps) if distributed.is_main() else None, resume=resume,
+        callback=ProgressPrinter(plan.steps_left(resume)) if distributed.is_main() else None, resume=resume,
         on_state=None if checkpoint is None else checkpoint.on_state, **extra,
     )
     for shot in result:
@@ -180,11 +178,11 @@ def write_outputs(job: Job, out: Path) -> list[Path]:
         with outputs:  # the name locked; whatever happens, this run's temporaries go and the lock with them
             refuse_existing(outputs, config.output.overwrite)
             checkpoint = open_checkpoint(config, outputs, job.seed, job.dtype, job.resume)
-            pipe, controls = prepared or prepare(job)
+            pipe, controls, plan = prepared or prepare(job)
             started = time.monotonic()
-            with StreamedOutputs(outputs, config.output.fps, job.inputs.video_length(config, controls)) as streams:
+            with StreamedOutputs(outputs, config.output.fps, plan.total_frames) as streams:
                 try:
-                    for frames in generate(pipe, job, controls, checkpoint):
+                    for frames in generate(pipe, job, controls, plan, checkpoint):
                         streams.append(frames)
                 except KeyboardInterrupt:
                     partials = checkpoint.keep(streams) if checkpoint is not None else []
@@ -224,8 +222,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> list[Pa
             seed = checkpoint_seed(out, Path(config_path).stem) if resume and not config.output.name else random.randrange(10**8)
         job = Job(config, config_path, overrides, resume, inputs, seed, device, resolve_dtype(config.model.dtype, device))
         if not distributed.is_main():
-            pipe, controls = prepare(job)
-            for _ in generate(pipe, job, controls):
+            for _ in generate(*prepare(job)):
                 pass
             return []
         return write_outputs(job, out)

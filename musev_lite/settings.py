@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass
 
 PRESETS = ("tiny", "musev", "musev_referencenet", "musev_referencenet_pose")
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: pipeline.resolve_dtype
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: device.resolve_dtype
 FORMATS = ("mp4", "gif", "webp", "png")
 SAMPLERS = ("euler", "ddim")
 CONTEXT_SCHEDULES = ("uniform_v2", "uniform")

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+DECODE_CHUNK = 8  # frames decoded at a time by default: the peak memory of decoding does not grow with the video
+
 
 @dataclass
 class VAEConfig:
@@ -171,7 +173,7 @@ class AutoencoderKL(nn.Module):
             mean = mean + std * noise
         return mean * self.config.scaling_factor
 
-    def decode(self, latents: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, chunk_size: int = DECODE_CHUNK) -> torch.Tensor:
         """Scaled latents (N,4,h,w) -> images (N,3,8h,8w) in about [-1,1], `chunk_size` at a time."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

@@ -22,9 +22,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .limits import room_for
+from .settings import FORMATS
 from .weights import atomic_path
-
-VIDEO_FORMATS = ("mp4", "gif", "webp", "png")
 
 
 class MediaError(ValueError):
@@ -106,7 +105,7 @@ FPS_RANGE = (1.0, 240.0)
 ANIMATION_MAX_FPS = 50.0
 
 
-def check_fps(fps: float, formats: Iterable[str] = VIDEO_FORMATS) -> float:
+def check_fps(fps: float, formats: Iterable[str] = FORMATS) -> float:
     """`fps` as a float if every format in `formats` can play it (FPS_RANGE, ANIMATION_MAX_FPS for
     gif/webp), else MediaError. Call it before generating, not only when writing."""
     low, high = FPS_RANGE

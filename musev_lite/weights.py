@@ -32,6 +32,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 # A weights folder: one <component>.safetensors + <component>.json per model, the tokenizer, the schedule
 REQUIRED = ("unet", "vae", "text_encoder")
+CONTROLNET = "controlnet"  # a ControlNet's component name when none is given (more: controlnet_pose, ...)
 REFERENCENET_PARTS = ("referencenet", "image_proj", "image_encoder")  # the referencenet models' extra parts
 # textual-inversion files, each word named by its file (MuseV's negative presets name badhandv4,
 # ng_deepnegative_v1_75t, EasyNegativeV2, bad_prompt_version2-neg)

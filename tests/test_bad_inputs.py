@@ -37,7 +37,8 @@ from musev_lite.convert import musev as convert_musev
 from musev_lite.convert import sd15 as convert_sd15
 from musev_lite.checkpoint import fingerprint, save_state
 from musev_lite.config import load_config
-from musev_lite.pipeline import ControlVideo, MuseVPipeline, RunState, resolve_dtype
+from musev_lite.device import resolve_dtype
+from musev_lite.pipeline import ControlVideo, MuseVPipeline, RunState
 
 FACE = REPO / "examples/face.png"
 PROJ_IN = "lora_unet_down_blocks_0_attentions_0_proj_in"

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from musev_lite.pipeline import resolve_dtype
+from musev_lite.device import resolve_dtype
 from musev_lite.run import main
 
 TINY = ["model.preset=tiny", "generation.steps=2", "generation.context_frames=4", "generation.context_overlap=2"]

@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 from conftest import REPO
 from musev_lite import checkpoint, run
 from musev_lite.denoise import context_windows
-from musev_lite.pipeline import MuseVPipeline, native_bfloat16
+from musev_lite.device import native_bfloat16
+from musev_lite.pipeline import MuseVPipeline
 from musev_lite.video_io import write_mp4
 
 README = (REPO / "README.md").read_text()

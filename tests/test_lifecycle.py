@@ -17,7 +17,8 @@ from PIL import Image
 
 from conftest import REPO, interrupt_when, sets
 from musev_lite import memory, outputs, run
-from musev_lite.pipeline import MuseVPipeline, fit_video_size
+from musev_lite.pipeline import MuseVPipeline
+from musev_lite.plan import fit_video_size, make_plan
 from musev_lite.settings import ConfigError, GenerationConfig
 
 DEMO = REPO / "examples/demo.toml"
@@ -252,9 +253,11 @@ def test_a_size_beyond_memory_is_refused_before_generating(tmp_path, capsys, mon
 
 def test_estimate_grows_with_what_it_should():
     pipe = MuseVPipeline.demo(seed=0)
-    base = memory.estimate_memory(pipe, 256, 256, GenerationConfig(num_frames=24))
-    longer = memory.estimate_memory(pipe, 256, 256, GenerationConfig(num_frames=48))
-    batched = memory.estimate_memory(pipe, 256, 256, GenerationConfig(num_frames=24, window_batch=2))
+    def estimate(**settings):
+        plan = make_plan(GenerationConfig(height=256, width=256, **settings), None, None, None, None, pipe.controlnets)[0]
+        return memory.estimate_memory(pipe, plan)
+
+    base, longer, batched = estimate(num_frames=24), estimate(num_frames=48), estimate(num_frames=24, window_batch=2)
     assert longer["UNet window call"] == base["UNet window call"] and longer["latents"] > base["latents"]
     assert batched["UNet window call"] == 2 * base["UNet window call"]
     assert memory.available_memory(torch.device("cpu")) is None or memory.available_memory(torch.device("cpu"))[0] > 0

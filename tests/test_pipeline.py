@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import max_abs_error, reduction_depth, rounding_tolerance
-from musev_lite.pipeline import MODEL_PARTS, MuseVPipeline
+from musev_lite.models import MODEL_PARTS
+from musev_lite.pipeline import MuseVPipeline
 from musev_lite.weights import WeightsError, load_component
 
 pytestmark = pytest.mark.filterwarnings("ignore:prompt truncated")  # the byte tokenizer makes V2 long

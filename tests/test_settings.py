@@ -17,6 +17,7 @@ from conftest import REPO
 from musev_lite import __version__
 from musev_lite.config import build_config, load_config, to_toml
 from musev_lite.pipeline import MuseVPipeline
+from musev_lite.plan import fitted_images
 from musev_lite.run import main
 from musev_lite.settings import ConfigError, GenerationConfig
 from musev_lite.video_io import fit_image
@@ -84,8 +85,8 @@ def test_prompt_embeds_and_condition_latents_skip_their_encoders(pipe):
     text = pipe.encode_text("a face", "V1")
     embeds = pipe("", IMAGE, num_frames=3, seed=5, prompt_embeds=text[1:], negative_prompt_embeds=text[:1], **FAST)
     assert torch.equal(embeds.latents, base.latents)
-    fitted = fit_image(pipe.fit_images(IMAGE, None, None, 40, 72)[0], 40, 72)
-    latent = pipe.encode_images([pipe.fit_images(IMAGE, None, None, 40, 72)[0]])[:, :, None]
+    fitted = fit_image(fitted_images(IMAGE, None, None, 40, 72)[0], 40, 72)
+    latent = pipe.encode_images([fitted_images(IMAGE, None, None, 40, 72)[0]])[:, :, None]
     from_latent = pipe("a face", None, num_frames=3, seed=5, negative_prompt="V1", condition_latents=latent,
                        refer_image=fitted, ip_adapter_image=fitted, fit_images=False, **FAST)
     assert torch.equal(from_latent.latents[:, :, :1], latent)
@@ -96,7 +97,7 @@ def test_prompt_embeds_and_condition_latents_skip_their_encoders(pipe):
 
 
 def test_fitted_images_are_used_as_they_are(pipe):
-    fitted = np.asarray(fit_image(pipe.fit_images(IMAGE, None, None, 40, 72)[0], 40, 72))
+    fitted = np.asarray(fit_image(fitted_images(IMAGE, None, None, 40, 72)[0], 40, 72))
     once = pipe("a face", fitted, num_frames=2, seed=5, fit_images=False, **FAST)
     assert torch.equal(once.latents[:, :, :1], pipe.encode_images([fitted])[:, :, None])
     twice = pipe("a face", fitted, num_frames=2, seed=5, **FAST)  # MuseV's crop is not the identity

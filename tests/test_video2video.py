@@ -12,6 +12,7 @@ import torch
 
 from conftest import REPO, write_lossless
 from musev_lite.pipeline import ControlVideo, MuseVPipeline
+from musev_lite.plan import fitted_videos
 from musev_lite.run import main
 from musev_lite.settings import ConfigError
 
@@ -63,7 +64,7 @@ def test_cli_video2video(tmp_path, capsys, kind):
 
 def test_strength_zero_returns_the_video_through_the_vae(pipe):
     result = pipe("a face", None, video=FRAMES, video_strength=0.0, seed=1, **FAST)
-    fitted, _ = pipe.fit_videos(torch.from_numpy(FRAMES), [], 48, 64)
+    fitted, _ = fitted_videos(torch.from_numpy(FRAMES), [], 48, 64)
     expected = pipe.encode_frames(fitted[1:])
     assert torch.equal(result.latents[:, :, 1:], expected)
     decoded = pipe.decode(torch.cat([result.latents[:, :, :1], expected], dim=2))  # same decode batches

@@ -25,6 +25,7 @@ from musev_lite.denoise import (
     window_groups,
 )
 from musev_lite.pipeline import MuseVPipeline
+from musev_lite.plan import fitted_videos
 from musev_lite.samplers import SD15_SCHEDULER, EulerSampler, SchedulerConfig, video_fusion_noise
 from musev_lite.unet import Conditioning
 from musev_lite.vae import AutoencoderKL, VAEConfig
@@ -120,7 +121,7 @@ def test_video_starting_latents_are_the_original(models):
                  "the fixture's VAE")
     unet, _, _ = models
     pipe = MuseVPipeline(unet, vae, None, None, SchedulerConfig.from_dict(SD15_SCHEDULER))
-    rgb, _ = pipe.fit_videos(raw_frames("rgb_video"), [], 128, 192)
+    rgb, _ = fitted_videos(raw_frames("rgb_video"), [], 128, 192)
     init = pipe.encode_frames(rgb[1:])
     sampler = EulerSampler(SchedulerConfig.from_dict(SD15_SCHEDULER), 2, "video_fusion")
     noise = video_fusion_noise(init.shape, torch.Generator().manual_seed(1000), 0.5)

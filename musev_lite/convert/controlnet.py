@@ -32,7 +32,7 @@ import torch
 from ..command import exit_code
 from ..controlnet import ControlNet, ControlNetConfig, check_sd15_base
 from ..limits import file_stem
-from ..weights import WeightsError, check_state_dict, read_state_dict, save_component, writable_folder
+from ..weights import CONTROLNET, WeightsError, check_state_dict, read_state_dict, save_component, writable_folder
 
 from . import Rule, rename
 from .sd15 import RESNET_PARTS, UNET_BLOCKS, cast, expected_keys, find_weights, read_json
@@ -116,7 +116,7 @@ def main(argv=None, prog: str = "python -m musev_lite.convert.controlnet") -> in
                                      description="Convert an SD1.5 ControlNet to musev_lite's format.")
     parser.add_argument("src", help="a diffusers ControlNet folder, or a single file (.pth / .safetensors / .ckpt)")
     parser.add_argument("--dest", required=True, type=Path, help="output folder, e.g. a weights folder")
-    parser.add_argument("--name", default="controlnet", help="component name (default: controlnet)")
+    parser.add_argument("--name", default=CONTROLNET, help=f"component name (default: {CONTROLNET})")
     parser.add_argument("--config", type=Path, help="a diffusers config.json for a single file that is not SD1.5-sized")
     parser.add_argument("--dtype", choices=("keep", "fp16", "fp32"), default="keep")
     args = parser.parse_args(argv)
