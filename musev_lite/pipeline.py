@@ -749,7 +749,7 @@ class MuseVPipeline:
         shape_hw = tuple(condition.shape[-2:])
         for shot in range(resume.shot, g.n_batch):
             frames = g.num_frames - 1 if shot == 0 and drawn else g.num_frames
-            sampler = make_sampler(g.sampler, self.scheduler, g.steps, noise_type="video_fusion")
+            sampler = make_sampler(g.sampler, self.scheduler, g.steps, noise_type="video_fusion", w_ind_noise=g.w_ind_noise)
             start = 0
             if shot == resume.shot and resume.latents is not None:
                 x, start = resume.latents.to(self.device), resume.step
@@ -779,7 +779,7 @@ class MuseVPipeline:
         condition = resume.condition
         frames = len(video if video is not None else control[0].frames) - 1
         shape = (1, 4, frames, *condition.shape[-2:])
-        sampler = make_sampler(g.sampler, self.scheduler, g.steps, noise_type="video_fusion")
+        sampler = make_sampler(g.sampler, self.scheduler, g.steps, noise_type="video_fusion", w_ind_noise=g.w_ind_noise)
         start = 0
         if resume.latents is not None:
             x, start = resume.latents.to(self.device), resume.step
