@@ -313,7 +313,7 @@ class MuseVPipeline(MuseVModels):
         g, condition = plan.config, resume.condition
         for shot in range(resume.shot, plan.shots):
             shape = (1, 4, plan.shot_frames[shot], *plan.latent_hw)
-            sampler = make_sampler(g.sampler, self.scheduler, g.steps, noise_type="video_fusion")
+            sampler = make_sampler(g.sampler, self.scheduler, g.steps, noise_type="video_fusion", w_ind_noise=g.w_ind_noise)
             start = 0
             if shot == resume.shot and resume.latents is not None:
                 x, start = resume.latents.to(self.device), resume.step
@@ -343,7 +343,7 @@ class MuseVPipeline(MuseVModels):
             return
         condition = resume.condition
         shape = (1, 4, plan.shot_frames[0], *plan.latent_hw)
-        sampler = make_sampler(g.sampler, self.scheduler, g.steps, noise_type="video_fusion")
+        sampler = make_sampler(g.sampler, self.scheduler, g.steps, noise_type="video_fusion", w_ind_noise=g.w_ind_noise)
         start = plan.start_step
         if resume.latents is not None:
             x, start = resume.latents.to(self.device), resume.step

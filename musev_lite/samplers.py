@@ -1,14 +1,15 @@
-"""Samplers: Euler (MuseV's default) and DDIM, as plain arithmetic over the noise schedule, and the
-VideoFusion noise MuseV starts a video from (and its Euler draws at every step).
+"""Samplers: Euler (MuseV's default), DDIM and LCM, as plain arithmetic over the noise schedule, and the
+VideoFusion noise MuseV starts a video from (and its Euler and LCM draw at every step).
 
     betas            -> alphas_cumprod[t] = prod_{s<=t} (1 - beta_s)     (the training noise schedule)
     sigma(t)         =  sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])
     Euler step       x <- x + (x - x0_hat) / sigma_i * (sigma_{i+1} - sigma_i)
     DDIM step        x <- sqrt(a_prev) x0_hat + sqrt(1 - a_prev - s^2) eps_hat + s z
+    LCM step         d = c_out(t) x0_hat + c_skip(t) x;   x <- sqrt(a_prev) d + sqrt(1 - a_prev) z  (last step: d)
 
-Both match diffusers' EulerDiscreteScheduler / DDIMScheduler step for step (same float32 schedule
-arithmetic), read their settings from a checkpoint's `scheduler_config.json` the way diffusers'
-`from_config` does, and share one small interface used by the denoising loop: `timesteps`,
+All three match diffusers' EulerDiscreteScheduler / DDIMScheduler / LCMScheduler step for step (same
+float32 schedule arithmetic), read their settings from a checkpoint's `scheduler_config.json` the way
+diffusers' `from_config` does, and share one small interface used by the denoising loop: `timesteps`,
 `init_noise_sigma`, `scale_model_input(x, i)`, `step(model_output, i, x, generator)`,
 `add_noise(x0, noise, i)`, where `i` is the index of the step (0 = noisiest).
 """
@@ -33,6 +34,9 @@ from .weights import config_from_dict
 BETA_SCHEDULES = ("linear", "scaled_linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SPACINGS = ("linspace", "leading", "trailing")
+# diffusers' betas (beta_start, beta_end, beta_schedule) for a config without them: Euler's and DDIM's, LCM's
+EULER_BETAS = (0.0001, 0.02, "linear")
+LCM_BETAS = (0.00085, 0.012, "scaled_linear")
 NOISE_TYPES = ("random", "video_fusion")  # MuseV's names for plain and VideoFusion noise
 
 # SD1.5's scheduler/scheduler_config.json (PNDM; no timestep_spacing key, so Euler spaces linearly, as
@@ -63,27 +67,34 @@ class SchedulerConfig:
     `timestep_spacing=None` means "not in the file": each sampler then uses its own default, as
     diffusers does (Euler: linspace, DDIM: leading). MuseV builds its Euler from SD1.5's PNDM config,
     which lacks the key, so its runs use linspace spacing (docs/method.md#the-sampler).
-    `set_alpha_to_one`, `clip_sample` and `clip_sample_range` are used by DDIM only.
+    `clip_sample=None` and the betas at None likewise: DDIM clips x0 (its default), LCM does not; Euler and
+    DDIM take linear betas 0.0001..0.02, LCM SD1.5's scaled_linear 0.00085..0.012 (its defaults: MuseV's
+    `LCMScheduler.from_config(euler.config)` passes on only the keys the file had).
+    `set_alpha_to_one` is used by DDIM only, `clip_sample` and `clip_sample_range` by DDIM and LCM,
+    `original_inference_steps` and `timestep_scaling` by LCM only (defaults: diffusers' LCMScheduler's;
+    SD1.5's file has neither).
     """
 
     num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
+    beta_start: float | None = None
+    beta_end: float | None = None
+    beta_schedule: str | None = None
     prediction_type: str = "epsilon"
     timestep_spacing: str | None = None
     steps_offset: int = 0
     set_alpha_to_one: bool = True
-    clip_sample: bool = True
+    clip_sample: bool | None = None
     clip_sample_range: float = 1.0
+    original_inference_steps: int = 50
+    timestep_scaling: float = 10.0
 
     def __post_init__(self):
-        for key, allowed in (
-            ("beta_schedule", BETA_SCHEDULES),
-            ("prediction_type", PREDICTION_TYPES),
-            ("timestep_spacing", SPACINGS + (None,)),
+        for key, allowed, optional in (
+            ("beta_schedule", BETA_SCHEDULES, True),
+            ("prediction_type", PREDICTION_TYPES, False),
+            ("timestep_spacing", SPACINGS, True),
         ):
-            if getattr(self, key) not in allowed:
+            if getattr(self, key) not in allowed and not (optional and getattr(self, key) is None):
                 raise ValueError(
                     f"scheduler config: {key}={getattr(self, key)!r} is not supported; use one of {allowed}"
                 )
@@ -91,12 +102,17 @@ class SchedulerConfig:
             ("num_train_timesteps", _is_int(self.num_train_timesteps) and self.num_train_timesteps >= 1,
              "an integer >= 1"),
             ("steps_offset", _is_int(self.steps_offset) and self.steps_offset >= 0, "an integer >= 0"),
-            ("beta_start", _is_real(self.beta_start) and 0 < self.beta_start < 1, "a number in (0, 1)"),
-            ("beta_end", _is_real(self.beta_end) and 0 < self.beta_end < 1, "a number in (0, 1)"),
+            ("beta_start", self.beta_start is None or _is_real(self.beta_start) and 0 < self.beta_start < 1,
+             "a number in (0, 1)"),
+            ("beta_end", self.beta_end is None or _is_real(self.beta_end) and 0 < self.beta_end < 1, "a number in (0, 1)"),
             ("clip_sample_range", _is_real(self.clip_sample_range) and self.clip_sample_range > 0,
              "a number > 0"),
+            ("original_inference_steps", _is_int(self.original_inference_steps) and self.original_inference_steps >= 1,
+             "an integer >= 1"),
+            ("timestep_scaling", _is_real(self.timestep_scaling) and math.isfinite(self.timestep_scaling)
+             and self.timestep_scaling > 0, "a finite number > 0"),
             ("set_alpha_to_one", isinstance(self.set_alpha_to_one, bool), "true or false"),
-            ("clip_sample", isinstance(self.clip_sample, bool), "true or false"),
+            ("clip_sample", isinstance(self.clip_sample, bool) or self.clip_sample is None, "true or false"),
         ):
             if not ok:
                 raise ValueError(f"scheduler config: {key}={getattr(self, key)!r} must be {what}")
@@ -126,13 +142,16 @@ class SchedulerConfig:
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
 
-    def alphas_cumprod(self) -> torch.Tensor:
-        """Cumulative product of (1 - beta_t), in float32 as diffusers computes it."""
+    def alphas_cumprod(self, defaults: tuple[float, float, str] = EULER_BETAS) -> torch.Tensor:
+        """Cumulative product of (1 - beta_t), in float32 as diffusers computes it; `defaults` (beta_start,
+        beta_end, beta_schedule) are the sampler's for the keys the file lacks."""
         n = self.num_train_timesteps
-        if self.beta_schedule == "linear":
-            betas = torch.linspace(self.beta_start, self.beta_end, n, dtype=torch.float32)
+        start, end, schedule = (given if given is not None else default for given, default in
+                                zip((self.beta_start, self.beta_end, self.beta_schedule), defaults))
+        if schedule == "linear":
+            betas = torch.linspace(start, end, n, dtype=torch.float32)
         else:  # scaled_linear: linear in sqrt(beta)
-            betas = torch.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=torch.float32) ** 2
+            betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float32) ** 2
         return torch.cumprod(1.0 - betas, dim=0)
 
 
@@ -262,7 +281,7 @@ class DDIMSampler:
         else:  # v_prediction
             x0 = a_t**0.5 * x - b_t**0.5 * model_output
             eps = a_t**0.5 * model_output + b_t**0.5 * x
-        if self.config.clip_sample:
+        if self.config.clip_sample is not False:  # None (not in the file): DDIM's default, clip
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         variance = ((1 - a_prev) / b_t) * (1 - a_t / a_prev)
         std = self.eta * variance**0.5
@@ -278,13 +297,89 @@ class DDIMSampler:
         return a**0.5 * x0 + (1 - a) ** 0.5 * noise
 
 
-def make_sampler(name: str, config: SchedulerConfig, num_steps: int, eta: float = 0.0, noise_type: str = "random"):
-    """"euler" (MuseV's default; eta must stay 0) or "ddim". `noise_type`: what MuseV's Euler draws (and
-    drops) at every step, "video_fusion" for videos."""
-    if name == "euler":
-        if eta != 0:
-            raise ValueError(f"eta={eta!r} only applies to the 'ddim' sampler; Euler here is deterministic (eta 0)")
-        return EulerSampler(config, num_steps, noise_type)
+class LCMSampler:
+    """Latent Consistency Model sampling (diffusers' LCMScheduler), what MuseV swaps in with an LCM-LoRA.
+
+    The timesteps are a subset of the `original_inference_steps` (50) evenly spaced ones the LCM was
+    distilled on (k = num_train_timesteps // 50: 999, 979, ..., 19), picked at floor(linspace(0, 50, N))
+    positions: 4 steps visit 999, 759, 499, 259. Each step maps the noise prediction to the consistency
+    function's output `denoised` = c_out(t) x0_hat + c_skip(t) x, whose boundary-condition scalings of
+    the timestep scaled by `timestep_scaling` (10) and sigma_data = 0.5 make it x0_hat but for a sliver,
+    then noises it afresh to the next timestep; the last step returns `denoised` and draws nothing.
+
+    The fresh noise comes from the step's generator, with the model output's shape and dtype, on the
+    generator's device, as MuseV's LCMScheduler draws it: plain noise for a single frame, VideoFusion
+    noise (`noise_type="video_fusion"`, its `w_ind_noise`) for a video.
+    """
+
+    init_noise_sigma = 1.0
+    sigma_data = 0.5
+
+    def __init__(self, config: SchedulerConfig, num_steps: int, noise_type: str = "random", w_ind_noise: float = 0.5):
+        if noise_type not in NOISE_TYPES:
+            raise ValueError(f"noise_type {noise_type!r} is unknown; use one of {NOISE_TYPES}")
+        original = config.original_inference_steps
+        if original > config.num_train_timesteps:
+            raise ValueError(f"scheduler config: original_inference_steps={original} is more than "
+                             f"num_train_timesteps={config.num_train_timesteps}; use at most that many")
+        if not _is_int(num_steps) or not 1 <= num_steps <= original:
+            raise ValueError(f"the 'lcm' sampler takes 1..{original} steps (its original_inference_steps; "
+                             f"4-8 is what LCM is for), got {num_steps!r}")
+        self.config, self.noise_type, self.w_ind_noise = config, noise_type, w_ind_noise
+        k = config.num_train_timesteps // original
+        distilled = (np.arange(1, original + 1) * k - 1)[::-1]
+        picked = np.floor(np.linspace(0, original, num_steps, endpoint=False)).astype(np.int64)
+        self.timesteps = torch.from_numpy(distilled[picked].copy())
+        self.alphas_cumprod = config.alphas_cumprod(LCM_BETAS)
+        scaled = self.timesteps * float(config.timestep_scaling)  # float32, as diffusers scales its timestep tensor
+        self.c_skip = self.sigma_data**2 / (scaled**2 + self.sigma_data**2)
+        self.c_out = scaled / (scaled**2 + self.sigma_data**2) ** 0.5
+
+    def scale_model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        return x
+
+    def denoised(self, model_output: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The consistency function's output at step `i`: c_out x0_hat + c_skip x."""
+        a_t = self.alphas_cumprod[int(self.timesteps[i])]
+        b_t = 1 - a_t
+        if self.config.prediction_type == "epsilon":
+            x0 = (x - b_t.sqrt() * model_output) / a_t.sqrt()
+        else:  # v_prediction
+            x0 = a_t.sqrt() * x - b_t.sqrt() * model_output
+        if self.config.clip_sample:  # None (not in the file): LCM's default, no clipping
+            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        return self.c_out[i] * x0 + self.c_skip[i] * x
+
+    def step(self, model_output: torch.Tensor, i: int, x: torch.Tensor, generator=None) -> torch.Tensor:
+        """`denoised` noised to the next timestep with noise drawn from `generator` (the global RNG when
+        None); at the last step `denoised` itself."""
+        denoised = self.denoised(model_output, i, x)
+        if i == len(self.timesteps) - 1:
+            return denoised
+        a_prev = self.alphas_cumprod[int(self.timesteps[i + 1])]
+        draw = dict(dtype=model_output.dtype, device=generator.device if generator is not None else model_output.device)
+        if self.noise_type == "video_fusion":
+            noise = video_fusion_noise(model_output.shape, generator, self.w_ind_noise, **draw)
+        else:
+            noise = torch.randn(model_output.shape, generator=generator, **draw)
+        return a_prev.sqrt() * denoised + (1 - a_prev).sqrt() * noise.to(model_output.device)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        a = self.alphas_cumprod[int(self.timesteps[i])].to(x0.dtype)
+        return a**0.5 * x0 + (1 - a) ** 0.5 * noise
+
+
+def make_sampler(name: str, config: SchedulerConfig, num_steps: int, eta: float = 0.0, noise_type: str = "random",
+                 w_ind_noise: float = 0.5):
+    """"euler" (MuseV's default), "ddim" or "lcm" (for an LCM-LoRA, 4-8 steps); `eta` applies to DDIM only.
+    `noise_type`: what MuseV's Euler (drawn and dropped) and LCM (added) draw at every step, "video_fusion"
+    for videos, with `w_ind_noise` its share of per-frame noise."""
     if name == "ddim":
         return DDIMSampler(config, num_steps, eta)
-    raise ValueError(f"sampler {name!r} is unknown; use one of {SAMPLERS}")
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler {name!r} is unknown; use one of {SAMPLERS}")
+    if eta != 0:
+        raise ValueError(f"eta={eta!r} only applies to the 'ddim' sampler; {name!r} here takes no eta (eta 0)")
+    if name == "euler":
+        return EulerSampler(config, num_steps, noise_type)
+    return LCMSampler(config, num_steps, noise_type, w_ind_noise)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 PRESETS = ("tiny", "musev", "musev_referencenet", "musev_referencenet_pose")
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: device.resolve_dtype
 FORMATS = ("mp4", "gif", "webp", "png")
-SAMPLERS = ("euler", "ddim")
+SAMPLERS = ("euler", "ddim", "lcm")
 CONTEXT_SCHEDULES = ("uniform_v2", "uniform")
 GUIDANCE_METHODS = ("linear", "two_stage", "three_stage", "fix_two_stage")
 OUTPUT_TYPES = ("uint8", "pil")
@@ -26,6 +26,7 @@ TASKS = ("auto", "image2video", "text2image2video", "video2video")
 
 MAX_GUIDANCE = 100.0  # far above anything useful (MuseV uses 3.5 and 7.5), low enough to stay finite
 MAX_STEPS = 1000  # the training schedule has 1000 timesteps
+LCM_MAX_STEPS = 50  # LCM's steps are a subset of the 50 it was distilled on (its original_inference_steps)
 
 
 class ConfigError(ValueError):
@@ -171,6 +172,12 @@ class GenerationConfig:
         one_of("generation.guidance_method", self.guidance_method, GUIDANCE_METHODS)
         one_of("generation.context_schedule", self.context_schedule, CONTEXT_SCHEDULES)
         one_of("generation.sampler", self.sampler, SAMPLERS)
+        if self.sampler == "lcm":
+            for key in ("steps", "first_frame_steps"):
+                value = getattr(self, key)
+                require(value <= LCM_MAX_STEPS,
+                        f"generation.{key} = {value} is more than the 'lcm' sampler takes ({LCM_MAX_STEPS}, the steps "
+                        "LCM was distilled on); LCM is meant for 4-8 steps: lower it, or use sampler 'euler'")
         in_range("generation.w_ind_noise", self.w_ind_noise, 0, 1)
         in_range("generation.img_weight", self.img_weight, 0, 1)
         in_range("generation.ip_adapter_scale", self.ip_adapter_scale, 0, 10, " (0 turns the IP-Adapter off)")

@@ -113,6 +113,88 @@ def make_samplers():
     (OUT / "samplers" / "cases.json").write_text(f"[\n{lines}\n]\n")
 
 
+def _musev_lcm_scheduler():
+    """MuseV's own LCMScheduler (musev/schedulers/scheduling_lcm.py: diffusers' LCMScheduler whose step draws
+    VideoFusion noise for videos) and its video_fusion_noise (musev/utils/noise_util.py), read from $MUSEV_SRC;
+    the files' own imports are not run."""
+    from typing import List, Optional, Tuple, Union
+
+    import numpy as np
+    from diffusers.schedulers.scheduling_lcm import LCMScheduler, LCMSchedulerOutput
+    from diffusers.utils.torch_utils import randn_tensor
+
+    typing_names = dict(List=List, Optional=Optional, Tuple=Tuple, Union=Union)
+    noise = _original_definitions(_musev_file("noise_util.py", "musev/utils/noise_util.py"), {"video_fusion_noise"},
+                                  dict(torch=torch, randn_tensor=randn_tensor, **typing_names))
+    scheduler = _original_definitions(
+        _musev_file("scheduling_lcm.py", "musev/schedulers/scheduling_lcm.py"), {"LCMScheduler"},
+        dict(torch=torch, np=np, ndarray=np.ndarray, DiffusersLCMScheduler=LCMScheduler, randn_tensor=randn_tensor,
+             LCMSchedulerOutput=LCMSchedulerOutput, video_fusion_noise=noise["video_fusion_noise"], **typing_names))
+    return scheduler["LCMScheduler"]
+
+
+def make_lcm():
+    """diffusers' LCMScheduler as MuseV builds it (`LCMScheduler.from_config` of its Euler scheduler's config, made
+    from the checkpoint's scheduler_config.json): timesteps, and every step's `denoised` and `prev_sample` on a
+    5-D video latent with a seeded step generator, then one more draw from that generator (how many the steps
+    took). With MUSEV_SRC set, also MuseV's own LCMScheduler with noise_type="video_fusion", its per-step noise
+    for videos."""
+    import os
+
+    from diffusers import EulerDiscreteScheduler, LCMScheduler
+
+    sd15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+            "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+            "steps_offset": 1, "trained_betas": None}
+    other = dict(sd15, prediction_type="v_prediction", clip_sample=True, clip_sample_range=1.5,
+                 original_inference_steps=100, timestep_scaling=5.0)
+    generator = torch.Generator().manual_seed(0)
+    x_T = torch.randn((1, 4, 3, 2, 3), generator=generator)  # (batch, channels, frames, h, w)
+    outputs = torch.randn((50, 1, 4, 3, 2, 3), generator=generator)  # a fixed fake model output per step
+    clean = torch.randn((1, 4, 3, 2, 3), generator=generator)  # an x0 for add_noise
+    cases, tensors = [], {"x_T": x_T, "model_outputs": outputs, "clean": clean}
+    musev_lcm = _musev_lcm_scheduler() if os.environ.get("MUSEV_SRC") else None
+
+    def record(config, steps, noise_type=None, w_ind_noise=0.5):
+        euler = EulerDiscreteScheduler.from_config(config)  # MuseV's pipeline scheduler, then swapped for LCM
+        scheduler = (LCMScheduler if noise_type is None else musev_lcm).from_config(euler.config)
+        for key in ("clip_sample", "original_inference_steps", "timestep_scaling"):  # carried over Euler's config
+            assert key not in config or scheduler.config[key] == config[key], key
+        scheduler.set_timesteps(steps)
+        step_generator = torch.Generator().manual_seed(7)
+        kwargs = {} if noise_type is None else dict(noise_type=noise_type, w_ind_noise=w_ind_noise)
+        x, latents, denoised = x_T * scheduler.init_noise_sigma, [], []
+        for i, t in enumerate(scheduler.timesteps):
+            x, d = scheduler.step(outputs[i], t, x, generator=step_generator, return_dict=False, **kwargs)
+            latents.append(x)
+            denoised.append(d)
+        key = f"lcm{len(cases)}"
+        tensors[f"{key}.timesteps"] = scheduler.timesteps.clone()
+        tensors[f"{key}.latents"] = torch.stack(latents)
+        tensors[f"{key}.denoised"] = torch.stack(denoised)
+        tensors[f"{key}.next_draw"] = torch.randn(4, generator=step_generator)
+        if noise_type is None and steps in (4, 6):
+            noised = [scheduler.add_noise(clean, x_T, scheduler.timesteps[i : i + 1]) for i in range(steps)]
+            tensors[f"{key}.noised"] = torch.stack(noised)
+        cases.append(dict(key=key, config=config, steps=steps, noise_type=noise_type or "random",
+                          w_ind_noise=w_ind_noise, source="diffusers" if noise_type is None else "musev",
+                          init_noise_sigma=float(scheduler.init_noise_sigma), step_generator_seed=7))
+
+    for steps in (1, 2, 3, 4, 5, 6, 7, 8, 13, 50):
+        record(sd15, steps)
+    record(other, 6)
+    record({}, 4)  # Euler's defaults (linear betas), then LCM's own (no clipping)
+    if musev_lcm is not None:
+        for steps, w_ind_noise in ((2, 0.5), (4, 0.5), (8, 0.3)):
+            record(sd15, steps, "video_fusion", w_ind_noise)
+        record(sd15, 4, "random")
+
+    save("samplers", "lcm_steps", tensors)
+    lines = ",\n".join(json.dumps(case) for case in cases)
+    (OUT / "samplers" / "lcm_cases.json").write_text(f"[\n{lines}\n]\n")
+
+
 def make_vae():
     """A tiny random diffusers AutoencoderKL (SD structure), images, posterior means and decodes."""
     from diffusers import AutoencoderKL
@@ -1257,6 +1339,7 @@ def make_video2video():
 
 PARTS = {
     "samplers": make_samplers,
+    "lcm": make_lcm,
     "vae": make_vae,
     "clip_text": make_clip_text,
     "clip_vision": make_clip_vision,

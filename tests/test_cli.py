@@ -140,3 +140,25 @@ def test_errors_from_a_subprocess_have_no_traceback(tmp_path):
     done = run_cli(tmp_path, "generation.num_frames=0")
     assert done.returncode == 2 and done.stderr.startswith("error: generation.num_frames = 0")
     assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_lcm_example_runs(tmp_path):
+    """examples/lcm.toml on the tiny preset: 4 LCM steps, with its LoRA entry pointed at a tiny file in
+    lcm-lora-sdv1-5's layout (kohya keys, alpha) for two layers of the demo UNet."""
+    from safetensors.torch import save_file
+
+    from musev_lite.pipeline import MuseVPipeline
+
+    unet, tensors = MuseVPipeline.demo().unet, {}
+    for module in ("down_blocks.0.resnets.0.time_emb_proj", "down_blocks.0.attentions.0.proj_in"):
+        out_features, in_features, *kernel = unet.get_submodule(module).weight.shape
+        stem = "lora_unet_" + module.replace(".", "_")
+        tensors[f"{stem}.lora_down.weight"] = 0.01 * torch.randn(4, in_features, *kernel)
+        tensors[f"{stem}.lora_up.weight"] = 0.01 * torch.randn(out_features, 4, *[1] * len(kernel))
+        tensors[f"{stem}.alpha"] = torch.tensor(4.0)
+    save_file(tensors, tmp_path / "pytorch_lora_weights.safetensors")
+    lora = f"model.lora=[{{path = '{tmp_path / 'pytorch_lora_weights.safetensors'}', scale = 1.0}}]"
+    done = run_cli(tmp_path, lora, "generation.num_frames=4", "generation.steps=4", config=REPO / "examples/lcm.toml")
+    assert done.returncode == 0, done.stderr
+    assert "step 4/4" in done.stderr and "pytorch_lora_weights.safetensors (scale 1): merged into 2 UNet layers (none temporal)" in done.stderr
+    assert json.loads((tmp_path / "lcm-1.json").read_text())["config"]["generation"]["sampler"] == "lcm"

@@ -306,6 +306,12 @@ def frames_differ(*reference, key):
     return case
 
 
+def case_sampler(cli, files):
+    """Each sampler other than the default: ddim, and lcm at the 4 steps an LCM-LoRA is run with."""
+    differ(cli, (), "generation.sampler=ddim")
+    differ(cli, ("generation.steps=4",), "generation.sampler=lcm")
+
+
 def case_seed(cli, files):
     assert differ(cli, (), "generation.seed=2").sidecar["seed"] == 2
     drawn = ran(cli("generation.seed=none", "output.name=", fresh=True))
@@ -412,7 +418,7 @@ CASES = {
     "generation.w_ind_noise": frames_differ(key="generation.w_ind_noise=0.1"),
     "generation.img_weight": frames_differ(key="generation.img_weight=0.5"),
     "generation.ip_adapter_scale": frames_differ(key="generation.ip_adapter_scale=0"),
-    "generation.sampler": frames_differ(key="generation.sampler=ddim"),
+    "generation.sampler": case_sampler,
     "generation.seed": case_seed,
     "generation.video_strength": case_video_strength,
     "generation.control_guidance_start": frames_differ(*CONTROL, key="generation.control_guidance_start=0.5"),

@@ -223,3 +223,48 @@ def test_bad_files(tmp_path):
     torch.save({"lora_unet_conv_in.lora_down.weight": "not a tensor"}, tmp_path / "odd.pt")
     with pytest.raises(LoraError, match="lora_unet_conv_in.lora_down.weight"):
         load_lora(tmp_path / "odd.pt")
+
+
+# The modules LCM-LoRA's distillation script puts LoRA layers on (PEFT target_modules, matched as a name or a
+# dotted suffix), and how the published lcm-lora-sdv1-5/pytorch_lora_weights.safetensors names them: kohya keys
+# over diffusers' module paths, `lora_unet_<path, _ for .>.lora_down.weight` / `.lora_up.weight` / `.alpha`, UNet
+# only (the layout MuseV's kohya-only `update_pipeline_lora_model` reads; configs/model/lcm_model.py merges it at
+# strength 1.0 into all blocks).
+LCM_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+               "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
+def test_lcm_lora_layout_merges_into_every_layer_it_names(tmp_path):
+    """A tiny file in lcm-lora-sdv1-5's layout, made over the SD1.5 UNet's own module names (the unet2d fixture):
+    every layer merges at MuseV's strength 1.0 (alpha / rank scaled), 3x3 convs as LoCon, nothing temporal,
+    no text-encoder layer; unmerging restores the weights."""
+    sd = read_state_dict(FIXTURES / "unet2d/weights.safetensors")
+    modules = sorted(k.removesuffix(".weight") for k, v in sd.items() if k.endswith(".weight") and v.ndim in (2, 4)
+                     and any(k.removesuffix(".weight") == t or k.removesuffix(".weight").endswith(f".{t}")
+                             for t in LCM_TARGETS))
+    generator, rank, alpha, tensors = torch.Generator().manual_seed(0), 4, 8.0, {}
+    for module in modules:
+        out_features, in_features, *kernel = sd[f"{module}.weight"].shape
+        stem = "lora_unet_" + module.replace(".", "_")
+        tensors[f"{stem}.lora_down.weight"] = 0.1 * torch.randn(rank, in_features, *kernel, generator=generator)
+        tensors[f"{stem}.lora_up.weight"] = 0.1 * torch.randn(out_features, rank, *[1] * len(kernel), generator=generator)
+        tensors[f"{stem}.alpha"] = torch.tensor(alpha)
+    assert {m.rsplit(".", 1)[-1] for m in modules} >= {"to_q", "proj_in", "conv1", "conv_shortcut", "conv", "time_emb_proj"}
+    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj.") for k in tensors)
+    path = _save(tmp_path / "pytorch_lora_weights.safetensors", tensors)
+    unet, text_encoder = models()
+    before = weights(unet, text_encoder)
+    counts = merge_lora(unet, text_encoder, [(load_lora(path), 1.0)])
+    assert counts == [{"unet": len(modules), "unet_temporal": 0, "text_encoder": 0}]
+    after = weights(unet, text_encoder)
+    assert changed(before, after) == {f"unet.{m}.weight" for m in modules}
+    reference = []
+    for module in modules:
+        stem = "lora_unet_" + module.replace(".", "_")
+        up, down = tensors[f"{stem}.lora_up.weight"].flatten(1), tensors[f"{stem}.lora_down.weight"].flatten(1)
+        reference.append((before[f"unet.{module}.weight"].flatten(1) + alpha / rank * (up @ down)).flatten())
+    ours, reference = torch.cat([after[f"unet.{m}.weight"].flatten() for m in modules]), torch.cat(reference)
+    what = f"{len(modules)} layers merged from the LCM-LoRA layout vs W + alpha / r * up @ down"
+    assert max_abs_error(ours, reference, what) <= rounding_tolerance(reference, rank + 3)
+    unmerge_lora(unet, text_encoder)
+    assert not changed(before, weights(unet, text_encoder))

@@ -204,3 +204,18 @@ def test_generate_yields_the_video_shot_by_shot(pipe):
     assert [len(s.frames) for s in shots] == [4, 3, 3]  # the condition frame comes with shot 0
     whole = pipe("a face", IMAGE, num_frames=3, n_batch=3, seed=2, **FAST)
     assert np.array_equal(np.concatenate([s.frames for s in shots]), whole.frames)
+
+
+def test_lcm_sampler_is_seeded_and_differs_from_euler(pipe):
+    """sampler="lcm" (4 steps) makes a video of the same size, the same twice with a seed, not Euler's; its step
+    noise is VideoFusion noise of `w_ind_noise` (from the same starting latents, w_ind_noise changes LCM's video,
+    which Euler's deterministic steps never draw from)."""
+    kwargs = dict(image=IMAGE, num_frames=5, seed=3, **dict(FAST, steps=4))
+    lcm, again, euler = (pipe("a face", sampler=name, **kwargs) for name in ("lcm", "lcm", "euler"))
+    assert lcm.frames.shape == euler.frames.shape == (6, 40, 72, 3)
+    assert np.array_equal(lcm.frames, again.frames) and torch.equal(lcm.latents, again.latents)
+    assert not torch.equal(lcm.latents, euler.latents)
+    start = torch.randn((1, 4, 5, 5, 9), generator=torch.Generator().manual_seed(0))
+    for name, differs in (("lcm", True), ("euler", False)):
+        a, b = (pipe("a face", sampler=name, latents=start, w_ind_noise=w, **kwargs).latents for w in (0.5, 0.2))
+        assert torch.equal(a, b) is not differs, name
