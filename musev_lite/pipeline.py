@@ -13,7 +13,8 @@ One call is five stages, each a method below (docs/method.md tells the method):
      latent; the next shot continues from this shot's last latent. Video2video (`video=` RGB frames to
      start from and/or `control=` control videos for ControlNets) is one pass over the whole video:
      `denoise_video`;
-  5. `decode`: the latents, a few frames at a time, into uint8 frames.
+  5. `decode`: the latents, a few frames at a time, into uint8 frames; with `hist_match`, the generated
+     frames then take frame 0's colour histograms (`histmatch.match_frames`, MuseV's need_hist_match).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .denoise import (
     initial_latents,
     sample,
 )
+from .histmatch import match_frames
 from .ip_adapter import ImageProjection, ImageProjectionConfig
 from .limits import file_stem
 from .lora import load_lora, merge_lora, unmerge_lora
@@ -586,11 +588,17 @@ class MuseVPipeline:
         else:
             shots = self.denoise_video(cond, config, generator, video, control, report, resume, state)
             total = len(video if video is not None else control[0].frames)
-        decoded = 0
+        decoded, reference = 0, None
         for index, shot_latents in shots:
             frames = self.decode(shot_latents, progress=lambda done, _: report(
                 Progress("decode", index, config.n_batch, decoded + done, total, 0)))
             decoded += len(frames)
+            if config.hist_match:  # MuseV's need_hist_match: each generated frame gets frame 0's histograms
+                if reference is None:  # frame 0: shot 0's first frame, or decoded again when resuming after it
+                    reference = (frames[0].copy() if index == 0 else
+                                 self.frame_0(condition, shot_frames(config, video, control, has_image)[0] + 1))
+                generated = frames[1:] if index == 0 else frames  # a view: frame 0 is left as it is
+                generated[:] = match_frames(generated, reference)
             yield Shot(index, frames, shot_latents, seed)
 
     def check(self, image=None, config: GenerationConfig | None = None, *, video: np.ndarray | None = None,
@@ -874,6 +882,11 @@ class MuseVPipeline:
         """uint8 frames (F, H, W, 3) -> clean latents (1, 4, F, h, w), `chunk_size` frames at a time."""
         chunks = [self.encode_images(list(frames[i : i + chunk_size].numpy())) for i in range(0, len(frames), chunk_size)]
         return torch.cat(chunks).transpose(0, 1)[None]
+
+    def frame_0(self, condition: torch.Tensor, shot_0_frames: int, chunk_size: int = 8) -> np.ndarray:
+        """Frame 0 (H, W, 3) bit for bit as `decode` made it at the head of shot 0 (`shot_0_frames` latents):
+        in a chunk of as many frames as shot 0's first, since the VAE may round one frame alone differently."""
+        return self.decode(condition.expand(-1, -1, min(chunk_size, shot_0_frames), -1, -1), chunk_size)[0]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk_size: int = 8, progress=None) -> np.ndarray:
