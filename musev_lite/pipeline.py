@@ -18,7 +18,8 @@ the call. `generate` is a numbered skeleton of named stages (docs/method.md tell
      latent; the next shot continues from this shot's last latent. Video2video (`video=` RGB frames to
      start from and/or `control=` control videos for ControlNets) is one pass over the whole video:
      `denoise_video`;
-  7. `decode`: each shot's latents, a few frames at a time, into uint8 frames, yielded as the shot is done.
+  7. `decoded`: each shot's latents, a few frames at a time, into uint8 frames, yielded as the shot is done;
+     with `hist_match`, the generated frames then take frame 0's colour histograms (MuseV's need_hist_match).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from . import distributed
 from .clip import clip_image_preprocess
 from .controlnet import MultiControlNet
 from .denoise import ImageDenoiser, WindowControl, WindowedDenoiser, guidance_scales, initial_latents, sample
+from .histmatch import match_frames
 from .memory import check_memory
 from .models import MuseVModels
 from .plan import ControlVideo, GenerationPlan, RunState, check_resume, fitted_images, fitted_videos, make_plan
@@ -191,12 +193,7 @@ class MuseVPipeline(MuseVModels):
         else:
             shots = self.denoise_shots(cond, plan, generator, latents, report, resume, state)
         # 7. Each shot decoded as it is done
-        decoded = 0
-        for index, shot_latents in shots:
-            frames = self.decode(shot_latents, progress=lambda done, _: report(
-                Progress("decode", index, plan.shots, decoded + done, plan.total_frames, 0)))
-            decoded += len(frames)
-            yield Shot(index, frames, shot_latents, seed)
+        yield from self.decoded(shots, plan, condition, seed, report)
 
     def plan_call(self, image=None, config: GenerationConfig | None = None, *, video: np.ndarray | None = None,
                   control: ControlVideo | list[ControlVideo] | None = None,
@@ -380,6 +377,29 @@ class MuseVPipeline(MuseVModels):
                 state(i + 1, latents)
 
         return sample(denoiser, sampler, x, generator, start, after_step)
+
+    def decoded(self, shots: Iterator[tuple[int, torch.Tensor]], plan: GenerationPlan, condition: torch.Tensor,
+                seed: int | None, report=None) -> Iterator[Shot]:
+        """Each (shot, latents) decoded into its frames, with progress; with `hist_match` every generated frame
+        then takes frame 0's colour histograms (MuseV's need_hist_match, `histmatch.match_frames`: frame by
+        frame against one reference, so shot by shot is the whole video's result). `condition`: frame 0's
+        latent, decoded again when the shots start after shot 0 (a resumed run)."""
+        decoded, reference = 0, None
+        for index, latents in shots:
+            frames = self.decode(latents, progress=report and (lambda done, _: report(
+                Progress("decode", index, plan.shots, decoded + done, plan.total_frames, 0))))
+            decoded += len(frames)
+            if plan.config.hist_match:
+                if reference is None:
+                    reference = frames[0].copy() if index == 0 else self.frame_0(condition, plan.shot_frames[0] + 1)
+                generated = frames[1:] if index == 0 else frames  # a view: frame 0 stays as it is
+                generated[:] = match_frames(generated, reference)
+            yield Shot(index, frames, latents, seed)
+
+    def frame_0(self, condition: torch.Tensor, shot_0_frames: int, chunk_size: int = DECODE_CHUNK) -> np.ndarray:
+        """Frame 0 (H, W, 3) bit for bit as `decode` made it at the head of shot 0 (`shot_0_frames` latents):
+        in a chunk of as many frames as shot 0's first, since the VAE may round one frame alone differently."""
+        return self.decode(condition.expand(-1, -1, min(chunk_size, shot_0_frames), -1, -1), chunk_size)[0]
 
     @torch.no_grad()
     def encode_frames(self, frames: torch.Tensor, chunk_size: int = DECODE_CHUNK) -> torch.Tensor:

@@ -124,8 +124,9 @@ def generate(pipe: MuseVPipeline, job: Job, controls: list[ControlVideo], plan: 
         where = f"shot {resume.shot + 1}/{shots} at step {resume.step}/{g.steps}" if resume.shot < shots else "all shots"
         print(f"resuming {checkpoint.folder.name}: {resume.shot} of {shots} shots done, {where}; "
               f"decoding the {resume.shot} done", file=sys.stderr, flush=True)
-        for _, latents in checkpoint.finished_shots(resume.shot):
-            yield pipe.decode(latents.to(pipe.device))
+        finished = ((index, latents.to(pipe.device)) for index, latents in checkpoint.finished_shots(resume.shot))
+        for shot in pipe.decoded(finished, plan, resume.first_condition.to(pipe.device), resume.seed):
+            yield shot.frames
     result = pipe.generate(
         i.prompt, images.get("image"), g.replace(seed=job.seed), negative_prompt=i.negative_prompt,
         refer_image=images.get("refer_image"), ip_adapter_image=images.get("ip_adapter_image"),

@@ -130,6 +130,7 @@ class GenerationConfig:
     video_strength: float = 1.0  # video2video from an RGB video: 1 = from noise at the first step (MuseV), 0 = the video
     control_guidance_start: float = 0.0  # share of the steps before the ControlNets start
     control_guidance_end: float = 1.0  # share of the steps after which they stop
+    hist_match: bool = False  # MuseV's need_hist_match: the generated frames take frame 0's colour histograms
 
     def replace(self, **overrides) -> GenerationConfig:
         """A copy with some settings changed; an unknown name is a ConfigError with a suggestion."""

@@ -639,6 +639,72 @@ def make_pose():
     (OUT / "pose" / "frames.json").write_text(json.dumps(frames) + "\n")
 
 
+def make_histmatch():
+    """MuseV's `need_hist_match` post-process: MMCM's `hist_match_video_bcthw` (mmcm/vision/process/
+    correct_color.py, with the three functions it calls, of an MMCM checkout in $MMCM_SRC, or the file itself
+    in that folder; its module's other import, a decord video dataset, is not run) over scikit-image's
+    `match_histograms`, called as MuseV's predictor calls it: decoded frames 1.. of a video, float32 in [0, 1]
+    as (1, 3, T, H, W), matched to frame 0 (1, 3, 1, H, W), value 255. Needs numpy and scikit-image, MuseV's
+    pins (environment.yml: numpy 1.23.5, scikit-image 0.22.0), and einops.
+
+    Cases, (1, 3, 2, 12, 16) frames, each with its own reference frame:
+      drift            frames = the reference's colours shifted per channel (gain, offset, gamma) plus noise
+      few_levels       the reference uses 6 levels per channel (ties, unused levels between)
+      flat_channels    the frames' red is one level, their green two; blue as in `drift`
+      level_edges      values k/255 in float32 and the float32 just below, where x * 255 truncates to k or k - 1
+    Writes cases.safetensors (<case>.frames, <case>.reference float32; <case>.levels uint8, the function's float64
+    output x 255, checked here to be whole numbers) and cases.json (versions, the source file's sha256)."""
+    import hashlib
+    import os
+
+    import numpy as np
+    import skimage
+    import skimage.exposure
+    from einops import rearrange
+
+    assert (np.__version__, skimage.__version__) == ("1.23.5", "0.22.0"), "run this part with MuseV's numpy and scikit-image"
+    src = Path(os.environ["MMCM_SRC"])
+    source = src / "correct_color.py" if (src / "correct_color.py").is_file() else src / "mmcm/vision/process/correct_color.py"
+    names = {"hist_match_color", "hist_match_color_video", "hist_match_color_video_batch", "hist_match_video_bcthw"}
+    hist_match = _original_definitions(source, names, {"np": np, "rearrange": rearrange, "skimage": skimage})[
+        "hist_match_video_bcthw"]
+    rng = np.random.default_rng(18)
+    t, h, w = 2, 12, 16
+    y, x = np.mgrid[0:h, 0:w] / np.array([h - 1, w - 1])[:, None, None]
+    smooth = np.stack([x, y, (x + y) / 2])[:, None]  # (3, 1, h, w) in [0, 1]
+
+    def noisy(image, scale=0.08):
+        return np.clip(image + rng.normal(0, scale, image.shape), 0, 1).astype(np.float32)
+
+    def drifted(image):
+        gain, offset, gamma = rng.uniform(0.7, 1.2, (3, 1, 1, 1)), rng.uniform(-0.1, 0.2, (3, 1, 1, 1)), rng.uniform(0.6, 1.5)
+        return noisy(np.clip(gain * image**gamma + offset, 0, 1).repeat(t, 1))
+
+    reference = noisy(smooth)
+    few_levels = np.round(noisy(smooth) * 5) / 5
+    flat = drifted(smooth)
+    flat[0], flat[1] = 0.4, np.where(flat[1] > 0.5, 0.9, 0.1)
+    levels = rng.integers(1, 256, (3, t, h, w))
+    edges = (levels / 255).astype(np.float32)
+    below = rng.random(edges.shape) < 0.5
+    edges[below] = np.nextafter(edges[below], np.float32(0))
+    cases = {"drift": (drifted(smooth), reference), "few_levels": (drifted(smooth), few_levels.astype(np.float32)),
+             "flat_channels": (flat, reference), "level_edges": (edges, reference)}
+    tensors = {}
+    for name, (frames, ref) in cases.items():
+        frames, ref = frames[None].astype(np.float32), ref[None].astype(np.float32)
+        matched = hist_match(frames, ref, value=255.0)
+        levels = np.round(matched * 255)
+        assert matched.dtype == np.float64 and matched.shape == frames.shape and np.array_equal(levels / 255, matched)
+        tensors.update({f"{name}.frames": torch.from_numpy(frames), f"{name}.reference": torch.from_numpy(ref),
+                        f"{name}.levels": torch.from_numpy(levels.astype(np.uint8))})
+    save("histmatch", "cases", tensors)
+    (OUT / "histmatch" / "cases.json").write_text(json.dumps({
+        "function": "MMCM hist_match_video_bcthw(frames, reference, value=255.0)", "cases": list(cases),
+        "numpy": np.__version__, "scikit_image": skimage.__version__, "python": sys.version.split()[0],
+        "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest()}, indent=1) + "\n")
+
+
 CONTROLNET_TINY = dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, cross_attention_dim=32,
                        attention_head_dim=2, conditioning_embedding_out_channels=(4, 8, 8, 16))
 SD15_CONTROLNET = dict(cross_attention_dim=768)  # control_v11p_sd15_openpose/config.json: diffusers' defaults + 768
@@ -1349,6 +1415,7 @@ PARTS = {
     "lora": make_lora,
     "video_crop": make_video_crop,
     "pose": make_pose,
+    "histmatch": make_histmatch,
     "controlnet": make_controlnet,
     "video2video": make_video2video,
 }

@@ -23,6 +23,7 @@ from conftest import REPO
 from musev_lite import checkpoint, run
 from musev_lite.denoise import context_windows
 from musev_lite.device import native_bfloat16
+from musev_lite.histmatch import match_frames
 from musev_lite.pipeline import MuseVPipeline
 from musev_lite.video_io import write_mp4
 
@@ -333,6 +334,15 @@ def case_motion_speed(cli, files):
            "generation.motion_speed=1")
 
 
+def case_hist_match(cli, files):
+    """Frame 0 stays; every later frame is the plain run's, matched to frame 0 (tests/test_histmatch.py has the
+    parity with MuseV's function)."""
+    plain, matched = ran(cli()), differ(cli, (), "generation.hist_match=true")
+    assert np.array_equal(matched.frames[0], plain.frames[0]) and matched.sidecar["config"]["generation"]["hist_match"]
+    assert np.array_equal(matched.frames[1:], match_frames(plain.frames[1:], plain.frames[0]))
+    assert "generation.hist_match must be true or false; got 'yes'" in cli("generation.hist_match=yes").error()
+
+
 def case_dir(cli, files):
     nested = ran(cli("output.dir={files}/made/here", fresh=True))
     assert (files / "made/here/v.json").is_file() and not nested.out.exists()
@@ -423,6 +433,7 @@ CASES = {
     "generation.video_strength": case_video_strength,
     "generation.control_guidance_start": frames_differ(*CONTROL, key="generation.control_guidance_start=0.5"),
     "generation.control_guidance_end": frames_differ(*CONTROL, key="generation.control_guidance_end=0.5"),
+    "generation.hist_match": case_hist_match,
     "output.dir": case_dir,
     "output.name": case_name,
     "output.formats": case_formats,
