@@ -107,3 +107,9 @@ def check_memory(pipe, height: int, width: int, config: GenerationConfig, contro
             f"a {width}x{height} video of {config.n_batch} x {config.num_frames} frames needs about "
             f"{gb(sum(parts.values()))} ({detail}) but {gb(free[0])} is available ({free[1]}); "
             f"{FIXES[largest]}")
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is running out of memory: MemoryError, torch's OutOfMemoryError, or the CPU
+    allocator's RuntimeError."""
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
