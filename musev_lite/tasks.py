@@ -63,6 +63,7 @@ class Task:
     name: str
     config: RunConfig
     variables: dict = field(default_factory=dict)
+    note: str = ""  # how img_length_ratio sized the video, for stderr
 
     @property
     def label(self) -> str:
@@ -139,17 +140,26 @@ def build_task(table, number: int, count: int, defaults: dict, notes: dict, over
         data[section].update(values)
     notes = {k: v for k, v in notes.items()  # a path the task sets is no longer the defaults'
              if k.partition(".")[2].partition("[")[0] not in own.get(k.partition(".")[0], {})}
+    ratio = table.get("img_length_ratio")
+    if ratio is not None:  # the file's sizes are scaled, so need not be multiples of 8; --set's are checked
+        in_range("img_length_ratio", ratio, 0.01, 16)
+        base = {key: data["generation"].pop(key, 0) for key in ("height", "width")}
+        for key, value in base.items():
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                    f"generation.{key} = {value!r} must be a size in pixels (0: the image's)")
     config = config_from(data, {**notes, **own_notes}, overrides, stem=name)
     require(config.output.name == "", f"output.name = {config.output.name!r} is set, but each task writes "
             "<task name>-<seed>; remove output.name")
     config.input.prompt = fill_template(config.input.prompt, {"name": name, **variables})
-    if "img_length_ratio" in table:
-        ratio = table["img_length_ratio"]
-        in_range("img_length_ratio", ratio, 0.01, 16)
+    note = ""
+    if ratio is not None:
+        g = config.generation
+        g.height, g.width = g.height or base["height"], g.width or base["width"]
         height, width = task_size(config, ratio)
-        config.generation = config.generation.replace(height=height, width=width)
+        note = f", size {height}x{width} by img_length_ratio {ratio:g}"
+        config.generation = g.replace(height=height, width=width)
         config.generation.validate(has_image=config.input.image != "" or config.input.video != "")
-    return Task(number, count, name, config, dict(variables))
+    return Task(number, count, name, config, dict(variables), note)
 
 
 def load_tasks(path: str | Path | None, overrides: list[str]) -> list[Task] | None:
@@ -171,7 +181,8 @@ def load_tasks(path: str | Path | None, overrides: list[str]) -> list[Task] | No
         try:
             tasks.append(build_task(table, number, len(tables), data, notes, list(overrides), Path(path).parent))
         except ConfigError as err:
-            raise ConfigError(f"task {number}{f' ({name!r})' if isinstance(name, str) else ''}: {err}") from None
+            named = f" ({printable(name)})" if isinstance(name, str) and name else ""
+            raise ConfigError(f"task {number}/{len(tables)}{named}: {err}") from None
         if tasks[-1].name in names:
             raise ConfigError(f"tasks {names[tasks[-1].name]} and {number} are both named {tasks[-1].name!r}, so they "
                               "would write the same outputs; give each task its own name")
@@ -298,7 +309,8 @@ def run_all(tasks: list[Task], resume: bool, make_job: Callable, check: Callable
     try:
         for o in todo:
             seed, how, _ = plans[o.task.number]
-            print(f"{o.task.label}: {'resuming' if how == 'resume' else 'starting'}, seed {seed}", file=sys.stderr)
+            print(f"{o.task.label}: {'resuming' if how == 'resume' else 'starting'}, seed {seed}{o.task.note}",
+                  file=sys.stderr)
             try:
                 paths = write(pipe, make_job(o.task, seed, how == "resume", device, dtype))
             except (ValueError, MemoryError, RuntimeError) as err:
@@ -423,12 +435,13 @@ def import_tasks(path: str | Path, root: str | Path | None = None) -> str:
     a run configuration, with a header that says what to add."""
     raw = read_yaml(Path(path))
     tasks = [t for n, task in enumerate(raw, start=1) for t in fiss(interpolate(task, f"task {n}"))]
-    paths = (f"relative to {Path(root).resolve()}, written absolute" if root is not None else
-             "as the YAML wrote them: in this file they are relative to its folder (or convert with --root DIR)")
+    paths = (f"relative to {Path(root).resolve()}, written absolute." if root is not None else
+             "as the YAML wrote them, so relative to this file's folder (or convert with --root DIR).")
     lines = [f"# {len(tasks)} tasks converted by musev-lite import-tasks from MuseV's {Path(path).name}.",
-             f"# Paths: {paths}. Add [model], [generation] and [output] sections above the tasks: they are",
-             "# every task's defaults. A video_path with video_is_middle became input.control (a pose video),",
-             "# another input.video (RGB video2video; MuseV would extract the controls from it).", ""]
+             f"# Paths: {paths}",
+             "# Add [model], [generation] and [output] sections above the tasks: they are every task's defaults.",
+             "# A video_path with video_is_middle became input.control (a pose video), another input.video",
+             "# (RGB video2video; MuseV would extract the controls from it).", ""]
     for number, task in enumerate(tasks, start=1):
         table = convert_task(task, number, None if root is None else Path(root))
         lines.append("[[task]]")
