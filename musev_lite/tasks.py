@@ -45,8 +45,8 @@ from .inputs import load_pipeline, read_inputs
 from .memory import out_of_memory
 from .outputs import OutputSet, check_output_dir
 from .pipeline import resolve_device, resolve_dtype
-from .settings import ConfigError, in_range, printable, require, suggest
 from .limits import file_stem
+from .settings import ConfigError, in_range, printable, require, suggest
 from .video_io import read_image
 
 TASK_KEYS = ("name", "img_length_ratio", "vars", "input", "generation")
@@ -181,8 +181,8 @@ def load_tasks(path: str | Path | None, overrides: list[str]) -> list[Task] | No
         try:
             tasks.append(build_task(table, number, len(tables), data, notes, list(overrides), Path(path).parent))
         except ConfigError as err:
-            named = f" ({printable(name)})" if isinstance(name, str) and name else ""
-            raise ConfigError(f"task {number}/{len(tables)}{named}: {err}") from None
+            called = f" ({printable(name)})" if isinstance(name, str) and name else ""
+            raise ConfigError(f"task {number}/{len(tables)}{called}: {err}") from None
         if tasks[-1].name in names:
             raise ConfigError(f"tasks {names[tasks[-1].name]} and {number} are both named {tasks[-1].name!r}, so they "
                               "would write the same outputs; give each task its own name")
@@ -196,14 +196,15 @@ def tasks_toml(tasks: list[Task]) -> str:
     lines = [to_toml(tasks[0].config, ("model", "output"))]
     for task in tasks:
         lines.append(f"[[task]]\nname = {toml_value(task.name)}")
-        if task.variables:
-            lines.append(f"vars = {toml_value(task.variables)}")
         data = task.config.as_dict()
         for holder, key, _ in list(relative_paths(data)):
             holder[key] = os.path.abspath(holder[key])
         for section in SECTIONS:
             lines.append(f"[task.{section}]")
             lines += [f"# {k} = (unset)" if v is None else f"{k} = {toml_value(v)}" for k, v in data[section].items()]
+        if task.variables:
+            lines.append("[task.vars]")
+            lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in task.variables.items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -397,7 +398,7 @@ def fiss(task: dict) -> list[dict]:
 def convert_task(task: dict, number: int, root: Path | None) -> dict:
     """One MuseV task as our `[[task]]` table: name, img_length_ratio (MuseV's default 1.0 when absent),
     input and generation settings, the other keys as vars."""
-    table = {"name": str(task.get("name", number - 1)), "img_length_ratio": float(task.get("img_length_ratio", 1.0))}
+    table = {"name": str(task["name"]), "img_length_ratio": float(task.get("img_length_ratio", 1.0))}
     sections = {"input": {}, "generation": {}}
     variables = {}
     for key, value in task.items():
@@ -434,7 +435,8 @@ def import_tasks(path: str | Path, root: str | Path | None = None) -> str:
     """MuseV's task YAML (`${.key}` interpolations resolved, fission by '|' done) as `[[task]]` tables of
     a run configuration, with a header that says what to add."""
     raw = read_yaml(Path(path))
-    tasks = [t for n, task in enumerate(raw, start=1) for t in fiss(interpolate(task, f"task {n}"))]
+    tasks = [t for n, task in enumerate(raw, start=1)  # MuseV names a task without a name by its index
+             for t in fiss({"name": n - 1, **interpolate(task, f"task {n}")})]
     paths = (f"relative to {Path(root).resolve()}, written absolute." if root is not None else
              "as the YAML wrote them, so relative to this file's folder (or convert with --root DIR).")
     lines = [f"# {len(tasks)} tasks converted by musev-lite import-tasks from MuseV's {Path(path).name}.",

@@ -229,7 +229,7 @@ def test_print_config_round_trips(folder):
     before, after = load_tasks(folder / "tasks.toml", []), load_tasks(again, [])
     assert [(t.name, t.config.input, t.config.generation) for t in before] == \
            [(t.name, t.config.input, t.config.generation) for t in after]
-    assert tasks_toml(after) == out and "[[task]]\nname = \"c\"\nvars = {blink = 2}\n[task.input]" in out
+    assert tasks_toml(after) == out and "[[task]]\nname = \"c\"\n[task.input]\n" in out and "[task.vars]\nblink = 2\n" in out
 
 
 def test_resume_continues_the_interrupted_task(folder):
@@ -329,3 +329,14 @@ def test_musev_example_yaml_converts(tmp_path):
         assert (task.config.generation.height, task.config.generation.width) == expected
         assert "{" not in task.config.input.prompt
         assert bool(task.config.input.control) == bool(original.get("video_is_middle"))
+
+
+def test_import_tasks_fission_and_default_names(tmp_path):
+    """MuseV's task fission (a text value with '|': a task per alternative) and its name for a task without
+    one (its index); each alternative gets its own name here, so that it writes its own outputs."""
+    needs_yaml()
+    (tmp_path / "t.yaml").write_text("- prompt: a cat|a dog\n  height: 64\n  width: 64\n")
+    (tmp_path / "t.toml").write_text('[model]\npreset = "tiny"\n' + import_tasks(tmp_path / "t.yaml"))
+    tasks = load_tasks(tmp_path / "t.toml", [])
+    assert [(t.name, t.config.input.prompt) for t in tasks] == [("0_1", "a cat"), ("0_2", "a dog")]
+    assert all(t.config.generation.height == 64 for t in tasks)
