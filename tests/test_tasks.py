@@ -271,7 +271,7 @@ def test_import_tasks_converts_musev_yaml(tmp_path, capsys):
     nulls dropped, the template left for the run to fill, a video_is_middle video as a control, MuseV's
     per-task keys as settings; the TOML, under a [model] section, loads with MuseV's sizes."""
     needs_yaml()
-    assert entry.main(["import-tasks", str(FIXTURES / "musev_tasks.yaml")]) == 0
+    assert entry.main(["import-tasks", str(FIXTURES / "tasks/musev_tasks.yaml")]) == 0
     text = capsys.readouterr().out
     assert text.startswith("# 3 tasks converted by musev-lite import-tasks from MuseV's musev_tasks.yaml")
     (tmp_path / "tasks.toml").write_text('[model]\npreset = "tiny"\n\n' + text)
@@ -286,7 +286,7 @@ def test_import_tasks_converts_musev_yaml(tmp_path, capsys):
     assert dance.config.input.video == "" and dance.config.input.control[0].path == str(tmp_path / "videos/pose.mp4")
     assert dance.config.input.ip_adapter_image == str(tmp_path / "images/girl.png")  # ${.refer_image} -> ${.condition_images}
     assert dance.config.input.prompt == "a girl is dancing, dance"  # {name} is the task's name
-    rooted = import_tasks(FIXTURES / "musev_tasks.yaml", root=tmp_path / "musev")
+    rooted = import_tasks(FIXTURES / "tasks/musev_tasks.yaml", root=tmp_path / "musev")
     assert f'image = "{tmp_path / "musev/images/girl.png"}"' in rooted
 
 
@@ -305,7 +305,7 @@ def test_import_tasks_errors(tmp_path, capsys):
 
 def test_import_tasks_without_pyyaml_says_what_to_install(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` raises ImportError
-    assert entry.main(["import-tasks", str(FIXTURES / "musev_tasks.yaml")]) == 2
+    assert entry.main(["import-tasks", str(FIXTURES / "tasks/musev_tasks.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: reading MuseV's YAML task files needs PyYAML, which is not installed: "
                           "pip install pyyaml (or pip install \"musev-lite[yaml]\")")
