@@ -53,7 +53,7 @@ from .outputs import (OutputSet, RunInterrupted, StreamedOutputs, check_output_d
                       refuse_existing, signals_interrupt)
 from .pipeline import ControlVideo, MuseVPipeline, Progress, resolve_device, resolve_dtype  # noqa: E402
 from .settings import ConfigError  # noqa: E402
-from .tasks import Task, load_tasks, resolved_toml, run_all  # noqa: E402
+from .tasks import RUNNING_TASK, Task, load_tasks, resolved_toml, run_all  # noqa: E402
 
 @dataclass(frozen=True)
 class Job:
@@ -77,9 +77,7 @@ class Job:
 
 
 class ProgressPrinter:
-    """One line per step on stderr: stage, shot, step, elapsed and estimated time left."""
-
-    label = ""  # "task 3/12  " before each line while a task file runs (run_tasks)
+    """One line per step on stderr: (in a task file, the task,) stage, shot, step, elapsed and time left."""
 
     def __init__(self, total_steps: int):
         self.total, self.done, self.start = total_steps, 0, time.monotonic()
@@ -87,13 +85,13 @@ class ProgressPrinter:
     def __call__(self, p: Progress) -> None:
         elapsed = time.monotonic() - self.start
         if p.stage == "decode":
-            print(f"{self.label}decode  {p.step}/{p.steps} frames  {elapsed:.0f}s", file=sys.stderr, flush=True)
+            print(f"{RUNNING_TASK.get()}decode  {p.step}/{p.steps} frames  {elapsed:.0f}s", file=sys.stderr, flush=True)
             return
         self.done += 1
         eta = elapsed / self.done * (self.total - self.done)
-        where = "first frame" if p.stage == "first_frame" else f"shot {p.shot + 1}/{p.shots}"
-        print(f"{self.label}{where}  step {p.step}/{p.steps}  ({p.unet_calls} UNet call{'s' * (p.unet_calls != 1)}"
-              f"/step)  {elapsed:.0f}s elapsed, ~{eta:.0f}s left", file=sys.stderr, flush=True)
+        where = RUNNING_TASK.get() + ("first frame" if p.stage == "first_frame" else f"shot {p.shot + 1}/{p.shots}")
+        print(f"{where}  step {p.step}/{p.steps}  ({p.unet_calls} UNet call{'s' * (p.unet_calls != 1)}/step)  "
+              f"{elapsed:.0f}s elapsed, ~{eta:.0f}s left", file=sys.stderr, flush=True)
 
 
 def prepare(job: Job, pipe: MuseVPipeline | None = None, say: bool = True) -> tuple[MuseVPipeline, list[ControlVideo]]:
@@ -242,9 +240,9 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> list[Pa
 
 def run_tasks(tasks: list[Task], config_path: str, overrides: list[str], resume: bool) -> list[Path]:
     """A file of [[task]] tables: the models loaded once, each task a run of its own (`tasks.run_all`)."""
-    def job(task: Task, seed: int, resume: bool, device: str, dtype: torch.dtype) -> Job:  # to check, then to run
-        ProgressPrinter.label = f"task {task.number}/{task.count}  "
-        return Job(task.config, config_path, overrides, resume, read_inputs(task.config), seed, device, dtype, task.name)
+    def job(task: Task, seed: int, resume: bool, device: str, dtype: torch.dtype) -> Job:  # to check, to run
+        inputs = read_inputs(task.config)
+        return Job(task.config, config_path, overrides, resume, inputs, seed, device, dtype, task.name)
 
     return run_all(tasks, resume, job, lambda pipe, job: prepare(job, pipe, say=False),
                    lambda pipe, job: write_outputs(job, Path(job.config.output.dir), pipe))

@@ -34,6 +34,7 @@ import random
 import re
 import sys
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,7 @@ from .settings import ConfigError, in_range, printable, require, suggest
 from .video_io import read_image
 
 TASK_KEYS = ("name", "img_length_ratio", "vars", "input", "generation")
+RUNNING_TASK = ContextVar("running_task", default="")  # "task 3/12  " while run_all runs it: progress lines start so
 SECTIONS = ("input", "generation")  # what a task may override; the models and outputs are the run's
 
 
@@ -312,6 +314,7 @@ def run_all(tasks: list[Task], resume: bool, make_job: Callable, check: Callable
             seed, how, _ = plans[o.task.number]
             print(f"{o.task.label}: {'resuming' if how == 'resume' else 'starting'}, seed {seed}{o.task.note}",
                   file=sys.stderr)
+            running = RUNNING_TASK.set(f"task {o.task.number}/{o.task.count}  ")
             try:
                 paths = write(pipe, make_job(o.task, seed, how == "resume", device, dtype))
             except (ValueError, MemoryError, RuntimeError) as err:
@@ -320,6 +323,8 @@ def run_all(tasks: list[Task], resume: bool, make_job: Callable, check: Callable
                 o.status, o.detail = "failed", (str(err).splitlines() or [type(err).__name__])[0][:300]
                 print(f"{o.task.label} failed: {o.detail}", file=sys.stderr, flush=True)
                 continue
+            finally:
+                RUNNING_TASK.reset(running)
             o.status, o.detail = "done", ", ".join(str(p) for p in paths)
             for path in paths:
                 print(path, flush=True)
