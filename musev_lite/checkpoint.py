@@ -227,10 +227,11 @@ def checkpoint_seed(folder: Path, config_stem: str) -> int:
     return seeds[0]
 
 
-def resume_command(config_path: str, overrides: list[str], config: RunConfig, seed: int) -> str:
-    """The command that continues this run (the drawn seed added when the config leaves it unset)."""
+def resume_command(config_path: str, overrides: list[str], config: RunConfig, seed: int | None) -> str:
+    """The command that continues this run (the drawn seed added when the config leaves it unset; `seed`
+    None: never, as for a task file, whose tasks find their drawn seeds by name)."""
     args = [config_path] + [a for o in overrides for a in ("--set", o)]
-    if config.generation.seed is None:
+    if config.generation.seed is None and seed is not None:
         args += ["--set", f"generation.seed={seed}"]
     return "python -m musev_lite.run " + " ".join(shlex.quote(a) for a in args + ["--resume"])
 

@@ -263,15 +263,17 @@ def toml_value(value) -> str:
     return repr(value)
 
 
-def to_toml(config: RunConfig) -> str:
-    """The whole configuration, defaults filled in, as a TOML file `load_config` reads back. Paths are
-    written absolute, so the file means the same wherever it is saved. Unset optional settings (TOML
-    has no null) are written as comments."""
+def to_toml(config: RunConfig, sections: tuple[str, ...] = tuple(SECTIONS)) -> str:
+    """The whole configuration (or its `sections`), defaults filled in, as a TOML file `load_config` reads
+    back. Paths are written absolute, so the file means the same wherever it is saved. Unset optional
+    settings (TOML has no null) are written as comments."""
     lines = []
     data = config.as_dict()
     for holder, key, _ in list(relative_paths(data)):
         holder[key] = os.path.abspath(holder[key])
     for section, values in data.items():
+        if section not in sections:
+            continue
         lines.append(f"[{section}]")
         for key, value in values.items():
             lines.append(f"# {key} = (unset)" if value is None else f"{key} = {toml_value(value)}")
@@ -292,20 +294,24 @@ def parse_override(text: str) -> tuple[str, str, object]:
     return section, key, value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    data: dict = {}
-    notes = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            data = parse_nested(tomllib.loads, path.read_text(), f"config file {path}", ConfigError)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"config file {path} cannot be read ({err})") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
-        notes = resolve_paths(data, path.parent)
+def read_tables(path: str | Path) -> tuple[dict, dict[str, str]]:
+    """A config file's tables, its relative paths resolved against its folder (`resolve_paths`), and how
+    each was resolved ("section.key" -> note)."""
+    path = Path(path)
+    try:
+        data = parse_nested(tomllib.loads, path.read_text(), f"config file {path}", ConfigError)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read ({err})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    return data, resolve_paths(data, path.parent)
+
+
+def config_from(data: dict, notes: dict[str, str], overrides: list[str], stem: str) -> RunConfig:
+    """A run's configuration from a file's tables (`read_tables`) and `--set` overrides, every key checked;
+    `stem` names the outputs when output.name is empty (`<stem>-<seed>`). `data` is changed in place."""
     for text in overrides:
         section, key, value = parse_override(text)
         data.setdefault(section, {})
@@ -317,6 +323,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             notes[where] = (f"{where} = {holder[name]!r} is given with --set, so it is relative to the working "
                             f"directory, {Path.cwd()}")
     config = build_config(data)
-    check_name_length(config, Path(path).stem if path is not None else "config")
+    check_name_length(config, stem)
     config.path_notes = MappingProxyType(notes)
     return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """The configuration of one run: the file (None: the defaults) and `--set` overrides. A file of
+    `[[task]]` tables is many runs: `tasks.load_tasks` reads it."""
+    data, notes = read_tables(path) if path is not None else ({}, {})
+    if "task" in data:
+        raise ConfigError(f"config file {path} holds [[task]] tables, one run each: run it with musev-lite run "
+                          "(tasks.load_tasks reads it)")
+    return config_from(data, notes, list(overrides), Path(path).stem if path is not None else "config")

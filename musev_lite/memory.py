@@ -122,3 +122,9 @@ def refuse_beyond_memory(pipe, plan: GenerationPlan, need: dict[str, int]) -> No
             f"a {plan.width}x{plan.height} video of {plan.shots} x {max(plan.shot_frames)} frames needs about "
             f"{gb(sum(parts.values()))} ({detail}) but {gb(free[0])} is available ({free[1]}); "
             f"{FIXES[largest]}")
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is running out of memory: MemoryError, torch's OutOfMemoryError, or the CPU
+    allocator's RuntimeError."""
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)

@@ -45,15 +45,17 @@ from PIL import Image  # noqa: E402
 from . import __version__, distributed  # noqa: E402
 from .checkpoint import Checkpoint, checkpoint_seed, open_checkpoint, resume_command  # noqa: E402
 from .command import exit_code  # noqa: E402
-from .config import RunConfig, load_config, output_kinds, to_toml  # noqa: E402
+from .config import RunConfig, load_config, output_kinds  # noqa: E402
 from .inputs import RunInputs, control_videos, describe_video2video, load_pipeline, read_inputs, size_note  # noqa: E402
 from .limits import DiskFullError  # noqa: E402
+from .memory import out_of_memory  # noqa: E402
 from .outputs import (OutputSet, RunInterrupted, StreamedOutputs, check_output_dir, make_output_dir,  # noqa: E402
                       refuse_existing, signals_interrupt)
 from .device import resolve_device, resolve_dtype  # noqa: E402
 from .pipeline import MuseVPipeline, Progress  # noqa: E402
 from .plan import ControlVideo, GenerationPlan, video_size  # noqa: E402
 from .settings import ConfigError  # noqa: E402
+from .tasks import RUNNING_TASK, Task, load_tasks, resolved_toml, run_all  # noqa: E402
 
 @dataclass(frozen=True)
 class Job:
@@ -69,14 +71,15 @@ class Job:
     seed: int
     device: str
     dtype: torch.dtype
+    name: str = ""  # the outputs are <name>-<seed> without output.name: a task's name; "": the config file's
 
     def resume_command(self) -> str:
-        """The command that continues this run (`checkpoint.resume_command`)."""
-        return resume_command(self.config_path, self.overrides, self.config, self.seed)
+        """The command that continues this run (`checkpoint.resume_command`; a task finds its drawn seed)."""
+        return resume_command(self.config_path, self.overrides, self.config, None if self.name else self.seed)
 
 
 class ProgressPrinter:
-    """One line per step on stderr: stage, shot, step, elapsed and estimated time left."""
+    """One line per step on stderr: (in a task file, the task,) stage, shot, step, elapsed and time left."""
 
     def __init__(self, total_steps: int):
         self.total, self.done, self.start = total_steps, 0, time.monotonic()
@@ -84,26 +87,27 @@ class ProgressPrinter:
     def __call__(self, p: Progress) -> None:
         elapsed = time.monotonic() - self.start
         if p.stage == "decode":
-            print(f"decode  {p.step}/{p.steps} frames  {elapsed:.0f}s", file=sys.stderr, flush=True)
+            print(f"{RUNNING_TASK.get()}decode  {p.step}/{p.steps} frames  {elapsed:.0f}s", file=sys.stderr, flush=True)
             return
         self.done += 1
         eta = elapsed / self.done * (self.total - self.done)
-        where = "first frame" if p.stage == "first_frame" else f"shot {p.shot + 1}/{p.shots}"
+        where = RUNNING_TASK.get() + ("first frame" if p.stage == "first_frame" else f"shot {p.shot + 1}/{p.shots}")
         print(f"{where}  step {p.step}/{p.steps}  ({p.unet_calls} UNet call{'s' * (p.unet_calls != 1)}/step)  "
               f"{elapsed:.0f}s elapsed, ~{eta:.0f}s left", file=sys.stderr, flush=True)
 
 
-def prepare(job: Job) -> tuple[MuseVPipeline, list[ControlVideo], GenerationPlan]:
-    """Load the models and plan the call as `pipe.generate` will (the size, the ControlNets named, the memory),
-    so that a run that cannot go ahead fails before it makes an output folder; say on stderr (rank 0's) the
-    size and what video2video read. The pipeline, the controls as it takes them (keypoints drawn at the
-    video size) and the plan."""
-    pipe = load_pipeline(job.config, job.device, job.dtype)
+def prepare(job: Job, pipe: MuseVPipeline | None = None,
+            say: bool = True) -> tuple[MuseVPipeline, list[ControlVideo], GenerationPlan]:
+    """Load the models (unless given `pipe`) and plan the call as `pipe.generate` will (the size, the ControlNets
+    named, the memory), so that a run that cannot go ahead fails before it makes an output folder; say on stderr
+    (rank 0's, if `say`) the size and what video2video read. The pipeline, the controls as it takes them
+    (keypoints drawn at the video size) and the plan."""
+    pipe = pipe or load_pipeline(job.config, job.device, job.dtype)
     config, images, video, sources = job.config, job.inputs.images, job.inputs.video, job.inputs.sources
     g = config.generation
     first = images.get("image", Image.fromarray(video.frames[0]) if video is not None else None)
     height, width = video_size(first, None, g)
-    if distributed.is_main():
+    if distributed.is_main() and say:
         print(size_note(first, height, width, config), file=sys.stderr)
         if video is not None or sources:
             print(describe_video2video(video, sources), file=sys.stderr)
@@ -158,28 +162,28 @@ def sidecar(pipe: MuseVPipeline, job: Job, streams: StreamedOutputs, started: fl
     }
 
 
-def write_outputs(job: Job, out: Path) -> list[Path]:
+def write_outputs(job: Job, out: Path, pipe: MuseVPipeline | None = None) -> list[Path]:
     """Rank 0's part: take the outputs' name, load the models, generate shot by shot into the streamed
     outputs, publish them. In an existing folder the refusals (outputs, or a checkpoint, of this name) come
     before the models load; a new folder is made only once they are loaded and the run passed its checks.
     A full disk keeps a checkpoint that holds a whole state and says how to continue; an interrupt leaves
     as a RunInterrupted saying what was written and what was kept."""
     config = job.config
-    stem = config.output.name or f"{Path(job.config_path).stem}-{job.seed}"
+    stem = config.output.name or f"{job.name or Path(job.config_path).stem}-{job.seed}"
     outputs = OutputSet(out, stem, output_kinds(config.output, stem))
     prepared = None
     if not out.is_dir():
         if job.resume:
             raise ConfigError(f"output.dir {str(out)!r} does not exist, so it holds no checkpoint to resume; "
                               "run without --resume to start, or set the output.dir of the interrupted run")
-        prepared = prepare(job)
+        prepared = prepare(job, pipe)
         make_output_dir(config.output.dir, config.path_note("output.dir"))
     checkpoint, partials = None, []
     try:
         with outputs:  # the name locked; whatever happens, this run's temporaries go and the lock with them
             refuse_existing(outputs, config.output.overwrite)
             checkpoint = open_checkpoint(config, outputs, job.seed, job.dtype, job.resume)
-            pipe, controls, plan = prepared or prepare(job)
+            pipe, controls, plan = prepared or prepare(job, pipe)
             started = time.monotonic()
             with StreamedOutputs(outputs, config.output.fps, plan.total_frames) as streams:
                 try:
@@ -209,6 +213,8 @@ def write_outputs(job: Job, out: Path) -> list[Path]:
 def run(config_path: str, overrides: list[str], resume: bool = False) -> list[Path]:
     """Plan the run and do it; the paths written. `resume`: continue the interrupted run whose checkpoint
     has this name. An interrupt leaves as a RunInterrupted saying what was written and kept."""
+    if (tasks := load_tasks(config_path, overrides)) is not None:
+        return run_tasks(tasks, config_path, overrides, resume)
     config = load_config(config_path, overrides)
     inputs = read_inputs(config)
     out = check_output_dir(config.output.dir, config.path_note("output.dir"))
@@ -231,19 +237,24 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> list[Pa
         distributed.shutdown()
 
 
+def run_tasks(tasks: list[Task], config_path: str, overrides: list[str], resume: bool) -> list[Path]:
+    """A file of [[task]] tables: the models loaded once, each task a run of its own (`tasks.run_all`)."""
+    def job(task: Task, seed: int, resume: bool, device: str, dtype: torch.dtype) -> Job:  # to check, to run
+        inputs = read_inputs(task.config)
+        return Job(task.config, config_path, overrides, resume, inputs, seed, device, dtype, task.name)
+
+    return run_all(tasks, resume, job, lambda pipe, job: prepare(job, pipe, say=False),
+                   lambda pipe, job: write_outputs(job, Path(job.config.output.dir), pipe))
+
+
 def command(args: argparse.Namespace) -> list[Path]:
     """What the command line asks for, with SIGINT and SIGTERM raising RunInterrupted: the configuration
     printed, or a run; the paths written."""
     with signals_interrupt():
         if args.print_config:
-            print(to_toml(load_config(args.config, args.set)), end="")
+            print(resolved_toml(args.config, args.set), end="")
             return []
         return run(args.config, args.set, args.resume)
-
-
-def out_of_memory(err: BaseException) -> bool:
-    """MemoryError, torch's OutOfMemoryError, or the CPU allocator's RuntimeError."""
-    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m musev_lite.run") -> int:

@@ -378,6 +378,91 @@ def case_overwrite(cli, files):
         assert run.main(argv + ["--set", "output.overwrite=true"]) == 0
 
 
+TASKS = """
+[model]
+preset = "tiny"
+[input]
+image = "face.png"
+prompt = "a face, (eye blinks:{blink})"
+negative_prompt = "V1"
+[generation]
+num_frames = 3
+steps = 2
+seed = 1
+[output]
+formats = ["png"]
+
+[[task]]
+name = "plain"
+vars = { blink = 1.0 }
+
+[[task]]
+name = "odd"
+vars = { blink = 2 }
+[task.input]
+image = "odd.png"
+[task.generation]
+num_frames = 5
+
+[[task]]
+name = "scaled"
+img_length_ratio = 1.0
+vars = { blink = 1 }
+[task.input]
+image = "odd.png"
+"""
+
+
+class TaskRun(Run):
+    """A task's part of the task run: its own sidecar and frames."""
+
+    sidecar = frames = None
+
+
+def task_run(files, tmp_path_factory) -> dict[str, Run]:
+    """The [[task]] keys' run: three tasks of one file (each case sees its part), by task name."""
+    if "tasks" not in RUNS:
+        (files / "tasks.toml").write_text(TASKS)
+        out = tmp_path_factory.mktemp("out") / "out"
+        with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()):
+            code = run.main([str(files / "tasks.toml"), "--set", f"output.dir={out}"])
+        assert code == 0, err.getvalue()
+        RUNS["tasks"] = {}
+        for name in ("plain", "odd", "scaled"):
+            result = RUNS["tasks"][name] = TaskRun(out, code, err.getvalue())
+            result.sidecar = json.loads((out / f"{name}-1.json").read_text())
+            result.frames = np.stack([np.asarray(Image.open(p)) for p in sorted((out / f"{name}-1_frames").iterdir())])
+    return RUNS["tasks"]
+
+
+def case_task_name(cli, files, tmp_path_factory):
+    result = task_run(files, tmp_path_factory)["plain"]
+    assert sorted(p.name for p in result.out.iterdir() if p.name.startswith("plain")) == \
+        ["plain-1.json", "plain-1_frames", "plain-1_sheet.png"]
+
+
+def case_task_img_length_ratio(cli, files, tmp_path_factory):
+    tasks = task_run(files, tmp_path_factory)  # odd.png is 120x80: x 1.0, floored to 64, as MuseV
+    assert tasks["scaled"].frames.shape[1:3] == (64, 64) and tasks["odd"].frames.shape[1:3] == (120, 80)
+
+
+def case_task_vars(cli, files, tmp_path_factory):
+    tasks = task_run(files, tmp_path_factory)
+    assert tasks["plain"].sidecar["config"]["input"]["prompt"] == "a face, (eye blinks:1.0)"
+    assert tasks["odd"].sidecar["config"]["input"]["prompt"] == "a face, (eye blinks:2)"
+
+
+def case_task_input(cli, files, tmp_path_factory):
+    tasks = task_run(files, tmp_path_factory)
+    assert tasks["plain"].frames.shape[1:3] == (64, 64) and tasks["odd"].frames.shape[1:3] == (120, 80)
+    assert tasks["odd"].sidecar["config"]["input"]["image"] == str(files / "odd.png")
+
+
+def case_task_generation(cli, files, tmp_path_factory):
+    tasks = task_run(files, tmp_path_factory)
+    assert len(tasks["plain"].frames) == 4 and len(tasks["odd"].frames) == 6  # num_frames + the image
+
+
 def checkpoint_case(*overrides, saved):
     """The (shot, step) of every state the run saved: after sampler steps, and at the next shot's start."""
     def case(cli, files, monkeypatch):
@@ -443,6 +528,11 @@ CASES = {
     "output.checkpoint": checkpoint_case("output.checkpoint=true", saved=[(0, 1), (0, 2), (1, 0)]),
     "output.checkpoint_every": checkpoint_case("output.checkpoint=true", "output.checkpoint_every=2",
                                                saved=[(0, 2), (1, 0)]),
+    "task.name": case_task_name,
+    "task.img_length_ratio": case_task_img_length_ratio,
+    "task.vars": case_task_vars,
+    "task.input": case_task_input,
+    "task.generation": case_task_generation,
 }
 
 
@@ -455,5 +545,6 @@ def test_every_documented_key_has_a_case():
 @pytest.mark.parametrize("key", list(CASES))
 def test_key_takes_effect(key, cli, files, request):
     case = CASES[key]
-    extra = {"monkeypatch": request.getfixturevalue("monkeypatch")} if "monkeypatch" in case.__code__.co_varnames else {}
+    extra = {name: request.getfixturevalue(name) for name in ("monkeypatch", "tmp_path_factory")
+             if name in case.__code__.co_varnames}
     case(cli, files, **extra)
