@@ -42,11 +42,11 @@ from .checkpoint import checkpoint_seed
 from .command import exit_code
 from .config import (RunConfig, config_from, load_config, output_kinds, read_tables, relative_paths, resolve_paths,
                      to_toml, toml_value)
+from .device import resolve_device, resolve_dtype
 from .inputs import load_pipeline, read_inputs
+from .limits import file_stem
 from .memory import out_of_memory
 from .outputs import OutputSet, check_output_dir
-from .pipeline import resolve_device, resolve_dtype
-from .limits import file_stem
 from .settings import ConfigError, in_range, printable, require, suggest
 from .video_io import read_image
 
