@@ -46,7 +46,8 @@ from . import __version__, distributed  # noqa: E402
 from .checkpoint import Checkpoint, checkpoint_seed, open_checkpoint, resume_command  # noqa: E402
 from .command import exit_code  # noqa: E402
 from .config import RunConfig, load_config, output_kinds  # noqa: E402
-from .inputs import RunInputs, control_videos, describe_video2video, load_pipeline, read_inputs, size_note  # noqa: E402
+from .inputs import (RunInputs, control_videos, describe_video2video, load_pipeline, read_inputs, size_note,  # noqa: E402
+                     with_video_motion_speed)
 from .limits import DiskFullError  # noqa: E402
 from .memory import out_of_memory  # noqa: E402
 from .outputs import (OutputSet, RunInterrupted, StreamedOutputs, check_output_dir, make_output_dir,  # noqa: E402
@@ -217,6 +218,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> list[Pa
         return run_tasks(tasks, config_path, overrides, resume)
     config = load_config(config_path, overrides)
     inputs = read_inputs(config)
+    config = with_video_motion_speed(config, inputs, say=True)
     out = check_output_dir(config.output.dir, config.path_note("output.dir"))
     try:  # under torchrun: join the other ranks; they share the work (distributed.py), rank 0 writes
         device = distributed.rank_device(resolve_device(config.model.device, "model.device"))
@@ -241,7 +243,8 @@ def run_tasks(tasks: list[Task], config_path: str, overrides: list[str], resume:
     """A file of [[task]] tables: the models loaded once, each task a run of its own (`tasks.run_all`)."""
     def job(task: Task, seed: int, resume: bool, device: str, dtype: torch.dtype) -> Job:  # to check, to run
         inputs = read_inputs(task.config)
-        return Job(task.config, config_path, overrides, resume, inputs, seed, device, dtype, task.name)
+        config = with_video_motion_speed(task.config, inputs)
+        return Job(config, config_path, overrides, resume, inputs, seed, device, dtype, task.name)
 
     return run_all(tasks, resume, job, lambda pipe, job: prepare(job, pipe, say=False),
                    lambda pipe, job: write_outputs(job, Path(job.config.output.dir), pipe))
