@@ -117,7 +117,7 @@ def prepare(job: Job, pipe: MuseVPipeline | None = None,
     return pipe, controls, plan
 
 
-def generate(pipe: MuseVPipeline, job: Job, controls: list[ControlVideo], plan: GenerationPlan,
+def generate(job: Job, pipe: MuseVPipeline, controls: list[ControlVideo], plan: GenerationPlan,
              checkpoint: Checkpoint | None = None) -> Iterator[np.ndarray]:
     """Each shot's frames as it is done, with progress on stderr (rank 0's). A resumed run (a checkpoint
     with a loaded state) first decodes the shots the checkpoint holds, then continues from its state."""
@@ -188,7 +188,7 @@ def write_outputs(job: Job, out: Path, pipe: MuseVPipeline | None = None) -> lis
             started = time.monotonic()
             with StreamedOutputs(outputs, config.output.fps, plan.total_frames) as streams:
                 try:
-                    for frames in generate(pipe, job, controls, plan, checkpoint):
+                    for frames in generate(job, pipe, controls, plan, checkpoint):
                         streams.append(frames)
                 except KeyboardInterrupt:
                     partials = checkpoint.keep(streams) if checkpoint is not None else []
@@ -231,7 +231,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> list[Pa
             seed = checkpoint_seed(out, Path(config_path).stem) if resume and not config.output.name else random.randrange(10**8)
         job = Job(config, config_path, overrides, resume, inputs, seed, device, resolve_dtype(config.model.dtype, device))
         if not distributed.is_main():
-            for _ in generate(*prepare(job)):
+            for _ in generate(job, *prepare(job)):  # the other ranks' share of the work
                 pass
             return []
         return write_outputs(job, out)
