@@ -79,6 +79,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_two_ranks_make_the_video_one_process_makes(tmp_path, one_thread):
     """i2v, t2i2v and two shots, each rank returning all frames; and window_batch 2, where a rank stacks
     other windows in a call than one process does (here windows 0 and 2 against 0 and 1), so the
@@ -129,6 +130,7 @@ def plain_env(**variables) -> dict:
     return dict(env, **variables)
 
 
+@pytest.mark.slow
 def test_torchrun_and_one_process_at_one_thread_write_the_same_bytes(tmp_path):
     """The README's promise: the same video for any number of ranks, bitwise at the same thread count per
     process. torchrun starts each rank with OMP_NUM_THREADS=1, so one process with OMP_NUM_THREADS=1 writes
@@ -153,6 +155,7 @@ def test_torchrun_and_one_process_at_one_thread_write_the_same_bytes(tmp_path):
         assert json.loads((tmp_path / folder / f"{stem}.json").read_text())["threads"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mistake, message", [
     ("generation.stepz=2", "error: unknown key generation.stepz"),  # found before the ranks join
     ("model.preset=musev_referencenet", "error: model.weights_dir 'weights/musev_referencenet' lacks"),  # after
@@ -171,6 +174,7 @@ def test_a_mistake_under_torchrun_is_one_line_and_exit_code_2(tmp_path, mistake,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_distributed_variables_without_torchrun_are_one_line_at_once(tmp_path):
     """WORLD_SIZE left in the environment of a plain run: exit code 2 and what is missing, not a wait for
     the timeout (600 s by default; the subprocess timeout would end the test long before)."""
@@ -185,6 +189,7 @@ def test_distributed_variables_without_torchrun_are_one_line_at_once(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_rank_alone_gives_up_joining(tmp_path):
     """Rank 0 of 2 with an address but no other rank: one line after the join timeout, exit code 1 (a rank
     lost), nothing written."""
@@ -215,6 +220,7 @@ def start_ranks(mode: str, out) -> list[subprocess.Popen]:
     return procs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["die", "hang"])
 def test_a_lost_rank_is_a_clear_error_not_a_hang(tmp_path, mode):
     procs = start_ranks(mode, tmp_path)

@@ -107,6 +107,7 @@ def _save(path, tensors, metadata=None):
     return path
 
 
+@pytest.mark.slow
 def test_spellings_agree(tmp_path):
     """The same tensors under other key spellings merge to the same weights: diffusers' `.lora.down` /
     `.lora_linear_layer.down` and old attention-processor names (`processor.to_q_lora`) with the PEFT

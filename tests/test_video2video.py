@@ -43,6 +43,7 @@ def run_cli(tmp_path, capsys, *overrides):
     return code, capsys.readouterr()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["pose video", "keypoint JSON", "rgb video", "rgb + pose"])
 def test_cli_video2video(tmp_path, capsys, kind):
     pose = write_lossless(tmp_path / "pose.mkv", FRAMES)

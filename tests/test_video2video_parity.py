@@ -61,6 +61,7 @@ def models():
     return unet, referencenet, net
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window_batch", [1, 2])
 @pytest.mark.parametrize("case", ["video_middle", "video"])
 def test_video2video_loop_equals_the_original(models, case, window_batch):
