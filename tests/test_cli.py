@@ -145,6 +145,7 @@ def test_errors_from_a_subprocess_have_no_traceback(tmp_path):
     assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_lcm_example_runs(tmp_path):
     """examples/lcm.toml on the tiny preset: 4 LCM steps, with its LoRA entry pointed at a tiny file in
     lcm-lora-sdv1-5's layout (kohya keys, alpha) for two layers of the demo UNet."""

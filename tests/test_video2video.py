@@ -63,6 +63,7 @@ def test_cli_video2video(tmp_path, capsys, kind):
     assert (sidecar["frames"], sidecar["height"], sidecar["width"]) == (7, *size)
 
 
+@pytest.mark.slow
 def test_motion_speed_defaults_to_the_sample_rate_and_an_explicit_value_wins(tmp_path, capsys):
     """MuseV's video2video gives the UNet the video's sample rate as the frame rate, not image2video's 8."""
     rgb = write_lossless(tmp_path / "rgb.mkv", FRAMES)
