@@ -152,6 +152,8 @@ def test_folders_it_does_not_fit(musev_folder, tmp_path, capsys):
     src = write(tmp_path / "plain.bin", published("plain"))
     assert convert(src, folder_copy(musev_folder, tmp_path)) == 2  # no encoder anywhere
     assert "pass --image-encoder" in capsys.readouterr().err
+    assert convert(src, tmp_path / "empty") == 2
+    assert "no unet.json; DEST must be a weights folder of the musev model" in capsys.readouterr().err
     MuseVPipeline.demo(seed=0).save_pretrained(tmp_path / "referencenet")
     assert convert(src, tmp_path / "referencenet", "--image-encoder", str(musev_folder / "image_encoder")) == 2
     assert "IP-Adapter files are for the plain musev model" in capsys.readouterr().err
@@ -194,3 +196,26 @@ def test_command_line_runs_with_the_adapter(plus_folder, tmp_path):
     assert done.returncode == 0, done.stderr
     sidecar = json.loads((tmp_path / "ip.json").read_text())
     assert {"ip_adapter.safetensors", "resampler.safetensors"} <= {p.split("/")[-1] for p in sidecar["model_files"]}
+
+
+def test_sd15_sizes_map_and_the_plus_resampler_is_read_off_its_shapes():
+    """At SD1.5's sizes (meta tensors, nothing allocated): the 16 published cross-attentions fit the musev UNet's,
+    widest in the middle, and ip-adapter-plus_sd15's Resampler is IP-Adapter's (depth 4, 12 heads of 64, 16 queries)."""
+    from musev_lite.convert.ip_adapter import ip_branch, projection
+
+    widths = [320] * 4 + [640] * 4 + [1280] * 4 + [1280] * 6 + [640] * 6 + [320] * 6 + [1280] * 2  # down, up, mid
+    group = {f"{n}.to_{kv}_ip.weight": torch.empty(w, 768, device="meta")
+             for n, w in zip(range(1, 32, 2), widths[::2]) for kv in "kv"}
+    mapped = ip_branch(group, UNet3DConfig.preset("musev"), "ip-adapter_sd15.bin")
+    assert mapped[f"{LAST}.to_k_ip.weight"] is group["31.to_k_ip.weight"]
+    assert mapped["up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v_ip.weight"] is group["13.to_v_ip.weight"]
+    shapes = {"latents": (1, 16, 768), "proj_in.weight": (768, 1280), "proj_in.bias": (768,), "proj_out.weight": (768, 768),
+              "proj_out.bias": (768,), "norm_out.weight": (768,), "norm_out.bias": (768,)}
+    for i in range(4):
+        shapes.update({f"layers.{i}.0.{n}.{p}": (768,) for n in ("norm1", "norm2") for p in ("weight", "bias")})
+        shapes.update({f"layers.{i}.0.to_q.weight": (768, 768), f"layers.{i}.0.to_kv.weight": (1536, 768),
+                       f"layers.{i}.0.to_out.weight": (768, 768), f"layers.{i}.1.0.weight": (768,),
+                       f"layers.{i}.1.0.bias": (768,), f"layers.{i}.1.1.weight": (3072, 768),
+                       f"layers.{i}.1.3.weight": (768, 3072)})
+    name, _, config = projection({k: torch.empty(s, device="meta") for k, s in shapes.items()}, "ip-adapter-plus_sd15.bin")
+    assert name == "resampler" and config == ResamplerConfig()

@@ -161,6 +161,9 @@ def check_features(name: str, config, encoder: CLIPVisionConfig, source: str) ->
 
 def convert(src: Path, dest: Path, image_encoder_dir: Path | None = None, dtype: str = "keep") -> Path:
     """Add the IP-Adapter file `src` to the musev weights folder `dest`; nothing is written unless all fits."""
+    if not (dest / "unet.json").is_file():
+        raise WeightsError(f"{dest}: no unet.json; DEST must be a weights folder of the musev model "
+                           "(python -m musev_lite.convert.musev, or musev-lite fetch musev)")
     unet_config = config_from_dict(UNet3DConfig, read_component_config(dest, "unet"))
     if unet_config.ip_cross_attention or (dest / "referencenet.json").is_file():
         raise WeightsError(f"{dest}: this UNet has its own IP-Adapter branch (a referencenet model, trained with its "
