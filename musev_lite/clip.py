@@ -4,7 +4,7 @@ IP-Adapter (OpenCLIP ViT-H/14) whose image embedding becomes the "image prompt" 
 Both are the same pre-LayerNorm transformer encoder; the text tower adds a causal mask and returns
 every token's final hidden state (after the last LayerNorm, no clip-skip, as MuseV), the vision
 tower embeds 14x14 patches plus a class token and returns the projected class token (IP-Adapter's
-`image_embeds`).
+`image_embeds`), or, for the Resampler of IP-Adapter's plus models, every token's penultimate hidden state.
 Keys are transformers' (`text_model.*`, `vision_model.*`, `visual_projection.weight`).
 `clip_image_preprocess` reproduces transformers' default CLIPImageProcessor, which is what MuseV used.
 """
@@ -189,6 +189,16 @@ class CLIPVisionModelWithProjection(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised pixels -> image_embeds (B, projection_dim)."""
         return self.visual_projection(self.vision_model(pixel_values.to(self.dtype)))
+
+    def penultimate_hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised pixels -> (B, 1 + patches, hidden_size): every token after all encoder
+        layers but the last, with no LayerNorm after them (transformers' `hidden_states[-2]`), what the
+        Resampler of IP-Adapter's plus models reads."""
+        vision = self.vision_model
+        x = vision.pre_layrnorm(vision.embeddings(pixel_values.to(self.dtype)))
+        for layer in vision.encoder.layers[:-1]:
+            x = layer(x, causal=False)
+        return x
 
 
 def clip_image_preprocess(images, size: int = 224) -> torch.Tensor:

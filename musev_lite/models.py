@@ -20,7 +20,7 @@ import torch
 from .clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 from .controlnet import ControlNet, ControlNetConfig
 from .device import model_dtype, resolve_device
-from .ip_adapter import ImageProjection, ImageProjectionConfig
+from .ip_adapter import PROJECTIONS, IPAdapterConfig, ImageProjection, ImageProjectionConfig, Resampler, ResamplerConfig
 from .limits import file_stem
 from .lora import load_lora, merge_lora, unmerge_lora
 from .prompts import DEFAULT_NEGATIVE_PROMPT, load_textual_inversion, save_textual_inversion
@@ -34,6 +34,7 @@ from .weights import (
     EMBEDDING_SUFFIXES,
     CONTROLNET,
     EMBEDDINGS,
+    IP_ADAPTER,
     REFERENCENET_PARTS,
     REQUIRED,
     WeightsError,
@@ -45,7 +46,7 @@ from .weights import (
     save_component,
 )
 
-MODEL_PARTS = REQUIRED + REFERENCENET_PARTS
+MODEL_PARTS = REQUIRED + REFERENCENET_PARTS + ("resampler",)
 
 
 def lora_list(loras) -> list[tuple[str | Path, float]]:
@@ -65,13 +66,14 @@ def lora_list(loras) -> list[tuple[str | Path, float]]:
 
 
 PART_CONFIGS = {"unet": UNet3DConfig, "text_encoder": CLIPTextConfig, "referencenet": UNet3DConfig,
-                "image_proj": ImageProjectionConfig, CONTROLNET: ControlNetConfig}
+                "image_proj": ImageProjectionConfig, "resampler": ResamplerConfig, CONTROLNET: ControlNetConfig}
 # Widths a part of a weights folder shares with the UNet: (part, its setting, the UNet's setting, why)
 SHARED_WIDTHS = [
     ("text_encoder", "hidden_size", "cross_attention_dim", "the UNet attends to the text encoder's output"),
     ("referencenet", "block_out_channels", "block_out_channels", "its features are fused into the UNet's blocks"),
     ("referencenet", "cross_attention_dim", "cross_attention_dim", "it reads the same text / IP-Adapter tokens"),
     ("image_proj", "cross_attention_dim", "cross_attention_dim", "the UNet attends to its IP-Adapter tokens"),
+    ("resampler", "output_dim", "cross_attention_dim", "the UNet attends to its IP-Adapter tokens"),
     (CONTROLNET, "in_channels", "in_channels", "it reads the UNet's latents"),
     (CONTROLNET, "block_out_channels", "block_out_channels", "its residuals are added to the UNet's skip connections"),
     (CONTROLNET, "layers_per_block", "layers_per_block", "it gives one residual per UNet skip connection"),
@@ -102,17 +104,51 @@ def _load(cls, config_cls, weights_dir: Path, name: str, device, dtype):
     return load_model(cls, config_from_dict(config_cls, config), state, source, device, dtype).eval()
 
 
+def _load_unet(weights_dir: Path, device, dtype) -> UNet3D:
+    """The UNet, with the IP branch of a converted IP-Adapter (`ip_adapter.safetensors`) when the folder has one."""
+    if not (weights_dir / f"{IP_ADAPTER}.json").is_file():
+        return _load(UNet3D, UNet3DConfig, weights_dir, "unet", device, dtype)
+    state, config = load_component(weights_dir, "unet")
+    config = config_from_dict(UNet3DConfig, config)
+    if config.ip_cross_attention:
+        raise WeightsError(f"{weights_dir}: {IP_ADAPTER}.safetensors beside a UNet with its own IP-Adapter branch "
+                           f"(unet.json: ip_cross_attention); remove {IP_ADAPTER}.* (IP-Adapters are for plain musev)")
+    state.update(load_component(weights_dir, IP_ADAPTER)[0])
+    source = f"{weights_dir / 'unet.safetensors'} + {IP_ADAPTER}.safetensors"
+    config = dataclasses.replace(config, ip_cross_attention=True)
+    return load_model(UNet3D, config, state, source, device, dtype).eval()
+
+
+def _image_prompt_parts(weights_dir: Path, device, dtype) -> dict:
+    """The projection and the CLIP image encoder of the referencenet models or of a converted IP-Adapter."""
+    if (weights_dir / f"{IP_ADAPTER}.json").is_file():
+        projection = read_component_config(weights_dir, IP_ADAPTER).get("projection")
+        if projection not in PROJECTIONS:
+            raise WeightsError(f"{weights_dir / IP_ADAPTER}.json: projection = {projection!r}, expected one of "
+                               f"{', '.join(PROJECTIONS)}; convert the IP-Adapter again")
+    elif (weights_dir / "referencenet.json").is_file():
+        projection = "image_proj"
+    else:
+        return {}
+    model, config = (Resampler, ResamplerConfig) if projection == "resampler" else (ImageProjection, ImageProjectionConfig)
+    return {projection: _load(model, config, weights_dir, projection, device, dtype),
+            "image_encoder": _load(CLIPVisionModelWithProjection, CLIPVisionConfig, weights_dir, "image_encoder",
+                                   device, dtype)}
+
+
 class MuseVModels:
     """The models a pipeline runs (the UNet, VAE and text encoder; the ReferenceNet, IP-Adapter projection and
-    CLIP image encoder of the referencenet models; ControlNets by name) and what was merged into them."""
+    CLIP image encoder of the referencenet models, or the projection (`image_proj` or `resampler`) and encoder
+    of an IP-Adapter converted for the plain musev model; ControlNets by name) and what was merged into them."""
 
     def __init__(self, unet: UNet3D, vae: AutoencoderKL, text_encoder, tokenizer, scheduler: SchedulerConfig,
                  referencenet: ReferenceNet | None = None, image_proj: ImageProjection | None = None,
                  image_encoder: CLIPVisionModelWithProjection | None = None,
-                 controlnets: dict[str, ControlNet] | None = None):
+                 controlnets: dict[str, ControlNet] | None = None, resampler: Resampler | None = None):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler = scheduler
         self.referencenet, self.image_proj, self.image_encoder = referencenet, image_proj, image_encoder
+        self.resampler = resampler  # an IP-Adapter plus model's projection (of penultimate CLIP hidden states)
         self.controlnets = controlnets or {}  # name (weights-folder component) -> ControlNet
         self.files: list[str] = []  # what was loaded, for the sidecar
         self.textual_inversions: dict[str, torch.Tensor] = {}  # word -> its vectors
@@ -171,18 +207,13 @@ class MuseVModels:
         if missing:
             raise WeightsError(f"{weights_dir}: missing {', '.join(missing)}; see weights/README.md to fetch them")
         check_parts_fit(weights_dir)
-        unet = _load(UNet3D, UNet3DConfig, weights_dir, "unet", device, dtype)
+        unet = _load_unet(weights_dir, device, dtype)
         vae = _load(AutoencoderKL, VAEConfig, weights_dir, "vae", device, torch.float32)  # VAE in fp32, as MuseV
         text_encoder = _load(CLIPTextModel, CLIPTextConfig, weights_dir, "text_encoder", device, dtype)
         tokenizer = CLIPTokenizer.from_folder(weights_dir / "tokenizer")
-        extra = {}
+        extra = _image_prompt_parts(weights_dir, device, dtype)
         if (weights_dir / "referencenet.json").is_file():
-            extra = dict(
-                referencenet=_load(ReferenceNet, UNet3DConfig, weights_dir, "referencenet", device, dtype),
-                image_proj=_load(ImageProjection, ImageProjectionConfig, weights_dir, "image_proj", device, dtype),
-                image_encoder=_load(CLIPVisionModelWithProjection, CLIPVisionConfig, weights_dir, "image_encoder",
-                                    device, dtype),
-            )
+            extra["referencenet"] = _load(ReferenceNet, UNet3DConfig, weights_dir, "referencenet", device, dtype)
         extra["controlnets"] = {path.stem: _load(ControlNet, ControlNetConfig, weights_dir, path.stem, device, dtype)
                                 for path in sorted(weights_dir.glob("controlnet*.json"))}
         pipe = cls(unet, vae, text_encoder, tokenizer, SchedulerConfig.from_json(weights_dir / "scheduler.json"), **extra)
@@ -225,18 +256,33 @@ class MuseVModels:
                 file_stem(where, name)
         for name in MODEL_PARTS:
             model = getattr(self, name)
-            if model is not None:
+            if model is not None and name != "unet":
                 state = model.state_dict()
                 if name == "text_encoder":  # the base vocabulary; added words go to embeddings/
                     key = "text_model.embeddings.token_embedding.weight"
                     state[key] = state[key][: self.tokenizer.base_vocab_size]
                 save_component(weights_dir, name, state, dataclasses.asdict(model.config))
+        for name, state, config in self.unet_components():
+            save_component(weights_dir, name, state, config)
         for name, net in self.controlnets.items():
             save_component(weights_dir, name, net.state_dict(), dataclasses.asdict(net.config))
         for word, vectors in self.textual_inversions.items():
             save_textual_inversion(weights_dir / EMBEDDINGS, word, vectors)
         self.tokenizer.save(weights_dir / "tokenizer")
         (weights_dir / "scheduler.json").write_text(json.dumps(dataclasses.asdict(self.scheduler), indent=2) + "\n")
+
+    def unet_components(self) -> list[tuple[str, dict, dict]]:
+        """(name, weights, config) to save for the UNet: an IP-Adapter converted for the plain musev model goes
+        back to its own `ip_adapter` component, as `from_pretrained` found it; other UNets are one component."""
+        state, config = self.unet.state_dict(), dataclasses.asdict(self.unet.config)
+        projection = self.resampler if self.resampler is not None else self.image_proj
+        if self.referencenet is not None or projection is None or not self.unet.config.ip_cross_attention:
+            return [("unet", state, config)]
+        ip_state = {k: state.pop(k) for k in list(state) if k.endswith((".to_k_ip.weight", ".to_v_ip.weight"))}
+        tokens = self.resampler.config.num_queries if self.resampler is not None else self.image_proj.config.num_tokens
+        ip_config = IPAdapterConfig("resampler" if self.resampler is not None else "image_proj", tokens)
+        return [("unet", state, dict(config, ip_cross_attention=False)),
+                (IP_ADAPTER, ip_state, dataclasses.asdict(ip_config))]
 
     @classmethod
     def demo(cls, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32) -> MuseVModels:

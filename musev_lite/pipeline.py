@@ -266,13 +266,18 @@ class MuseVPipeline(MuseVModels):
     def image_conditioning(self, refer_image, ip_image, text: torch.Tensor, config: GenerationConfig) -> Conditioning:
         """The text, plus IP-Adapter tokens [proj(0); proj(clip(image))] and ReferenceNet features (of the same
         image, made with each half's IP tokens or text) when the model has them, all batched [uncond; cond].
-        `config`: a plan's, whose motion_speed is set."""
+        The projection reads the CLIP image_embeds (`image_proj`) or, for IP-Adapter's plus models (`resampler`),
+        the penultimate hidden states. `config`: a plan's, whose motion_speed is set."""
         cond = Conditioning(text, motion_speed=config.motion_speed)
-        if self.image_proj is not None and ip_image is not None and config.ip_adapter_scale > 0:
+        projection = self.image_proj if self.resampler is None else self.resampler
+        if projection is not None and ip_image is not None and config.ip_adapter_scale > 0:
             pixels = clip_image_preprocess([ip_image]).to(self.device, self.image_encoder.dtype)
-            embeds = self.image_encoder(pixels)
-            embeds = torch.cat([torch.zeros_like(embeds), embeds])  # the uncond tokens are proj(0), not 0
-            cond.ip_tokens = self.image_proj(embeds.to(self.image_proj.proj.weight.dtype))
+            if self.resampler is None:
+                features = self.image_encoder(pixels)  # 1 projection_dim
+            else:
+                features = self.image_encoder.penultimate_hidden_states(pixels)  # 1 (1 + patches) hidden_size
+            features = torch.cat([torch.zeros_like(features), features])  # the uncond tokens are proj(0), not 0
+            cond.ip_tokens = projection(features.to(next(projection.parameters()).dtype))
             cond.ip_scale = config.ip_adapter_scale
         if self.referencenet is not None and refer_image is not None:
             latent = self.encode_images([refer_image]).repeat(2, 1, 1, 1)  # same latent for both halves

@@ -34,6 +34,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 REQUIRED = ("unet", "vae", "text_encoder")
 CONTROLNET = "controlnet"  # a ControlNet's component name when none is given (more: controlnet_pose, ...)
 REFERENCENET_PARTS = ("referencenet", "image_proj", "image_encoder")  # the referencenet models' extra parts
+# an IP-Adapter converted for the plain musev model: the UNet's IP branch (ip_adapter), its projection
+# (image_proj, or the plus models' resampler, as ip_adapter.json says) and image_encoder
+IP_ADAPTER = "ip_adapter"
 # textual-inversion files, each word named by its file (MuseV's negative presets name badhandv4,
 # ng_deepnegative_v1_75t, EasyNegativeV2, bad_prompt_version2-neg)
 EMBEDDINGS = "embeddings"
@@ -254,6 +257,9 @@ def missing_weights(weights_dir: str | os.PathLike) -> list[str]:
     names += ["tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler.json"]
     if (weights_dir / "referencenet.json").is_file():
         names += [f"{c}.{ext}" for c in REFERENCENET_PARTS for ext in ("safetensors", "json")]
+    if (weights_dir / f"{IP_ADAPTER}.json").is_file():
+        projection = read_component_config(weights_dir, IP_ADAPTER).get("projection", "image_proj")
+        names += [f"{c}.{ext}" for c in (IP_ADAPTER, str(projection), "image_encoder") for ext in ("safetensors", "json")]
     return [n for n in names if not (weights_dir / n).is_file()]
 
 

@@ -705,6 +705,68 @@ def make_histmatch():
         "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest()}, indent=1) + "\n")
 
 
+def make_resampler():
+    """IP-Adapter's projections and the plus models' CLIP feature, at tiny seeded sizes:
+      * Resampler: the module file `ip_adapter/resampler.py` of an IP-Adapter checkout in $IP_ADAPTER_SRC (the
+        file alone is imported; it needs torch and einops), built with heads x dim_head != dim so the widths
+        cannot be confused; its LayerNorms given random affine weights;
+      * ImageProjModel: the class alone, read from the checkout's `ip_adapter/ip_adapter.py` (the module's
+        diffusers / transformers imports are not run);
+      * the penultimate hidden states (`hidden_states[-2]`) of transformers' CLIPVisionModelWithProjection at
+        the weights of the committed `clip_vision` fixture, for its three images' pixel values.
+    Writes resampler/weights.safetensors (resampler.*, image_proj.*, fp16), resampler/io.safetensors (inputs
+    and outputs, float32) and resampler/versions.json."""
+    import hashlib
+    import importlib.util
+    import os
+
+    import einops
+    import transformers
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    src = Path(os.environ["IP_ADAPTER_SRC"]) / "ip_adapter"
+    spec = importlib.util.spec_from_file_location("ip_adapter_resampler", src / "resampler.py")
+    resampler_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(resampler_module)
+    image_proj_model = _original_definitions(src / "ip_adapter.py", {"ImageProjModel"}, {"torch": torch})["ImageProjModel"]
+    sizes = dict(dim=24, depth=2, dim_head=8, heads=2, num_queries=4, embedding_dim=20, output_dim=32, ff_mult=4)
+    torch.manual_seed(23)
+    resampler = resampler_module.Resampler(**sizes).eval()
+    image_proj = image_proj_model(cross_attention_dim=32, clip_embeddings_dim=24, clip_extra_context_tokens=4).eval()
+    with torch.no_grad():
+        for model in (resampler, image_proj):
+            for module in model.modules():
+                if isinstance(module, torch.nn.LayerNorm):
+                    module.weight.copy_(1 + 0.1 * torch.randn_like(module.weight))
+                    module.bias.copy_(0.1 * torch.randn_like(module.bias))
+    round_to_fp16(resampler), round_to_fp16(image_proj)
+    hidden = torch.randn(2, 10, sizes["embedding_dim"])
+    embeds = torch.randn(2, 24)
+    with torch.no_grad():
+        tokens, proj_tokens = resampler(hidden), image_proj(embeds)
+
+    clip = OUT / "clip_vision"
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig.from_json_file(clip / "config.json")).eval()
+    vision.load_state_dict({k: v.float() for k, v in load_file(clip / "weights.safetensors").items()}, strict=False)
+    pixels = load_file(clip / "io.safetensors")["pixel_values_fp16"].float()
+    with torch.no_grad():
+        out = vision(pixel_values=pixels, output_hidden_states=True)
+    # the same model as the clip_vision part's (whose embeds came from the pixels before their fp16 rounding)
+    assert torch.allclose(out.image_embeds, load_file(clip / "io.safetensors")["image_embeds"], atol=1e-3)
+    save("resampler", "weights", {**{f"resampler.{k}": v for k, v in fp16_state(resampler).items()},
+                                  **{f"image_proj.{k}": v for k, v in fp16_state(image_proj).items()}})
+    save("resampler", "io", {"resampler.hidden_states": hidden, "resampler.tokens": tokens,
+                             "image_proj.image_embeds": embeds, "image_proj.tokens": proj_tokens,
+                             "clip_vision.penultimate_hidden_states": out.hidden_states[-2]})
+    (OUT / "resampler" / "versions.json").write_text(json.dumps({
+        "resampler": sizes, "image_proj": dict(cross_attention_dim=32, clip_embeddings_dim=24, clip_extra_context_tokens=4),
+        "torch": torch.__version__, "einops": einops.__version__, "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+        "sources_sha256": {name: hashlib.sha256((src / name).read_bytes()).hexdigest()
+                           for name in ("resampler.py", "ip_adapter.py")}}, indent=1) + "\n")
+
+
 CONTROLNET_TINY = dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, cross_attention_dim=32,
                        attention_head_dim=2, conditioning_embedding_out_channels=(4, 8, 8, 16))
 SD15_CONTROLNET = dict(cross_attention_dim=768)  # control_v11p_sd15_openpose/config.json: diffusers' defaults + 768
@@ -1416,6 +1478,7 @@ PARTS = {
     "video_crop": make_video_crop,
     "pose": make_pose,
     "histmatch": make_histmatch,
+    "resampler": make_resampler,
     "controlnet": make_controlnet,
     "video2video": make_video2video,
 }

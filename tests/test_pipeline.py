@@ -142,7 +142,8 @@ def test_a_loaded_folder_holds_the_saved_weights(pipe, tmp_path, dtype):
     pipe.save_pretrained(tmp_path)
     loaded = MuseVPipeline.from_pretrained(tmp_path, dtype=dtype)
     expected = MuseVPipeline.demo(seed=0).to(dtype=dtype)
-    models = [(name, getattr(expected, name), getattr(loaded, name)) for name in MODEL_PARTS]
+    models = [(name, getattr(expected, name), getattr(loaded, name)) for name in MODEL_PARTS
+              if getattr(expected, name) is not None]  # the demo has no resampler (IP-Adapter plus models)
     models += [(name, net, loaded.controlnets[name]) for name, net in expected.controlnets.items()]
     for name, want, got in models:
         assert not got.training, name

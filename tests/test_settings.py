@@ -138,7 +138,7 @@ def test_module_entry_point():
                            "--print-config", "--set", "generation.steps=3"], capture_output=True, text=True)
     assert done.returncode == 0 and "steps = 3\n" in done.stdout
     done = subprocess.run([sys.executable, "-m", "musev_lite", "convert", "nothing"], capture_output=True, text=True)
-    assert done.returncode == 2 and "convert needs a converter first: one of musev, sd15, controlnet" in done.stderr
+    assert done.returncode == 2 and "convert needs a converter first: one of musev, sd15, controlnet, ip_adapter" in done.stderr
 
 
 def test_generation_defaults_are_dataclass_defaults():

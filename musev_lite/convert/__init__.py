@@ -3,12 +3,14 @@
 Files in diffusers / transformers layout already carry our module names, so they need no table: they
 are read, checked against the model's keys and shapes, and written. Only formats whose names really
 differ get one small pattern table each: single-file A1111 checkpoints and old VAE attention names
-(`sd15.py`), single-file ControlNets (`controlnet.py`, reusing sd15.py's UNet table). `musev.py`
+(`sd15.py`), single-file ControlNets (`controlnet.py`, reusing sd15.py's UNet table), and h94's SD1.5
+IP-Adapters, whose attention weights are numbered in diffusers' processor order (`ip_adapter.py`). `musev.py`
 assembles a MuseV model from its motion checkpoint and an SD1.5 base.
 
     python -m musev_lite.convert.sd15 SRC DEST       an SD1.5 base (diffusers folder or single file)
     python -m musev_lite.convert.musev --help        a MuseV model: motion UNet + base + VAE + image encoder
     python -m musev_lite.convert.controlnet SRC --dest DIR   an SD1.5 ControlNet (diffusers folder or single file)
+    python -m musev_lite.convert.ip_adapter SRC DEST --image-encoder DIR   an SD1.5 IP-Adapter into a musev folder
 """
 
 from __future__ import annotations
