@@ -3,11 +3,11 @@
     musev-lite run CONFIG.toml [--set section.key=value ...] [--print-config]
     musev-lite import-tasks MUSEV_TASKS.yaml [--root DIR] > tasks.toml
     musev-lite fetch MODEL [--dest DIR ...]
-    musev-lite convert {musev,sd15,controlnet} ...
+    musev-lite convert {musev,sd15,controlnet,faceid} ...
     musev-lite --version
 
 Each command is a module (`python -m musev_lite.run`, `.fetch`, `.tasks` for import-tasks, `.convert.musev`,
-`.convert.sd15`, `.convert.controlnet`), called with the remaining arguments.
+`.convert.sd15`, `.convert.controlnet`, `.convert.faceid`), called with the remaining arguments.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from . import __version__
 
 COMMANDS = {"run": "musev_lite.run", "fetch": "musev_lite.fetch", "import-tasks": "musev_lite.tasks"}
 CONVERTERS = {"musev": "musev_lite.convert.musev", "sd15": "musev_lite.convert.sd15",
-              "controlnet": "musev_lite.convert.controlnet"}
+              "controlnet": "musev_lite.convert.controlnet", "faceid": "musev_lite.convert.faceid"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"musev_lite {__version__}")
     parser.add_argument("command", choices=[*COMMANDS, "convert"],
                         help="run: make a video (or one per [[task]]) from a TOML configuration; fetch: download "
-                             "and convert a released model; convert: convert checkpoints you have (musev, sd15 or "
-                             "controlnet); import-tasks: MuseV's task YAML as [[task]] tables")
+                             "and convert a released model; convert: convert checkpoints you have (musev, sd15, "
+                             "controlnet or faceid); import-tasks: MuseV's task YAML as [[task]] tables")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments")
     args = parser.parse_args(argv)
     module, rest, prog = COMMANDS.get(args.command), args.args, f"musev-lite {args.command}"
