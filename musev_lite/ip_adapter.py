@@ -15,6 +15,7 @@ zeros (docs/method.md#referencenet-and-ip-adapter).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,9 @@ def face_embedding_checked(embedding, source: str, dim: int = FACE_EMBEDDING_DIM
     extractor passes on) as it is, or its raw `embedding` (norm ~20-30), divided by its norm as insightface
     does. Anything else (another size, NaN or infinity, all zeros) is a FaceEmbeddingError naming `source`."""
     how = "make it with insightface (README: IPAdapterFaceID), np.save(path, face.normed_embedding)"
+    if isinstance(embedding, (str, os.PathLike)):
+        raise FaceEmbeddingError(f"{source}: give the vector, not a file name ({str(embedding)!r:.60}): "
+                                 "torch.from_numpy(np.load(path)), or input.face_embedding in a run configuration")
     try:
         x = torch.as_tensor(embedding)
     except (TypeError, ValueError, RuntimeError):

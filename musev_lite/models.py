@@ -127,7 +127,7 @@ def with_face_branch(unet: UNet3D, face_state: dict[str, torch.Tensor], source: 
                       weight.device, weight.dtype).eval()
 
 
-def _load_face(weights_dir: Path, unet: UNet3D, device, dtype) -> tuple[UNet3D, FaceProjection]:
+def load_face_component(weights_dir: Path, unet: UNet3D, device, dtype) -> tuple[UNet3D, FaceProjection]:
     """The `ip_adapter_face` component: the UNet with its face branch, and the face projection."""
     state, config = load_component(weights_dir, FACE)
     source = str(weights_dir / f"{FACE}.safetensors")
@@ -226,7 +226,7 @@ class MuseVModels:
                                     device, dtype),
             )
         if (weights_dir / f"{FACE}.json").is_file():
-            unet, extra["face_proj"] = _load_face(weights_dir, unet, device, dtype)
+            unet, extra["face_proj"] = load_face_component(weights_dir, unet, device, dtype)
         extra["controlnets"] = {path.stem: _load(ControlNet, ControlNetConfig, weights_dir, path.stem, device, dtype)
                                 for path in sorted(weights_dir.glob("controlnet*.json"))}
         pipe = cls(unet, vae, text_encoder, tokenizer, SchedulerConfig.from_json(weights_dir / "scheduler.json"), **extra)
