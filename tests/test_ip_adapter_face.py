@@ -13,19 +13,22 @@ spread when its attention kernel was swapped (conftest.spread_tolerance, about 1
 """
 
 import json
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import FIXTURES, REPO, SHARED, max_abs_error, original_fixture_models, reduction_depth, rounding_tolerance, spread_tolerance
+from conftest import (FIXTURES, REPO, SHARED, max_abs_error, original_fixture_models, reduction_depth, rounding_tolerance,
+                      spread_tolerance)
 from make_fixtures import seeded_weights
 from musev_lite.convert import faceid
 from musev_lite.denoise import WindowedDenoiser, context_windows, sample
-from musev_lite.ip_adapter import FaceProjection, FaceProjectionConfig, face_embedding_checked
+from musev_lite.ip_adapter import face_embedding_checked
 from musev_lite.models import FACE, load_face_component
 from musev_lite.pipeline import MuseVPipeline
 from musev_lite.samplers import EulerSampler, SchedulerConfig
@@ -95,6 +98,7 @@ def test_unet_forward_equals_the_original(models):
     assert (without - reference).abs().max() > 0.1  # the face branch is what the fixture tests
 
 
+@pytest.mark.slow
 def test_image2video_loop_equals_the_original(models):
     """Our loop with the shared run's inputs and our face tokens gives the original's final latents."""
     unet, proj = models
@@ -176,7 +180,7 @@ def test_converter_names_what_does_not_fit(tmp_path, capsys, change, pattern):
     from musev_lite.convert.faceid import main
     assert main([write_bin(tmp_path / "f.bin", state), str(folder)]) == 2
     [line] = [line for line in capsys.readouterr().err.splitlines() if line]
-    assert line.startswith("error: ") and __import__("re").search(pattern, line), line
+    assert line.startswith("error: ") and re.search(pattern, line), line
     assert (folder / f"{FACE}.safetensors").read_bytes() == before  # nothing written
 
 
@@ -202,6 +206,7 @@ def call(pipe, **kwargs):
     return pipe("a face", IMAGE, num_frames=3, steps=2, seed=1, context_frames=4, context_overlap=2, **kwargs).latents
 
 
+@pytest.mark.slow
 def test_python_api(pipe):
     without, face = call(pipe), call(pipe, face_embedding=FACE_VECTOR)
     assert (face - without).abs().max() > 1e-3
@@ -244,6 +249,7 @@ def run_cli(tmp_path, *overrides):
                           "PATH": "/usr/bin:/bin"})
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
     np.save(tmp_path / "face.npy", FACE_VECTOR.numpy())
     save_file({"embedding": FACE_VECTOR}, tmp_path / "face.safetensors")
@@ -252,13 +258,14 @@ def test_cli_end_to_end(tmp_path):
                         ("st", (f"input.face_embedding={tmp_path / 'face.safetensors'}",))]:
         done = run_cli(tmp_path / name, *extra)
         assert done.returncode == 0, done.stderr
-        frames[name] = np.stack([np.asarray(__import__("PIL.Image").Image.open(p))
+        frames[name] = np.stack([np.asarray(Image.open(p))
                                  for p in sorted((tmp_path / name / "out/v_frames").iterdir())])
         config = json.loads((tmp_path / name / "out/v.json").read_text())["config"]
         assert config["generation"]["ip_adapter_face_scale"] == 1.0
     assert not np.array_equal(frames["none"], frames["npy"]) and np.array_equal(frames["npy"], frames["st"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make, pattern", [
     (lambda p: np.save(p / "f.npy", np.zeros(512, np.float32)), "f.npy: the face embedding is all zeros"),
     (lambda p: np.save(p / "f.npy", np.ones(511, np.float32)), r"f.npy: a face embedding is one 512-d ArcFace vector, got shape \(511,\)"),
@@ -275,10 +282,11 @@ def test_cli_bad_face_embedding(tmp_path, make, pattern):
     done = run_cli(tmp_path, f"input.face_embedding={tmp_path / name}")
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert __import__("re").search(pattern, lines[0]), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_face_image_without_insightface(tmp_path):
     """insightface is not a dependency: without it, face_image says how to make the .npy."""
     done = run_cli(tmp_path, f"input.face_image={REPO / 'examples/face.png'}")
