@@ -179,7 +179,7 @@ class MuseVPipeline(MuseVModels):
         else:
             condition = self.condition_latent(image, condition_latents, refer_image, ip_adapter_image, text, plan,
                                               generator, report, face)
-        # 5. IP-Adapter tokens and ReferenceNet features, once (frame 0 stands in for a missing reference image)
+        # 5. IP-Adapter and face tokens, ReferenceNet features, once (frame 0 stands in for a missing reference image)
         if image is None or g.redraw_condition_image:
             frame0 = Image.fromarray(self.decode(condition)[0])
             refer_image = frame0 if g.redraw_condition_image or refer_image is None else refer_image

@@ -135,7 +135,8 @@ def generate(pipe: MuseVPipeline, job: Job, controls: list[ControlVideo], plan: 
     result = pipe.generate(
         i.prompt, images.get("image"), g.replace(seed=job.seed), negative_prompt=i.negative_prompt,
         refer_image=images.get("refer_image"), ip_adapter_image=images.get("ip_adapter_image"),
-        face_embedding=job.inputs.face, callback=ProgressPrinter(plan.steps_left(resume)) if distributed.is_main() else None, resume=resume,
+        face_embedding=job.inputs.face,
+        callback=ProgressPrinter(plan.steps_left(resume)) if distributed.is_main() else None, resume=resume,
         on_state=None if checkpoint is None else checkpoint.on_state, **extra,
     )
     for shot in result:
