@@ -246,7 +246,7 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.to_k_ip = nn.Linear(context_dim, dim, bias=False) if ip else None
         self.to_v_ip = nn.Linear(context_dim, dim, bias=False) if ip else None
-        self.ip_adapter_face_to_k_ip = nn.Linear(context_dim, dim, bias=False) if face else None
+        self.ip_adapter_face_to_k_ip = nn.Linear(context_dim, dim, bias=False) if face else None  # (dim, context_dim)
         self.ip_adapter_face_to_v_ip = nn.Linear(context_dim, dim, bias=False) if face else None
 
     def forward(self, x, context=None):
@@ -278,7 +278,8 @@ class SpatialSelfAttention(Attention):
 class CrossAttention(Attention):
     """attn2: text cross-attention, plus decoupled IP-Adapter attention to image tokens
     (docs/method.md#referencenet-and-ip-adapter) and IPAdapterFaceID's to face tokens
-    (docs/method.md#ipadapterfaceid): softmax(q k_text) v_text + ip_scale * (image) + face_scale * (face)."""
+    (docs/method.md#ipadapterfaceid), each with its own K/V and the same query:
+    to_out(attn(q, text) + ip_scale * attn(q, image tokens) + face_scale * attn(q, face tokens))."""
 
     def forward(self, x, ctx: FrameContext):
         t = ctx.num_frames
@@ -291,7 +292,7 @@ class CrossAttention(Attention):
             k_ip = self.to_k_ip(ctx.ip_tokens).repeat_interleave(t, 0)
             v_ip = self.to_v_ip(ctx.ip_tokens).repeat_interleave(t, 0)
             out = out + ctx.ip_scale * attention(q, k_ip, v_ip, self.heads)
-        if self.ip_adapter_face_to_k_ip is not None and ctx.face_tokens is not None:
+        if self.ip_adapter_face_to_k_ip is not None and ctx.face_tokens is not None:  # (b 4 D) -> ((b t) 4 c)
             k_face = self.ip_adapter_face_to_k_ip(ctx.face_tokens).repeat_interleave(t, 0)
             v_face = self.ip_adapter_face_to_v_ip(ctx.face_tokens).repeat_interleave(t, 0)
             out = out + ctx.face_scale * attention(q, k_face, v_face, self.heads)

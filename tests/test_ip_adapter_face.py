@@ -299,3 +299,15 @@ def test_cli_face_image_without_insightface(tmp_path):
     [line] = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and "needs insightface" in line and 'input.face_embedding = "face.npy"' in line
     assert "README: IPAdapterFaceID" in line and not (tmp_path / "out").exists()
+
+
+def test_unet_refuses_face_tokens_it_cannot_use():
+    from musev_lite.unet import UNet3D, UNet3DConfig
+
+    x, text = torch.zeros(2, 4, 2, 8, 8), torch.zeros(2, 3, 32)
+    plain = UNet3D(UNet3DConfig.preset("tiny")).eval()
+    with pytest.raises(ValueError, match=r"face_tokens given, but this UNet has no IPAdapterFaceID attention"):
+        plain(x, 1.0, Conditioning(text, 8.0, face_tokens=torch.zeros(2, 4, 32)))
+    face = UNet3D(UNet3DConfig(**{**UNet3DConfig.preset("tiny").__dict__, "ip_adapter_face": True})).eval()
+    with pytest.raises(ValueError, match=r"face_tokens must be \(B=2, tokens, 32\) to match the sample; got \(1, 4, 32\)"):
+        face(x, 1.0, Conditioning(text, 8.0, face_tokens=torch.zeros(1, 4, 32)))
