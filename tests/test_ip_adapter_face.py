@@ -267,6 +267,22 @@ def test_cli_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_faceid_example_runs(tmp_path):
+    """examples/faceid.toml on the tiny preset, with an embedding in place of the one made from face.png."""
+    np.save(tmp_path / "face.npy", FACE_VECTOR.numpy())
+    args = [sys.executable, "-m", "musev_lite.run", str(REPO / "examples/faceid.toml")]
+    for item in ["model.preset=tiny", "generation.steps=2", "generation.num_frames=3", "generation.context_frames=4",
+                 "generation.context_overlap=2", f"input.face_embedding={tmp_path / 'face.npy'}",
+                 f"output.dir={tmp_path / 'out'}"]:
+        args += ["--set", item]
+    done = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "out/faceid-1.json").read_text())["config"]
+    assert config["input"]["face_embedding"] == str(tmp_path / "face.npy")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("make, pattern", [
     (lambda p: np.save(p / "f.npy", np.zeros(512, np.float32)), "f.npy: the face embedding is all zeros"),
     (lambda p: np.save(p / "f.npy", np.ones(511, np.float32)), r"f.npy: a face embedding is one 512-d ArcFace vector, got shape \(511,\)"),
