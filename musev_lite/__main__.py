@@ -3,11 +3,12 @@
     musev-lite run CONFIG.toml [--set section.key=value ...] [--print-config]
     musev-lite import-tasks MUSEV_TASKS.yaml [--root DIR] > tasks.toml
     musev-lite fetch MODEL [--dest DIR ...]
-    musev-lite convert {musev,sd15,controlnet,ip_adapter} ...
+    musev-lite convert {musev,sd15,controlnet,ip_adapter,faceid} ...
     musev-lite --version
 
 Each command is a module (`python -m musev_lite.run`, `.fetch`, `.tasks` for import-tasks, `.convert.musev`,
-`.convert.sd15`, `.convert.controlnet`, `.convert.ip_adapter`), called with the remaining arguments.
+`.convert.sd15`, `.convert.controlnet`, `.convert.ip_adapter`, `.convert.faceid`), called with the remaining
+arguments.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from . import __version__
 
 COMMANDS = {"run": "musev_lite.run", "fetch": "musev_lite.fetch", "import-tasks": "musev_lite.tasks"}
 CONVERTERS = {"musev": "musev_lite.convert.musev", "sd15": "musev_lite.convert.sd15",
-              "controlnet": "musev_lite.convert.controlnet", "ip_adapter": "musev_lite.convert.ip_adapter"}
+              "controlnet": "musev_lite.convert.controlnet", "ip_adapter": "musev_lite.convert.ip_adapter",
+              "faceid": "musev_lite.convert.faceid"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=[*COMMANDS, "convert"],
                         help="run: make a video (or one per [[task]]) from a TOML configuration; fetch: download "
                              "and convert a released model; convert: convert checkpoints you have (musev, sd15, "
-                             "controlnet or ip_adapter); import-tasks: MuseV's task YAML as [[task]] tables")
+                             "controlnet, ip_adapter or faceid); import-tasks: MuseV's task YAML as [[task]] tables")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments")
     args = parser.parse_args(argv)
     module, rest, prog = COMMANDS.get(args.command), args.args, f"musev-lite {args.command}"

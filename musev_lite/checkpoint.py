@@ -196,7 +196,8 @@ def fingerprint(config: RunConfig, seed: int, dtype: torch.dtype) -> dict:
     settings["model"]["dtype"] = str(dtype).removeprefix("torch.")
     settings["generation"]["seed"] = seed
     i = config.input
-    paths = {f"input.{key}": getattr(i, key) for key in ("image", "refer_image", "ip_adapter_image", "video")}
+    paths = {f"input.{key}": getattr(i, key)
+             for key in ("image", "refer_image", "ip_adapter_image", "face_embedding", "face_image", "video")}
     paths.update({f"input.control[{n}]": c.path for n, c in enumerate(i.control)})
     paths.update({f"model.lora[{n}]": entry.path for n, entry in enumerate(config.model.lora)})
     settings["files"] = {key: file_digest(path) for key, path in paths.items() if path}

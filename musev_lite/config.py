@@ -66,6 +66,8 @@ class InputConfig:
     negative_prompt: str | None = None  # a preset (Empty, V1..V5) or literal text; unset: the model's (V2; tiny: V1)
     refer_image: str = ""  # ReferenceNet image; empty: the condition image
     ip_adapter_image: str = ""  # IP-Adapter image; empty: the condition image
+    face_embedding: str = ""  # IPAdapterFaceID: a 512-d ArcFace embedding, .npy or .safetensors
+    face_image: str = ""  # IPAdapterFaceID: a face image, embedded with insightface (if installed)
     video: str = ""  # video2video: an RGB video to start from
     video_sample_rate: int = 1  # video2video: every n-th frame of the videos (MuseV's sample_rate)
     video_fps: float = 0.0  # video2video: resample the videos to this frame rate instead (0: use video_sample_rate)
@@ -108,7 +110,8 @@ SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
 
 # Every setting that is a path, as (section, key); "lora.path" is the `path` of each [[model.lora]] table.
 PATH_KEYS = [("model", "weights_dir"), ("model", "lora.path"), ("input", "image"), ("input", "refer_image"),
-             ("input", "ip_adapter_image"), ("input", "video"), ("input", "control.path"), ("output", "dir")]
+             ("input", "ip_adapter_image"), ("input", "face_embedding"), ("input", "face_image"), ("input", "video"),
+             ("input", "control.path"), ("output", "dir")]
 
 
 def relative_paths(data: dict):
@@ -199,6 +202,8 @@ def check(config: RunConfig) -> None:
         implied = "video2video" if video2video else "image2video" if i.image else "text2image2video"
         require(i.task == implied, f"input.task = {i.task!r} but the inputs make it {implied!r} "
                 "(video2video: input.video and/or [[input.control]]; image2video: input.image; else text2image2video)")
+    require(not (i.face_embedding and i.face_image), "input.face_embedding and input.face_image are both set; give "
+            "one face: the embedding (.npy), or the image to embed with insightface")
     require(i.video_sample_rate >= 1, f"input.video_sample_rate = {i.video_sample_rate} must be at least 1")
     require(i.video_fps == 0 or 1 <= i.video_fps <= 240, f"input.video_fps = {i.video_fps} must be 0 or in [1, 240]")
     require(i.video_fps == 0 or i.video_sample_rate == 1,

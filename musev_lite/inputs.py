@@ -1,5 +1,6 @@
 """What a run reads, per its configuration: the input files, read before any model is loaded (the images,
-the LoRA files and prompts checked, the video2video videos, keypoints and controls), then the models
+the LoRA files and prompts checked, the video2video videos, keypoints and controls, the face embedding of
+IPAdapterFaceID: a file, or a face image through insightface where it is installed), then the models
 (`load_pipeline`); and what they are, said on stderr. A mistake in any of them is one error (a ValueError)
 naming the setting or the file, raised before anything is written.
 """
@@ -21,10 +22,11 @@ from .pipeline import MuseVPipeline
 from .plan import ControlVideo
 from .pose import PoseFrame, draw_pose, read_keypoints
 from .prompts import NEGATIVE_PROMPTS, parse_weights
+from .ip_adapter import face_embedding_checked
 from .settings import ConfigError
 from .unet import compile_model
 from .video_io import VideoFrames, read_image, read_video
-from .weights import missing_weights
+from .weights import missing_weights, read_state_dict
 
 DEMO_NOTE = ("note: preset 'tiny' runs seeded random weights: a pipeline demo, not a trained model, so its frames "
              "are noise. Set preset = \"musev_referencenet\" and a converted weights_dir for real videos.")
@@ -37,11 +39,12 @@ class RunInputs:
     images: dict[str, Image.Image]  # input.image, refer_image, ip_adapter_image: those that are set, by key
     video: VideoFrames | None  # input.video (video2video)
     sources: list[VideoFrames | list[PoseFrame]]  # each [[input.control]]: a video, or keypoints drawn later
+    face: torch.Tensor | None = None  # input.face_embedding (or face_image's): checked, (512,) of norm 1
 
 
 def read_inputs(config: RunConfig) -> RunInputs:
     """Every input file of `config`, opened and checked."""
-    return RunInputs(check_inputs(config), *read_videos(config))
+    return RunInputs(check_inputs(config), *read_videos(config), read_face(config))
 
 
 def check_inputs(config: RunConfig) -> dict:
@@ -65,6 +68,60 @@ def check_inputs(config: RunConfig) -> dict:
             except ValueError as err:
                 raise ConfigError(f"input.{key}: {err}{config.path_note(f'input.{key}')}") from None
     return images
+
+
+NO_INSIGHTFACE = ("input.face_image needs insightface to find the face and embed it; it is not installed (nor a "
+                  "dependency of musev_lite): make face.npy where insightface is (README: IPAdapterFaceID, four "
+                  "lines) and set input.face_embedding = \"face.npy\" instead of input.face_image")
+
+
+def read_face(config: RunConfig) -> torch.Tensor | None:
+    """IPAdapterFaceID's face embedding: input.face_embedding (.npy, or .safetensors holding one tensor), or
+    the first face insightface finds in input.face_image; checked (`face_embedding_checked`)."""
+    i = config.input
+    if i.face_image:
+        return face_from_image(i.face_image, config.path_note("input.face_image"))
+    if not i.face_embedding:
+        return None
+    path, where = Path(i.face_embedding), f"input.face_embedding: {i.face_embedding}"
+    if not path.is_file():
+        raise ConfigError(f"{where}: no such file{config.path_note('input.face_embedding')}")
+    if path.suffix == ".npy":
+        try:
+            value = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise ConfigError(f"{where}: not a readable .npy array ({str(err).splitlines()[0]}); write it with "
+                              "np.save(path, face.normed_embedding)") from None
+    elif path.suffix == ".safetensors":
+        tensors = read_state_dict(path)
+        if len(tensors) != 1:
+            raise ConfigError(f"{where}: holds {len(tensors)} tensors ({', '.join(list(tensors)[:4])}); a face "
+                              "embedding file holds one, the 512-d vector")
+        value = next(iter(tensors.values()))
+    else:
+        raise ConfigError(f"{where}: a face embedding is a .npy or .safetensors file, not {path.suffix or 'no suffix'!r}")
+    return face_embedding_checked(value, where)
+
+
+def face_from_image(path: str, note: str) -> torch.Tensor:
+    """The normed ArcFace embedding of the first face insightface (buffalo_l, 640x640 detection, as MuseV's
+    InsightFaceExtractorNormEmb) finds in the image; an error saying how to make the .npy without it."""
+    where = f"input.face_image: {path}"
+    try:
+        import insightface.app
+    except ImportError:
+        raise ConfigError(NO_INSIGHTFACE) from None
+    try:
+        image = read_image(path)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}{note}") from None
+    app = insightface.app.FaceAnalysis(name="buffalo_l", allowed_modules=["detection", "recognition"],
+                                       providers=["CPUExecutionProvider"])
+    app.prepare(ctx_id=0, det_size=(640, 640))
+    faces = app.get(np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1]))  # insightface takes BGR
+    if not faces:
+        raise ConfigError(f"{where}: insightface found no face in it; use an image with a clear, frontal face")
+    return face_embedding_checked(faces[0].normed_embedding, where)
 
 
 def read_videos(config: RunConfig) -> tuple[VideoFrames | None, list]:

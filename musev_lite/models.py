@@ -3,6 +3,9 @@ the meta device and given the file's tensors, `weights.load_model`), saved back,
 dtypes, with LoRA files and textual-inversion words merged in, or made at seeded random weights (`demo`).
 `pipeline.MuseVPipeline` is this bundle plus the generation stages.
 
+IPAdapterFaceID, when the folder has its `ip_adapter_face` component (`convert faceid`): the projection
+`face_proj`, and the UNet built with its face branch, whose K/V come from that component (`with_face_branch`).
+
 dtype: `from_pretrained`, `demo` and `to` default to float32, as diffusers' `from_pretrained` does, and
 reproduce the original MuseV to rounding; the command line's `model.dtype` defaults to "auto" (bfloat16
 where the hardware computes it, about 4x faster on such a CPU, `device.resolve_dtype`). The VAE stays
@@ -16,11 +19,13 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 from .controlnet import ControlNet, ControlNetConfig
 from .device import model_dtype, resolve_device
-from .ip_adapter import PROJECTIONS, IPAdapterConfig, ImageProjection, ImageProjectionConfig, Resampler, ResamplerConfig
+from .ip_adapter import (PROJECTIONS, FaceProjection, FaceProjectionConfig, ImageProjection, ImageProjectionConfig,
+                         IPAdapterConfig, Resampler, ResamplerConfig)
 from .limits import file_stem
 from .lora import load_lora, merge_lora, unmerge_lora
 from .prompts import DEFAULT_NEGATIVE_PROMPT, load_textual_inversion, save_textual_inversion
@@ -38,6 +43,7 @@ from .weights import (
     REFERENCENET_PARTS,
     REQUIRED,
     WeightsError,
+    check_state_dict,
     config_from_dict,
     load_component,
     load_model,
@@ -47,6 +53,7 @@ from .weights import (
 )
 
 MODEL_PARTS = REQUIRED + REFERENCENET_PARTS + ("resampler",)
+FACE = "ip_adapter_face"  # IPAdapterFaceID's component: image_proj.* (FaceProjection) and unet.* (the face K/V)
 
 
 def lora_list(loras) -> list[tuple[str | Path, float]]:
@@ -66,7 +73,8 @@ def lora_list(loras) -> list[tuple[str | Path, float]]:
 
 
 PART_CONFIGS = {"unet": UNet3DConfig, "text_encoder": CLIPTextConfig, "referencenet": UNet3DConfig,
-                "image_proj": ImageProjectionConfig, "resampler": ResamplerConfig, CONTROLNET: ControlNetConfig}
+                "image_proj": ImageProjectionConfig, "resampler": ResamplerConfig, FACE: FaceProjectionConfig,
+                CONTROLNET: ControlNetConfig}
 # Widths a part of a weights folder shares with the UNet: (part, its setting, the UNet's setting, why)
 SHARED_WIDTHS = [
     ("text_encoder", "hidden_size", "cross_attention_dim", "the UNet attends to the text encoder's output"),
@@ -74,6 +82,7 @@ SHARED_WIDTHS = [
     ("referencenet", "cross_attention_dim", "cross_attention_dim", "it reads the same text / IP-Adapter tokens"),
     ("image_proj", "cross_attention_dim", "cross_attention_dim", "the UNet attends to its IP-Adapter tokens"),
     ("resampler", "output_dim", "cross_attention_dim", "the UNet attends to its IP-Adapter tokens"),
+    (FACE, "cross_attention_dim", "cross_attention_dim", "the UNet attends to its face tokens"),
     (CONTROLNET, "in_channels", "in_channels", "it reads the UNet's latents"),
     (CONTROLNET, "block_out_channels", "block_out_channels", "its residuals are added to the UNet's skip connections"),
     (CONTROLNET, "layers_per_block", "layers_per_block", "it gives one residual per UNet skip connection"),
@@ -136,16 +145,52 @@ def _image_prompt_parts(weights_dir: Path, device, dtype) -> dict:
                                    device, dtype)}
 
 
+def face_branch_keys(config: UNet3DConfig) -> dict[str, torch.Size]:
+    """Key -> shape of the face K/V a UNet of `config` takes from IPAdapterFaceID."""
+    with torch.device("meta"):
+        keys = UNet3D(dataclasses.replace(config, ip_adapter_face=True)).state_dict()
+    return {k: v.shape for k, v in keys.items() if ".ip_adapter_face_to_" in k}
+
+
+def with_face_branch(unet: UNet3D, face_state: dict[str, torch.Tensor], source: str) -> UNet3D:
+    """`unet` rebuilt with IPAdapterFaceID's face branch, holding the face K/V of `face_state` (our UNet key
+    names), checked; the other weights are unet's own tensors (not copied)."""
+    config = dataclasses.replace(unet.config, ip_adapter_face=False)
+    check_state_dict(face_branch_keys(config), face_state, source)
+    state = {k: v for k, v in unet.state_dict().items() if ".ip_adapter_face_to_" not in k}
+    weight = unet.conv_in.weight
+    return load_model(UNet3D, dataclasses.replace(config, ip_adapter_face=True), {**state, **face_state}, source,
+                      weight.device, weight.dtype).eval()
+
+
+def load_face_component(weights_dir: Path, unet: UNet3D, device, dtype) -> tuple[UNet3D, FaceProjection]:
+    """The `ip_adapter_face` component: the UNet with its face branch, and the face projection."""
+    state, config = load_component(weights_dir, FACE)
+    source = str(weights_dir / f"{FACE}.safetensors")
+    parts = {prefix: {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+             for prefix in ("image_proj.", "unet.")}
+    stray = [k for k in state if not k.startswith(("image_proj.", "unet."))]
+    if stray:
+        raise WeightsError(f"{source}: keys outside image_proj.* and unet.*: {', '.join(stray[:6])}; "
+                           "convert ip-adapter-faceid_sd15.bin again (musev-lite convert faceid)")
+    proj = load_model(FaceProjection, config_from_dict(FaceProjectionConfig, config), parts["image_proj."], source,
+                      device, dtype).eval()
+    return with_face_branch(unet, parts["unet."], source), proj
+
+
 class MuseVModels:
     """The models a pipeline runs (the UNet, VAE and text encoder; the ReferenceNet, IP-Adapter projection and
     CLIP image encoder of the referencenet models, or the projection (`image_proj` or `resampler`) and encoder
-    of an IP-Adapter converted for the plain musev model; ControlNets by name) and what was merged into them."""
+    of an IP-Adapter converted for the plain musev model; IPAdapterFaceID's face projection; ControlNets by name)
+    and what was merged into them."""
 
     def __init__(self, unet: UNet3D, vae: AutoencoderKL, text_encoder, tokenizer, scheduler: SchedulerConfig,
                  referencenet: ReferenceNet | None = None, image_proj: ImageProjection | None = None,
                  image_encoder: CLIPVisionModelWithProjection | None = None,
-                 controlnets: dict[str, ControlNet] | None = None, resampler: Resampler | None = None):
+                 controlnets: dict[str, ControlNet] | None = None, resampler: Resampler | None = None,
+                 face_proj: FaceProjection | None = None):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.face_proj = face_proj  # IPAdapterFaceID, with the UNet's face branch (unet.config.ip_adapter_face)
         self.scheduler = scheduler
         self.referencenet, self.image_proj, self.image_encoder = referencenet, image_proj, image_encoder
         self.resampler = resampler  # an IP-Adapter plus model's projection (of penultimate CLIP hidden states)
@@ -184,8 +229,9 @@ class MuseVModels:
             model = getattr(self, name)
             if model is not None:
                 model.to(device=device, dtype=None if name == "vae" else dtype)
-        for net in self.controlnets.values():
-            net.to(device=device, dtype=dtype)
+        for net in [*self.controlnets.values(), self.face_proj]:
+            if net is not None:
+                net.to(device=device, dtype=dtype)
         return self
 
     @classmethod
@@ -214,6 +260,8 @@ class MuseVModels:
         extra = _image_prompt_parts(weights_dir, device, dtype)
         if (weights_dir / "referencenet.json").is_file():
             extra["referencenet"] = _load(ReferenceNet, UNet3DConfig, weights_dir, "referencenet", device, dtype)
+        if (weights_dir / f"{FACE}.json").is_file():
+            unet, extra["face_proj"] = load_face_component(weights_dir, unet, device, dtype)
         extra["controlnets"] = {path.stem: _load(ControlNet, ControlNetConfig, weights_dir, path.stem, device, dtype)
                                 for path in sorted(weights_dir.glob("controlnet*.json"))}
         pipe = cls(unet, vae, text_encoder, tokenizer, SchedulerConfig.from_json(weights_dir / "scheduler.json"), **extra)
@@ -272,17 +320,23 @@ class MuseVModels:
         (weights_dir / "scheduler.json").write_text(json.dumps(dataclasses.asdict(self.scheduler), indent=2) + "\n")
 
     def unet_components(self) -> list[tuple[str, dict, dict]]:
-        """(name, weights, config) to save for the UNet: an IP-Adapter converted for the plain musev model goes
-        back to its own `ip_adapter` component, as `from_pretrained` found it; other UNets are one component."""
+        """(name, weights, config) to save for the UNet: IPAdapterFaceID's face branch and an IP-Adapter converted
+        for the plain musev model go back to their own components, as `from_pretrained` found them."""
         state, config = self.unet.state_dict(), dataclasses.asdict(self.unet.config)
+        parts = []
+        if self.face_proj is not None:  # the face branch, with its projection, as `convert faceid` writes it
+            face = {f"unet.{k}": state.pop(k) for k in list(state) if ".ip_adapter_face_to_" in k}
+            face.update({f"image_proj.{k}": v for k, v in self.face_proj.state_dict().items()})
+            parts.append((FACE, face, dataclasses.asdict(self.face_proj.config)))
+            config["ip_adapter_face"] = False
         projection = self.resampler if self.resampler is not None else self.image_proj
-        if self.referencenet is not None or projection is None or not self.unet.config.ip_cross_attention:
-            return [("unet", state, config)]
-        ip_state = {k: state.pop(k) for k in list(state) if k.endswith((".to_k_ip.weight", ".to_v_ip.weight"))}
-        tokens = self.resampler.config.num_queries if self.resampler is not None else self.image_proj.config.num_tokens
-        ip_config = IPAdapterConfig("resampler" if self.resampler is not None else "image_proj", tokens)
-        return [("unet", state, dict(config, ip_cross_attention=False)),
-                (IP_ADAPTER, ip_state, dataclasses.asdict(ip_config))]
+        if self.referencenet is None and projection is not None and self.unet.config.ip_cross_attention:
+            ip_state = {k: state.pop(k) for k in list(state) if k.endswith((".to_k_ip.weight", ".to_v_ip.weight"))}
+            tokens = self.resampler.config.num_queries if self.resampler is not None else self.image_proj.config.num_tokens
+            ip_config = IPAdapterConfig("resampler" if self.resampler is not None else "image_proj", tokens)
+            parts.append((IP_ADAPTER, ip_state, dataclasses.asdict(ip_config)))
+            config["ip_cross_attention"] = False
+        return [("unet", state, config)] + parts
 
     @classmethod
     def demo(cls, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32) -> MuseVModels:
@@ -311,6 +365,11 @@ class MuseVModels:
         )
         controlnet = ControlNet(ControlNetConfig(block_out_channels=(32, 32, 32, 32), heads=2, norm_num_groups=16,
                                                  cross_attention_dim=32, conditioning_embedding_out_channels=(8, 8, 16, 16)))
+        # IPAdapterFaceID, drawn last so that the other models' weights stay those of a demo without it
+        models["face_proj"] = FaceProjection(FaceProjectionConfig(cross_attention_dim=unet_config.cross_attention_dim))
+        face = {k: nn.Linear(shape[1], shape[0], bias=False).weight.detach() for k, shape in
+                face_branch_keys(unet_config).items()}
+        models["unet"] = with_face_branch(models["unet"], face, "the demo's face branch")
         models = {k: m.to(device).eval() for k, m in models.items()}
         pipe = cls(tokenizer=tokenizer, scheduler=SchedulerConfig.from_dict(SD15_SCHEDULER),
                    controlnets={CONTROLNET: controlnet.to(device).eval()}, **models)

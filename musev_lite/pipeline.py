@@ -13,7 +13,7 @@ the call. `generate` is a numbered skeleton of named stages (docs/method.md tell
   3. the images and videos fitted to the video size; `encode_text`: the prompt pair [negative; positive];
   4. `condition_latent`: frame 0 as a latent: the condition image's, or drawn from the prompt in 2D mode
      (`draw_first_frame`);
-  5. `image_conditioning`: IP-Adapter tokens and ReferenceNet features, once per call;
+  5. `image_conditioning`: IP-Adapter tokens, IPAdapterFaceID tokens and ReferenceNet features, once per call;
   6. `denoise_shots`: per shot, VideoFusion noise, then parallel denoising around the clean condition
      latent; the next shot continues from this shot's last latent. Video2video (`video=` RGB frames to
      start from and/or `control=` control videos for ControlNets) is one pass over the whole video:
@@ -37,6 +37,7 @@ from .clip import clip_image_preprocess
 from .controlnet import MultiControlNet
 from .denoise import ImageDenoiser, WindowControl, WindowedDenoiser, guidance_scales, initial_latents, sample
 from .histmatch import match_frames
+from .ip_adapter import face_embedding_checked
 from .memory import check_memory
 from .models import MuseVModels
 from .plan import ControlVideo, GenerationPlan, RunState, check_resume, fitted_images, fitted_videos, make_plan
@@ -117,6 +118,7 @@ class MuseVPipeline(MuseVModels):
         negative_prompt: str | None = None,
         refer_image=None,
         ip_adapter_image=None,
+        face_embedding=None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         condition_latents: torch.Tensor | None = None,
@@ -150,10 +152,15 @@ class MuseVPipeline(MuseVModels):
         `control`, one control video per ControlNet (a `ControlVideo` or a list of them); all F frames long.
         Frame 0 pairs with the condition image (the RGB video's frame 0 when no `image` is given); the other
         F - 1 frames are generated in one parallel-denoising pass, whatever `num_frames` / `n_batch` say.
+
+        `face_embedding`: a 512-d ArcFace embedding (tensor or array; insightface's normed_embedding) for
+        IPAdapterFaceID, at `ip_adapter_face_scale`; the weights need its `ip_adapter_face` component.
         """
         # 1. Check the inputs and plan the call: nothing runs unless it can
         plan, image, video, control = self.plan_call(image, config, video=video, control=control,
-                                                     condition_latents=condition_latents, **settings)
+                                                     condition_latents=condition_latents,
+                                                     face_embedding=face_embedding, **settings)
+        face = None if face_embedding is None else face_embedding_checked(face_embedding, "face_embedding")
         g, (height, width) = plan.config, (plan.height, plan.width)
         if resume is not None:
             check_resume(resume, plan)
@@ -171,13 +178,13 @@ class MuseVPipeline(MuseVModels):
             condition = resume.first_condition.to(self.device)
         else:
             condition = self.condition_latent(image, condition_latents, refer_image, ip_adapter_image, text, plan,
-                                              generator, report)
-        # 5. IP-Adapter tokens and ReferenceNet features, once (frame 0 stands in for a missing reference image)
+                                              generator, report, face)
+        # 5. IP-Adapter and face tokens, ReferenceNet features, once (frame 0 stands in for a missing reference image)
         if image is None or g.redraw_condition_image:
             frame0 = Image.fromarray(self.decode(condition)[0])
             refer_image = frame0 if g.redraw_condition_image or refer_image is None else refer_image
             ip_adapter_image = frame0 if g.redraw_condition_image or ip_adapter_image is None else ip_adapter_image
-        cond = self.image_conditioning(refer_image, ip_adapter_image, text, g)
+        cond = self.image_conditioning(refer_image, ip_adapter_image, text, g, face)
         # 6. Parallel denoising, shot by shot (video2video: one pass), from the start or the resumed state
         if resume is None:
             resume = RunState(0, 0, condition, None, condition, generator.get_state(), seed)
@@ -197,14 +204,22 @@ class MuseVPipeline(MuseVModels):
 
     def plan_call(self, image=None, config: GenerationConfig | None = None, *, video: np.ndarray | None = None,
                   control: ControlVideo | list[ControlVideo] | None = None,
-                  condition_latents: torch.Tensor | None = None, **settings) -> tuple[GenerationPlan, object, object, list]:
+                  condition_latents: torch.Tensor | None = None, face_embedding=None,
+                  **settings) -> tuple[GenerationPlan, object, object, list]:
         """The checks `generate` makes before it starts working, without the work: the settings, the videos
-        and the ControlNets they name, the video's size, and that there is memory for it (`check_memory`).
+        and the ControlNets they name, the video's size, a face embedding and that the weights have
+        IPAdapterFaceID for it, and that there is memory for it (`check_memory`).
         Raises the ConfigError `generate` would; returns (plan, image, video, control) as `plan.make_plan`
         does. For callers that must not start unless the call can run (the CLI makes no output folder
         before), and that report what the call will do (its frames, steps and UNet calls)."""
         plan, image, video, control = make_plan(self.generation_config(config, settings), image, video, control,
                                                 condition_latents, self.controlnets)
+        if face_embedding is not None:
+            face_embedding_checked(face_embedding, "face_embedding")
+            if self.face_proj is None:
+                raise ConfigError("a face embedding was given, but these weights have no IPAdapterFaceID: convert "
+                                  "ip-adapter-faceid_sd15.bin into the weights folder (musev-lite convert faceid "
+                                  "ip-adapter-faceid_sd15.bin WEIGHTS_DIR)")
         check_memory(self, plan)
         return plan, image, video, control
 
@@ -217,7 +232,7 @@ class MuseVPipeline(MuseVModels):
         return (config or GenerationConfig()).replace(**overrides)
 
     def condition_latent(self, image, condition_latents, refer_image, ip_adapter_image, text, plan: GenerationPlan,
-                         generator, report) -> torch.Tensor:
+                         generator, report, face=None) -> torch.Tensor:
         """Frame 0's clean latent (1, 4, 1, h, w): given, the image's, or drawn in 2D mode (no image, or
         MuseV's img2img redraw of the image)."""
         g = plan.config
@@ -228,7 +243,7 @@ class MuseVPipeline(MuseVModels):
             return self.check_condition_latents(condition_latents, plan.height, plan.width)
         if image is not None and not g.redraw_condition_image:
             return self.encode_images([image])[:, :, None]  # 1 4 1 h w
-        first = self.image_conditioning(refer_image, ip_adapter_image, text, g)
+        first = self.image_conditioning(refer_image, ip_adapter_image, text, g, face)
         return self.draw_first_frame(image, first, plan, generator, report)
 
     def encode_text(self, prompt: str, negative_prompt: str, prompt_embeds=None, negative_prompt_embeds=None):
@@ -263,10 +278,12 @@ class MuseVPipeline(MuseVModels):
         return check_finite(self.vae.encode(pixels), "image encoding (VAE)")
 
     @torch.no_grad()
-    def image_conditioning(self, refer_image, ip_image, text: torch.Tensor, config: GenerationConfig) -> Conditioning:
+    def image_conditioning(self, refer_image, ip_image, text: torch.Tensor, config: GenerationConfig,
+                           face: torch.Tensor | None = None) -> Conditioning:
         """The text, plus IP-Adapter tokens [proj(0); proj(clip(image))] and ReferenceNet features (of the same
-        image, made with each half's IP tokens or text) when the model has them, all batched [uncond; cond].
-        The projection reads the CLIP image_embeds (`image_proj`) or, for IP-Adapter's plus models (`resampler`),
+        image, made with each half's IP tokens or text) when the model has them, and IPAdapterFaceID tokens
+        [face_proj(0); face_proj(face)] for a checked face embedding, all batched [uncond; cond]. The
+        projection reads the CLIP image_embeds (`image_proj`) or, for IP-Adapter's plus models (`resampler`),
         the penultimate hidden states. `config`: a plan's, whose motion_speed is set."""
         cond = Conditioning(text, motion_speed=config.motion_speed)
         projection = self.image_proj if self.resampler is None else self.resampler
@@ -283,6 +300,10 @@ class MuseVPipeline(MuseVModels):
             latent = self.encode_images([refer_image]).repeat(2, 1, 1, 1)  # same latent for both halves
             context = text if cond.ip_tokens is None else cond.ip_tokens  # IP tokens when there are, else text
             cond.refer = self.referencenet(latent, torch.zeros(()), context)
+        if face is not None and config.ip_adapter_face_scale > 0:
+            embeds = torch.stack([torch.zeros_like(face), face]).to(self.device, self.face_proj.proj[0].weight.dtype)
+            cond.face_tokens = self.face_proj(embeds)  # the uncond tokens are face_proj(0), as MuseV's
+            cond.face_scale = config.ip_adapter_face_scale
         return cond
 
     def _unet(self, sample, t, cond: Conditioning, condition_frames: int, temporal: bool = True, lengths=None):

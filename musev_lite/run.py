@@ -113,7 +113,8 @@ def prepare(job: Job, pipe: MuseVPipeline | None = None,
         if video is not None or sources:
             print(describe_video2video(video, sources), file=sys.stderr)
     controls = control_videos(config, sources, height, width)
-    plan = pipe.plan_call(images.get("image"), g, video=None if video is None else video.frames, control=controls)[0]
+    plan = pipe.plan_call(images.get("image"), g, video=None if video is None else video.frames, control=controls,
+                          face_embedding=job.inputs.face)[0]
     return pipe, controls, plan
 
 
@@ -135,6 +136,7 @@ def generate(job: Job, pipe: MuseVPipeline, controls: list[ControlVideo], plan: 
     result = pipe.generate(
         i.prompt, images.get("image"), g.replace(seed=job.seed), negative_prompt=i.negative_prompt,
         refer_image=images.get("refer_image"), ip_adapter_image=images.get("ip_adapter_image"),
+        face_embedding=job.inputs.face,
         callback=ProgressPrinter(plan.steps_left(resume)) if distributed.is_main() else None, resume=resume,
         on_state=None if checkpoint is None else checkpoint.on_state, **extra,
     )

@@ -127,6 +127,7 @@ class GenerationConfig:
     w_ind_noise: float = 0.5  # VideoFusion noise: share of per-frame noise
     img_weight: float = 0.001  # share of the condition latent in the starting noise
     ip_adapter_scale: float = 1.0
+    ip_adapter_face_scale: float = 1.0  # IPAdapterFaceID's face attention, with a face embedding
     sampler: str = "euler"  # one of SAMPLERS
     seed: int | None = None  # None: a random seed, reported back
     video_strength: float = 1.0  # video2video from an RGB video: 1 = from noise at the first step (MuseV), 0 = the video
@@ -184,6 +185,8 @@ class GenerationConfig:
         in_range("generation.w_ind_noise", self.w_ind_noise, 0, 1)
         in_range("generation.img_weight", self.img_weight, 0, 1)
         in_range("generation.ip_adapter_scale", self.ip_adapter_scale, 0, 10, " (0 turns the IP-Adapter off)")
+        in_range("generation.ip_adapter_face_scale", self.ip_adapter_face_scale, 0, 10,
+                 " (0 turns IPAdapterFaceID off)")
         if self.motion_speed is not None:
             in_range("generation.motion_speed", self.motion_speed, 0, 100)
             require(self.motion_speed > 0, f"generation.motion_speed = {self.motion_speed} must be > 0")

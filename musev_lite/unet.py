@@ -6,7 +6,9 @@ What it adds to SD1.5 (why: docs/method.md#the-video-unet):
   * "reference-only" spatial self-attention: every frame also attends to the clean condition frame's
     tokens, which the pipeline puts at frame 0 of every window;
   * for the referencenet models: ReferenceNet features fused by attention after conv_in, every down
-    layer and the mid block, and IP-Adapter image tokens in every cross-attention.
+    layer and the mid block, and IP-Adapter image tokens in every cross-attention;
+  * with IPAdapterFaceID (`ip_adapter_face`): a second, face-only IP branch in every cross-attention, with
+    its own K/V (`ip_adapter_face_to_k_ip` / `_v_ip`) and scale, attending to ArcFace tokens.
 With `temporal=False` every temporal layer is skipped and it is the SD1.5 UNet ("2D mode", used to
 draw a first frame from text). Module and parameter names are the published diffusers keys, so the
 released checkpoints load with no renaming. The SD1.5 down path (sizes `SD15Sizes`, blocks, time
@@ -71,6 +73,7 @@ class UNet3DConfig(SD15Sizes):
     zero_condition_temb: bool = False  # condition frames get a zero time embedding
     refer_fusion: bool = False  # ReferenceNet feature fusion (refer_emb_attns)
     ip_cross_attention: bool = False  # IP-Adapter to_k_ip / to_v_ip in every spatial attn2
+    ip_adapter_face: bool = False  # IPAdapterFaceID's ip_adapter_face_to_k_ip / _v_ip in every spatial attn2
 
     @classmethod
     def preset(cls, name: str) -> UNet3DConfig:
@@ -121,6 +124,8 @@ class Conditioning:
     ip_scale: float = 1.0  # weight of the IP-Adapter attention next to the text attention
     refer: ReferenceFeatures | None = None  # ReferenceNet maps, (B, C, h', w') each
     control: ControlResiduals | None = None  # ControlNet residuals of this call's frames
+    face_tokens: torch.Tensor | None = None  # (B, n, D) IPAdapterFaceID tokens, None: no face branch
+    face_scale: float = 1.0  # weight of the face attention next to the text attention
 
     def repeat(self, k: int) -> Conditioning:
         """The conditioning of `k` windows stacked in one call: all uncond copies, then all cond copies
@@ -137,7 +142,8 @@ class Conditioning:
         if self.control is not None:
             raise ValueError("ControlNet residuals are per window: set them after repeating the conditioning")
         return Conditioning(rows(self.text), self.motion_speed, None if self.ip_tokens is None else rows(self.ip_tokens),
-                            self.ip_scale, refer)
+                            self.ip_scale, refer, face_tokens=None if self.face_tokens is None else rows(self.face_tokens),
+                            face_scale=self.face_scale)
 
 
 @dataclass
@@ -150,6 +156,8 @@ class FrameContext:
     frame_emb: torch.Tensor | None  # (T, 4*C0) frame-position embedding; None = temporal layers off
     ip_tokens: torch.Tensor | None = None  # (B, n, D) IP-Adapter image tokens
     ip_scale: float = 1.0
+    face_tokens: torch.Tensor | None = None  # (B, n, D) IPAdapterFaceID tokens
+    face_scale: float = 1.0
     lengths: list[int] | None = None  # real frames per sample when samples are padded to T; None: all T
     frame_embs: dict[int, torch.Tensor] | None = None  # with `lengths`: the frame embedding of each length
 
@@ -225,9 +233,10 @@ def attention(q, k, v, heads: int):
 
 
 class Attention(nn.Module):
-    """diffusers-layout attention: to_q/to_k/to_v without bias, to_out.0 with bias (+ IP-Adapter K/V)."""
+    """diffusers-layout attention: to_q/to_k/to_v without bias, to_out.0 with bias (+ IP-Adapter K/V,
+    + IPAdapterFaceID K/V: (dim, context_dim) each, as MuseV's IPAttention names them)."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None, ip: bool = False):
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, ip: bool = False, face: bool = False):
         super().__init__()
         context_dim = context_dim or dim
         self.heads = heads
@@ -237,6 +246,8 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.to_k_ip = nn.Linear(context_dim, dim, bias=False) if ip else None
         self.to_v_ip = nn.Linear(context_dim, dim, bias=False) if ip else None
+        self.ip_adapter_face_to_k_ip = nn.Linear(context_dim, dim, bias=False) if face else None  # (dim, context_dim)
+        self.ip_adapter_face_to_v_ip = nn.Linear(context_dim, dim, bias=False) if face else None
 
     def forward(self, x, context=None):
         context = x if context is None else context
@@ -266,7 +277,9 @@ class SpatialSelfAttention(Attention):
 
 class CrossAttention(Attention):
     """attn2: text cross-attention, plus decoupled IP-Adapter attention to image tokens
-    (docs/method.md#referencenet-and-ip-adapter)."""
+    (docs/method.md#referencenet-and-ip-adapter) and IPAdapterFaceID's to face tokens
+    (docs/method.md#ipadapterfaceid), each with its own K/V and the same query:
+    to_out(attn(q, text) + ip_scale * attn(q, image tokens) + face_scale * attn(q, face tokens))."""
 
     def forward(self, x, ctx: FrameContext):
         t = ctx.num_frames
@@ -279,6 +292,10 @@ class CrossAttention(Attention):
             k_ip = self.to_k_ip(ctx.ip_tokens).repeat_interleave(t, 0)
             v_ip = self.to_v_ip(ctx.ip_tokens).repeat_interleave(t, 0)
             out = out + ctx.ip_scale * attention(q, k_ip, v_ip, self.heads)
+        if self.ip_adapter_face_to_k_ip is not None and ctx.face_tokens is not None:  # (b 4 D) -> ((b t) 4 c)
+            k_face = self.ip_adapter_face_to_k_ip(ctx.face_tokens).repeat_interleave(t, 0)
+            v_face = self.ip_adapter_face_to_v_ip(ctx.face_tokens).repeat_interleave(t, 0)
+            out = out + ctx.face_scale * attention(q, k_face, v_face, self.heads)
         return self.to_out[0](out)
 
 
@@ -327,7 +344,7 @@ class Transformer2DModel(nn.Module):
         self.norm = nn.GroupNorm(cfg.norm_num_groups, ch, eps=1e-6)
         self.proj_in = nn.Conv2d(ch, ch, 1)
         attn1 = SpatialSelfAttention(ch, cfg.heads)
-        attn2 = CrossAttention(ch, cfg.heads, cfg.cross_attention_dim, ip=cfg.ip_cross_attention)
+        attn2 = CrossAttention(ch, cfg.heads, cfg.cross_attention_dim, ip=cfg.ip_cross_attention, face=cfg.ip_adapter_face)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(ch, attn1, attn2, cfg.transformer_norm_eps)])
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
@@ -680,7 +697,9 @@ class UNet3D(LayoutFollowsDtype):
 
         frame_emb = self.frame_positions(t, cond.motion_speed, sample.device) if temporal else None
         ip_tokens = None if cond.ip_tokens is None or cond.ip_scale == 0 else cond.ip_tokens.to(dtype)
-        ctx = FrameContext(t, condition_frames, cond.text.to(dtype), frame_emb, ip_tokens, cond.ip_scale)
+        face_tokens = None if cond.face_tokens is None or cond.face_scale == 0 else cond.face_tokens.to(dtype)
+        ctx = FrameContext(t, condition_frames, cond.text.to(dtype), frame_emb, ip_tokens, cond.ip_scale,
+                           face_tokens, cond.face_scale)
         if temporal and lengths is not None and any(n != t for n in lengths):
             ctx.lengths = list(lengths)  # each length's embedding made on its own, as an unpadded call makes it
             ctx.frame_embs = {n: self.frame_positions(n, cond.motion_speed, sample.device) for n in set(lengths)}
@@ -730,6 +749,10 @@ class UNet3D(LayoutFollowsDtype):
             if not cfg.ip_cross_attention:
                 raise ValueError("ip_tokens given, but this UNet has no IP-Adapter attention (ip_cross_attention=False)")
             check_context(cond.ip_tokens, b, cfg.cross_attention_dim, "ip_tokens")
+        if cond.face_tokens is not None:
+            if not cfg.ip_adapter_face:
+                raise ValueError("face_tokens given, but this UNet has no IPAdapterFaceID attention (ip_adapter_face=False)")
+            check_context(cond.face_tokens, b, cfg.cross_attention_dim, "face_tokens")
         n_down = len(skip_channels(cfg))  # conv_in, every layer, every downsampler
         if cond.refer is not None:
             refer = cond.refer

@@ -18,7 +18,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # The numerically sensitive tests (parity, bfloat16, the pipeline, video2video, distributed): CI runs them a
 # second time as on a CPU without AVX-512 or bfloat16 hardware (.ci/run), marked `numerics` here.
 NUMERICS = {"test_bf16.py", "test_cli.py", "test_clip.py", "test_compile.py", "test_controlnet.py",
-            "test_convert.py", "test_denoise.py", "test_distributed.py", "test_ip_adapter.py",
+            "test_convert.py", "test_denoise.py", "test_distributed.py", "test_ip_adapter.py", "test_ip_adapter_face.py",
             "test_loop_parity.py", "test_lora.py", "test_pipeline.py", "test_prompts.py", "test_samplers.py",
             "test_unet2d.py", "test_unet_parity.py", "test_uneven_windows.py", "test_vae.py",
             "test_video2video.py", "test_video2video_fixture.py", "test_video2video_parity.py"}

@@ -1049,8 +1049,9 @@ V2V_CASES = {  # which2video -> how video2video.py sets the predictor up for it
 }
 
 
-def _v2v_pipeline(orig, shared: Path, meta: dict, i2v_tensors: dict):
-    """The predictor's pipeline (PR:110-309) from the shared fixture's models and a tiny random ControlNet."""
+def _v2v_pipeline(orig, shared: Path, meta: dict, i2v_tensors: dict, unet=None, with_controlnet: bool = True, **extra):
+    """The predictor's pipeline (PR:110-309) from the shared fixture's models and a tiny random ControlNet
+    (`with_controlnet`); `unet` instead of the shared one, `extra` components (ip_adapter_face)."""
     from unittest import mock
 
     from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler
@@ -1089,15 +1090,15 @@ def _v2v_pipeline(orig, shared: Path, meta: dict, i2v_tensors: dict):
             return self.embeds
 
     pipe = orig.predictor.MusevControlNetPipeline(
-        vae=loaded(AutoencoderKL, "vae"), unet=loaded(orig.UNet3DConditionModel, "unet"),
+        vae=loaded(AutoencoderKL, "vae"), unet=loaded(orig.UNet3DConditionModel, "unet") if unet is None else unet,
         scheduler=PNDMScheduler.from_config(meta["variants"]["musev_referencenet"]["runs"]["t13_linspace3"][
             "checkpoint_scheduler_config"]),
-        controlnet=controlnet.eval(), text_encoder=text_encoder,
+        controlnet=controlnet.eval() if with_controlnet else None, text_encoder=text_encoder,
         tokenizer=CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77),
         safety_checker=None, feature_extractor=None, referencenet=loaded(orig.ReferenceNet2D, "referencenet"),
         vision_clip_extractor=FixedClipImageEmbeds(i2v_tensors["inputs.clip_image_embeds"]),
         ip_adapter_image_proj=loaded(orig.ImageProjModel, ".", released["image_proj_constructor_kwargs"],
-                                     "ip_adapter_image_proj.safetensors", "image_proj."))
+                                     "ip_adapter_image_proj.safetensors", "image_proj."), **extra)
     pipe.scheduler = orig.EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # PR:258-261
     pipe.enable_vae_slicing()  # PR:284
     randn = torch.randn
@@ -1465,6 +1466,188 @@ def make_video2video():
                     torch_num_threads=torch.get_num_threads()))
 
 
+FACE_SEED, FACE_SCALE = 18, 0.7  # the face weights' draw; ip_adapter_face_scale of both runs (not MuseV's 1.0: a
+FACE_FRAMES = 4  # scale the UNet must apply); the forward's window: the condition frame and 3 frames
+
+
+def init_spec(state: dict) -> list:
+    """[key, shape, mean, std] per tensor: matrices N(0, 1/fan_in), norm weights 1 + 0.1 N, biases 0.1 N
+    (controlnet_init_spec's draw, whose ControlNet-only factors match no key here)."""
+    return controlnet_init_spec(state)
+
+
+def make_ip_adapter_face():
+    """The ORIGINAL MuseV with IPAdapterFaceID at tiny random weights, for tests/test_ip_adapter_face.py.
+
+    Models: the shared `musev_referencenet` fixture (UNet3D, ReferenceNet, IP-Adapter projection, VAE; read from
+    ../shared, not copied), its UNet built with `need_t2i_ip_adapter_face=True` (MuseV's text2video.py does so
+    for --ip_adapter_face_model_name) and the face K/V loaded by the original loader
+    (ip_adapter_face_loader.update_unet_ip_adapter_cross_attn_param) from a dict in the published layout
+    `ip_adapter` {"1.to_k_ip.weight", ...}; IP-Adapter's MLPProjModel (tencent-ailab/IP-Adapter
+    ip_adapter/ip_adapter_faceid.py) at cross_attention_dim 32, 512-d embeddings, 4 tokens. Both drawn by
+    `seeded_weights(init_spec, FACE_SEED)` (fp16, run in fp32): the files hold the spec, the tests redraw them.
+    The face embedding: a seeded N(0, 1) 512-d vector, L2-normalised (insightface's normed_embedding).
+
+    1. forward: the original UNet3DConditionModel on the shared t13_linspace3 run's second window of step 0,
+       cut to FACE_FRAMES frames (condition frame first), with its text, IP tokens and ReferenceNet features,
+       and ip_adapter_face_emb = [proj(0); proj(face)] as the original pipeline's get_ip_adapter_face_emb
+       makes them (called, with a stand-in extractor returning the embedding), ip_adapter_face_scale
+       FACE_SCALE. Also recorded: that the same call without vision_clip_emb raises in the original.
+    2. call: the whole image2video call of the shared t13_linspace3 run (MusevControlNetPipeline.__call__ with
+       the manifest's call_kwargs: 13 frames, 3 Euler steps, generator 1000) with ip_adapter_face_image given
+       (the stand-in extractor returns the embedding for it) and ip_adapter_face_scale FACE_SCALE; the run's
+       recorded text embeddings as prompt_embeds (its text encoder is not in ../shared); rerun with an
+       explicit-softmax attention for the spread.
+
+    Files in tests/fixtures/ip_adapter_face/ (~145 KB): inputs.safetensors (face_embedding (512,), face_tokens
+    (2, 4, 32) of the original's projection), outputs.safetensors (forward.out (2, 4, FACE_FRAMES, 16, 24),
+    call.final_latents (1, 4, 14, 16, 24)), manifest.json (specs, seeds, the forward's inputs, checks, spreads).
+    Needs the original's environment and checkouts, as the video2video part:
+
+        MUSEV_SRC=path/to/MuseV MMCM_SRC=path/to/MMCM IP_ADAPTER_SRC=path/to/IP-Adapter \
+            venv-orig/bin/python tests/make_fixtures.py ip_adapter_face
+    """
+    import os
+    import types
+
+    import diffusers
+    import numpy as np
+    import transformers
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    shared = Path(os.environ.get("MUSEV_LITE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    meta = json.loads((shared / "reference/fixtures/manifest.json").read_text())
+    run = meta["variants"]["musev_referencenet"]["runs"]["t13_linspace3"]
+    shared_tensors = load_file(shared / "reference/fixtures/musev_referencenet/t13_linspace3.safetensors")
+    orig = _original_musev(*(Path(os.environ[k]) for k in ("MUSEV_SRC", "MMCM_SRC", "IP_ADAPTER_SRC")))
+    from ip_adapter.ip_adapter_faceid import MLPProjModel
+    from musev.models import ip_adapter_face_loader
+
+    folder = shared / "reference/fixtures/musev_referencenet/unet"
+    config = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if not k.startswith("_")}
+    config["need_t2i_ip_adapter_face"] = True
+    unet = orig.UNet3DConditionModel(**config)
+    state = {k: v.float() for k, v in load_file(folder / "diffusion_pytorch_model.safetensors").items()}
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    assert not unexpected and missing and all(".ip_adapter_face_to_" in k for k in missing), (missing, unexpected)
+    unet_state = unet.state_dict()
+    layout = {published: unet_state[ours.replace(".processor.", ".")].shape for ours, published in
+              ip_adapter_face_loader.UNET2IPAadapter_Keys_MAPIING.items()}
+    ip_spec = init_spec({k: torch.empty(shape) for k, shape in layout.items()})
+    ip_adapter = {k: v.float() for k, v in seeded_weights(ip_spec, FACE_SEED).items()}
+    ip_adapter_face_loader.update_unet_ip_adapter_cross_attn_param(unet, ip_adapter)
+    unet.eval()
+    proj = MLPProjModel(cross_attention_dim=config["cross_attention_dim"], id_embeddings_dim=512, num_tokens=4)
+    proj_spec = init_spec(proj.state_dict())
+    proj.load_state_dict({k: v.float() for k, v in seeded_weights(proj_spec, FACE_SEED + 1).items()})
+    proj.eval()
+    embedding = torch.randn(512, generator=torch.Generator().manual_seed(FACE_SEED + 2))
+    embedding = embedding / embedding.norm()
+
+    class FaceEmbedding(torch.nn.Module):  # InsightFaceExtractorNormEmb's place: the embedding, for any image
+        def extract_images(self, images, return_type):
+            return embedding[None].clone(), None
+
+    holder = types.SimpleNamespace(print_idx=1, ip_adapter_face_emb_extractor=FaceEmbedding(),
+                                   ip_adapter_face_image_proj=proj)
+    with torch.no_grad():
+        face_tokens = orig.predictor.MusevControlNetPipeline.get_ip_adapter_face_emb(
+            holder, np.zeros((1, 3, 1, 8, 8), np.uint8), "cpu", torch.float32, 1, True)
+
+    # 1. one UNet forward
+    sample = shared_tensors["unet.step0.win1.sample"][:, :, :FACE_FRAMES]
+    refer = [shared_tensors[f"refnet.down_block_refer_embs.{i}"] for i in range(12)]
+    kwargs = dict(sample_index=torch.arange(1, FACE_FRAMES), vision_conditon_frames_sample_index=torch.tensor([0]),
+                  sample_frame_rate=8.0, do_classifier_free_guidance=True, return_dict=False,
+                  encoder_hidden_states=shared_tensors["text.prompt_embeds"], vision_clip_emb=shared_tensors["ip.image_emb"],
+                  down_block_refer_embs=refer, mid_block_refer_emb=shared_tensors["refnet.mid_block_refer_emb"],
+                  ip_adapter_face_emb=face_tokens, ip_adapter_face_scale=FACE_SCALE)
+    timestep = shared_tensors["unet.step0.win1.timestep"]
+    with torch.no_grad():
+        out = unet(sample, timestep, **kwargs)[0]
+        orig.xformers.ops.math = True
+        spread = (unet(sample, timestep, **kwargs)[0] - out).abs().max().item()
+        orig.xformers.ops.math = False
+        without_face = unet(sample, timestep, **dict(kwargs, ip_adapter_face_scale=0.0))[0]
+        fresh = orig.UNet3DConditionModel(**config).eval()  # print_idx 0 again
+        fresh.load_state_dict(unet.state_dict())
+        try:
+            fresh(sample, timestep, **dict(kwargs, vision_clip_emb=None))
+            alone = "ran"
+        except Exception as err:  # noqa: BLE001 - what the original does is the record
+            alone = f"{type(err).__name__}: {err}"
+
+    # 2. the whole image2video call
+    call_kwargs = {k: v for k, v in run["call_kwargs"].items() if not isinstance(v, dict)}
+    images = {k: shared_tensors[f"inputs.{k}"].numpy() for k in ("condition_images", "refer_image")}
+    text = shared_tensors["text.prompt_embeds"]  # the shared run's text encoder is not in ../shared: its output
+    call_kwargs.update(condition_images=images["condition_images"], refer_image=images["refer_image"],
+                       ip_adapter_image=images["condition_images"], ip_adapter_face_image=images["condition_images"],
+                       ip_adapter_face_scale=FACE_SCALE, prompt=None, negative_prompt=None,
+                       prompt_embeds=text[1:], negative_prompt_embeds=text[:1])
+    del call_kwargs["generator"]
+    pipe = _v2v_pipeline(orig, shared, meta, shared_tensors, unet=unet, with_controlnet=False,
+                         ip_adapter_face_emb_extractor=FaceEmbedding(), ip_adapter_face_image_proj=proj)[0]
+    seen = {}
+
+    def on_unet(module, args, kw, output):  # the shared run's inputs reach the UNet, and the face tokens
+        seen.setdefault("face", kw["ip_adapter_face_emb"])
+        seen.setdefault("text", kw["encoder_hidden_states"])
+        seen.setdefault("ip", kw["vision_clip_emb"])
+        seen.setdefault("first_sample", args[0])
+
+    def whole_call():
+        hook = pipe.unet.register_forward_hook(on_unet, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                result = pipe(generator=torch.Generator("cpu").manual_seed(run["generator_seed"]), **call_kwargs)
+        finally:
+            hook.remove()
+        return torch.from_numpy(result.latents)
+
+    final = whole_call()
+    orig.xformers.ops.math = True
+    call_spread = (whole_call() - final).abs().max().item()
+    orig.xformers.ops.math = False
+    checks = dict(
+        forward_face_changes_output_by=(out - without_face).abs().max().item(),
+        forward_without_vision_clip_emb=alone,
+        call_face_tokens_vs_get_ip_adapter_face_emb=(seen["face"] - face_tokens).abs().max().item(),
+        call_text_ip_first_sample_vs_shared_run=max((seen[k] - shared_tensors[v]).abs().max().item() for k, v in (
+            ("text", "text.prompt_embeds"), ("ip", "ip.image_emb"), ("first_sample", "unet.step0.win0.sample"))),
+        call_final_vs_shared_run_without_face=(final - shared_tensors["final.latents"]).abs().max().item(),
+    )
+    assert checks["call_face_tokens_vs_get_ip_adapter_face_emb"] == checks["call_text_ip_first_sample_vs_shared_run"] == 0
+    save("ip_adapter_face", "inputs", {"face_embedding": embedding, "face_tokens": face_tokens})
+    save("ip_adapter_face", "outputs", {"forward.out": out, "call.final_latents": final})
+    manifest = {
+        "what": "the ORIGINAL MuseV UNet3DConditionModel forward and MusevControlNetPipeline.__call__ with "
+                "IPAdapterFaceID; see tests/make_fixtures.py: make_ip_adapter_face",
+        "provenance": dict(torch=torch.__version__, diffusers=diffusers.__version__, transformers=transformers.__version__,
+                           python=sys.version.split()[0], torch_num_threads=torch.get_num_threads()),
+        "shared_models": "../shared/reference/fixtures/musev_referencenet (fp16 on disk, run in fp32)",
+        "face_scale": FACE_SCALE,
+        "ip_adapter": {"seed": FACE_SEED, "init_spec": ip_spec,
+                       "loaded_by": "musev.models.ip_adapter_face_loader.update_unet_ip_adapter_cross_attn_param"},
+        "image_proj": {"class": "ip_adapter.ip_adapter_faceid.MLPProjModel(cross_attention_dim=32, "
+                                "id_embeddings_dim=512, num_tokens=4)", "seed": FACE_SEED + 1, "init_spec": proj_spec},
+        "face_embedding": f"torch.randn(512, generator=torch.Generator().manual_seed({FACE_SEED + 2})), L2-normalised",
+        "face_tokens": "MusevControlNetPipeline.get_ip_adapter_face_emb: [proj(zeros); proj(embedding)]",
+        "forward": {"sample": f"t13_linspace3 unet.step0.win1.sample[:, :, :{FACE_FRAMES}]",
+                    "timestep": float(timestep), "condition_frames": 1, "sample_frame_rate": 8.0,
+                    "encoder_hidden_states": "t13_linspace3 text.prompt_embeds", "vision_clip_emb": "t13_linspace3 ip.image_emb",
+                    "refer": "t13_linspace3 refnet.down_block_refer_embs.* / mid_block_refer_emb",
+                    "rerun_math_attention_max_abs_diff": spread},
+        "call": {"call_kwargs": "t13_linspace3 call_kwargs, with ip_adapter_face_image (the extractor's input), "
+                                f"ip_adapter_face_scale {FACE_SCALE}, and its text.prompt_embeds as prompt_embeds / "
+                                "negative_prompt_embeds instead of the prompts", "generator_seed": run["generator_seed"],
+                 "rerun_math_attention_final_max_abs_diff": call_spread},
+        "checks": checks,
+    }
+    (OUT / "ip_adapter_face" / "manifest.json").write_text(compact_json(manifest) + "\n")
+
+
 PARTS = {
     "samplers": make_samplers,
     "lcm": make_lcm,
@@ -1481,6 +1664,7 @@ PARTS = {
     "resampler": make_resampler,
     "controlnet": make_controlnet,
     "video2video": make_video2video,
+    "ip_adapter_face": make_ip_adapter_face,
 }
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ def files(tmp_path_factory):
     for name, (h, w) in {"face.png": (64, 64), "other.png": (128, 64), "odd.png": (120, 80)}.items():
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / name)
     write_mp4(folder / "clip.mp4", [rng.integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)], fps=12)
+    face = rng.standard_normal(512).astype(np.float32)  # IPAdapterFaceID: an embedding as insightface gives it
+    np.save(folder / "face.npy", face / np.linalg.norm(face))
+    np.save(folder / "zeros.npy", np.zeros(512, np.float32))
     pipe = MuseVPipeline.demo(seed=0)
     pipe.save_pretrained(folder / "weights")
     temporal = MuseVPipeline.demo(seed=0)
@@ -221,6 +224,29 @@ def case_refer_image(cli, files):
 
 def case_ip_adapter_image(cli, files):
     differ(cli, (), "input.ip_adapter_image={files}/other.png")
+
+
+FACE = ("input.face_embedding={files}/face.npy",)
+
+
+def case_face_embedding(cli, files):
+    differ(cli, (), *FACE)
+    assert "zeros.npy: the face embedding is all zeros" in cli("input.face_embedding={files}/zeros.npy").error()
+
+
+def case_face_image(cli, files):
+    try:
+        import insightface.app  # noqa: F401
+    except ImportError:  # not a dependency: the error says how to make the .npy
+        line = cli("input.face_image={files}/face.png").error()
+        assert "needs insightface" in line and 'set input.face_embedding = "face.npy"' in line
+    else:
+        differ(cli, (), "input.face_image={files}/face.png")
+
+
+def case_ip_adapter_face_scale(cli, files):
+    differ(cli, FACE, "generation.ip_adapter_face_scale=2")
+    assert np.array_equal(ran(cli(*FACE, "generation.ip_adapter_face_scale=0")).frames, cli().frames)
 
 
 def case_video(cli, files):
@@ -488,6 +514,8 @@ CASES = {
     "input.negative_prompt": case_negative_prompt,
     "input.refer_image": case_refer_image,
     "input.ip_adapter_image": case_ip_adapter_image,
+    "input.face_embedding": case_face_embedding,
+    "input.face_image": case_face_image,
     "input.video": case_video,
     "input.control": case_control,
     "input.video_sample_rate": case_video_sample_rate,
@@ -513,6 +541,7 @@ CASES = {
     "generation.w_ind_noise": frames_differ(key="generation.w_ind_noise=0.1"),
     "generation.img_weight": frames_differ(key="generation.img_weight=0.5"),
     "generation.ip_adapter_scale": frames_differ(key="generation.ip_adapter_scale=0"),
+    "generation.ip_adapter_face_scale": case_ip_adapter_face_scale,
     "generation.sampler": case_sampler,
     "generation.seed": case_seed,
     "generation.video_strength": case_video_strength,

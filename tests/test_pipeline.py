@@ -122,8 +122,8 @@ def test_save_and_load_a_weights_folder(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     loaded = MuseVPipeline.from_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
-        "controlnet.safetensors", "image_encoder.safetensors", "image_proj.safetensors", "referencenet.safetensors",
-        "text_encoder.safetensors", "unet.safetensors", "vae.safetensors"]
+        "controlnet.safetensors", "image_encoder.safetensors", "image_proj.safetensors", "ip_adapter_face.safetensors",
+        "referencenet.safetensors", "text_encoder.safetensors", "unet.safetensors", "vae.safetensors"]
     assert (pipe.negative_prompt, loaded.negative_prompt) == ("V1", "V2")  # the demo's default is not saved
     a = pipe("a face", image=IMAGE, num_frames=3, seed=5, **FAST)
     b = loaded("a face", image=IMAGE, num_frames=3, seed=5, negative_prompt="V1", **FAST)
