@@ -41,6 +41,11 @@ class RunInputs:
     sources: list[VideoFrames | list[PoseFrame]]  # each [[input.control]]: a video, or keypoints drawn later
     face: torch.Tensor | None = None  # input.face_embedding (or face_image's): checked, (512,) of norm 1
 
+    def references(self) -> dict:
+        """The pipeline's keywords for the reference inputs read: the ReferenceNet and IP-Adapter images, the face."""
+        return dict(refer_image=self.images.get("refer_image"), ip_adapter_image=self.images.get("ip_adapter_image"),
+                    face_embedding=self.face)
+
 
 def read_inputs(config: RunConfig) -> RunInputs:
     """Every input file of `config`, opened and checked."""

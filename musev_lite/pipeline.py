@@ -425,7 +425,7 @@ class MuseVPipeline(MuseVModels):
     def frame_0(self, condition: torch.Tensor, shot_0_frames: int, chunk_size: int = DECODE_CHUNK) -> np.ndarray:
         """Frame 0 (H, W, 3) bit for bit as `decode` made it at the head of shot 0 (`shot_0_frames` latents):
         in a chunk of as many frames as shot 0's first, since the VAE may round one frame alone differently."""
-        return self.decode(condition.expand(-1, -1, min(chunk_size, shot_0_frames), -1, -1), chunk_size)[0]
+        return self.decode(condition.to(self.device).expand(-1, -1, min(chunk_size, shot_0_frames), -1, -1), chunk_size)[0]
 
     @torch.no_grad()
     def encode_frames(self, frames: torch.Tensor, chunk_size: int = DECODE_CHUNK) -> torch.Tensor:

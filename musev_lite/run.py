@@ -58,6 +58,7 @@ from .plan import ControlVideo, GenerationPlan, video_size  # noqa: E402
 from .settings import ConfigError  # noqa: E402
 from .tasks import RUNNING_TASK, Task, load_tasks, resolved_toml, run_all  # noqa: E402
 
+
 @dataclass(frozen=True)
 class Job:
     """A run as planned, before any model is loaded: the settings and the command line they came from (for
@@ -113,9 +114,8 @@ def prepare(job: Job, pipe: MuseVPipeline | None = None,
         if video is not None or sources:
             print(describe_video2video(video, sources), file=sys.stderr)
     controls = control_videos(config, sources, height, width)
-    plan = pipe.plan_call(images.get("image"), g, video=None if video is None else video.frames, control=controls,
-                          face_embedding=job.inputs.face)[0]
-    return pipe, controls, plan
+    return pipe, controls, pipe.plan_call(images.get("image"), g, video=None if video is None else video.frames,
+                                          control=controls, face_embedding=job.inputs.face)[0]
 
 
 def generate(job: Job, pipe: MuseVPipeline, controls: list[ControlVideo], plan: GenerationPlan,
@@ -130,13 +130,11 @@ def generate(job: Job, pipe: MuseVPipeline, controls: list[ControlVideo], plan: 
         where = f"shot {resume.shot + 1}/{shots} at step {resume.step}/{g.steps}" if resume.shot < shots else "all shots"
         print(f"resuming {checkpoint.folder.name}: {resume.shot} of {shots} shots done, {where}; "
               f"decoding the {resume.shot} done", file=sys.stderr, flush=True)
-        finished = ((index, latents.to(pipe.device)) for index, latents in checkpoint.finished_shots(resume.shot))
-        for shot in pipe.decoded(finished, plan, resume.first_condition.to(pipe.device), resume.seed):
+        for shot in pipe.decoded(checkpoint.finished_shots(resume.shot, pipe.device), plan, resume.first_condition, resume.seed):
             yield shot.frames
     result = pipe.generate(
         i.prompt, images.get("image"), g.replace(seed=job.seed), negative_prompt=i.negative_prompt,
-        refer_image=images.get("refer_image"), ip_adapter_image=images.get("ip_adapter_image"),
-        face_embedding=job.inputs.face,
+        **job.inputs.references(),
         callback=ProgressPrinter(plan.steps_left(resume)) if distributed.is_main() else None, resume=resume,
         on_state=None if checkpoint is None else checkpoint.on_state, **extra,
     )
