@@ -33,7 +33,7 @@ def musev_folder(tmp_path_factory):
     encoder = pipe.image_encoder
     torch.manual_seed(1)
     pipe.unet = UNet3D(TINY_MUSEV).eval()
-    pipe.referencenet = pipe.image_proj = pipe.image_encoder = None
+    pipe.referencenet = pipe.image_proj = pipe.image_encoder = pipe.face_proj = None
     pipe.save_pretrained(root / "musev")
     (root / "image_encoder").mkdir()
     save_file(encoder.state_dict(), root / "image_encoder/model.safetensors")
