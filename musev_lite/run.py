@@ -228,13 +228,17 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> list[Pa
         if seed is None:
             seed = checkpoint_seed(out, Path(config_path).stem) if resume and not config.output.name else random.randrange(10**8)
         job = Job(config, config_path, overrides, resume, inputs, seed, device, resolve_dtype(config.model.dtype, device))
-        if not distributed.is_main():
-            for _ in generate(*prepare(job)):
-                pass
-            return []
-        return write_outputs(job, out)
+        return write_outputs(job, out) if distributed.is_main() else follow(job)
     finally:
         distributed.shutdown()
+
+
+def follow(job: Job, pipe: MuseVPipeline | None = None) -> list[Path]:
+    """A rank that shares another rank's run (distributed.py): its part of the work; nothing is written."""
+    pipe, controls, plan = prepare(job, pipe)
+    for _ in generate(pipe, job, controls, plan):
+        pass
+    return []
 
 
 def run_tasks(tasks: list[Task], config_path: str, overrides: list[str], resume: bool) -> list[Path]:
@@ -244,7 +248,7 @@ def run_tasks(tasks: list[Task], config_path: str, overrides: list[str], resume:
         return Job(task.config, config_path, overrides, resume, inputs, seed, device, dtype, task.name)
 
     return run_all(tasks, resume, job, lambda pipe, job: prepare(job, pipe, say=False),
-                   lambda pipe, job: write_outputs(job, Path(job.config.output.dir), pipe))
+                   lambda pipe, job: write_outputs(job, Path(job.config.output.dir), pipe), lambda pipe, job: follow(job, pipe))
 
 
 def command(args: argparse.Namespace) -> list[Path]:

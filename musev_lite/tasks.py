@@ -38,6 +38,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import distributed
 from .checkpoint import checkpoint_seed
 from .command import exit_code
 from .config import (RunConfig, config_from, load_config, output_kinds, read_tables, relative_paths, resolve_paths,
@@ -174,9 +175,6 @@ def load_tasks(path: str | Path | None, overrides: list[str]) -> list[Task] | No
         return None
     tables = data.pop("task")
     require(isinstance(tables, list) and len(tables) > 0, f"config file {path}: task must be [[task]] tables")
-    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
-        raise ConfigError("[[task]] files run in one process, not under torchrun yet; run each task's "
-                          "configuration on its own, or run the file with python -m musev_lite.run")
     tasks, names = [], {}
     for number, table in enumerate(tables, start=1):
         name = table.get("name") if isinstance(table, dict) else None
@@ -272,11 +270,11 @@ def named(task: Task, work: Callable):
         raise ConfigError(f"{task.label}: {err}") from None
 
 
-def print_table(outcomes: list[Outcome]) -> None:
+def print_table(outcomes: list[Outcome], title: str = "tasks") -> None:
     """The end of a task run on stderr: one line per task, what became of it."""
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "failed", "skipped", "not run")}
-    print("tasks: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), file=sys.stderr)
-    width = max(len(o.task.name) for o in outcomes)
+    print(f"{title}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), file=sys.stderr)
+    width = max((len(o.task.name) for o in outcomes), default=0)
     for o in outcomes:
         print(f"  {o.task.number:>{len(str(o.task.count))}}/{o.task.count}  {o.task.name:<{width}}  {o.status:<7}  "
               f"{o.detail}", file=sys.stderr, flush=True)
@@ -286,37 +284,96 @@ class TasksFailed(ValueError):
     """Some tasks failed (the others ran): the command's exit code is 2."""
 
 
-def run_all(tasks: list[Task], resume: bool, make_job: Callable, check: Callable, write: Callable) -> list:
+def agreed(ranks: distributed.Ranks | None, work: Callable, what: str):
+    """`work()` on every rank; under torchrun a ValueError on any rank is raised on all of them (the lowest
+    rank's), so that no rank starts a task the others refused, nor waits for one that stopped. Every rank's
+    result, in rank order (one process: its own, in a list)."""
+    try:
+        result, error = work(), None
+    except ValueError as err:
+        if ranks is None:
+            raise
+        result, error = None, str(err)
+    if ranks is None:
+        return [result]
+    results = ranks.all_gather((result, error), what)
+    errors = [error for _, error in results if error is not None]
+    if errors:
+        raise ConfigError(errors[0])
+    return [result for result, _ in results]
+
+
+def ranks_label(members: tuple[int, ...]) -> str:
+    return f"rank {members[0]}" if len(members) == 1 else f"ranks {members[0]}-{members[-1]}"
+
+
+def run_all(tasks: list[Task], resume: bool, make_job: Callable, check: Callable, write: Callable,
+            follow: Callable | None = None) -> list:
     """Run the tasks: every task's inputs read and its outputs planned before the models load, then every
     task that runs checked against them (size, ControlNets, memory) before the first one starts; an error
     there names the task and nothing is written. Then each task writes its own output set, its paths printed
     as it finishes; a failed task (a bad file, a full disk, out of memory) does not stop the others. The
     end prints a table of every task; any failure raises TasksFailed.
     The models are loaded once, from the tasks' shared [model]. `make_job(task, seed, resume, device, dtype)`
-    makes a task's run (`run.Job`), `check(pipe, job)` checks it, `write(pipe, job) -> paths` does it."""
+    makes a task's run (`run.Job`), `check(pipe, job) -> (pipe, controls, plan)` checks it, `write(pipe, job)
+    -> paths` does it, and `follow(pipe, job)` does a rank's share of it where another rank writes.
+    Under torchrun the ranks join first; rank 0's plan (seeds drawn, skips) holds for all, the tasks are
+    shared out by `distributed.assign_tasks` (each rank writes its own tasks' outputs) and rank 0 prints
+    the end table of every rank's results."""
+    model = tasks[0].config.model
+    device = distributed.rank_device(resolve_device(model.device, "model.device"))
+    dtype = resolve_dtype(model.dtype, device)
     out = check_output_dir(tasks[0].config.output.dir, tasks[0].config.path_note("output.dir"))
     plans = {}
     for task in tasks:
         named(task, lambda: read_inputs(task.config))  # read again when the task starts; not kept meanwhile
         plans[task.number] = named(task, lambda: plan_task(task, out, resume))
+    try:
+        ranks = distributed.init(device)
+        if ranks is not None:  # one plan for all: the seeds rank 0 drew, what it found in output.dir
+            plans = ranks.broadcast(plans, "sharing the task plan")
+        return run_planned(tasks, plans, ranks, resume, device, dtype, make_job, check, write, follow)
+    finally:
+        distributed.shutdown()
+
+
+def run_planned(tasks, plans, ranks, resume, device, dtype, make_job, check, write, follow) -> list:
+    """`run_all` once the ranks agree on the plans: check, share out, run, gather, report."""
     outcomes = [Outcome(t, "skipped", plans[t.number][2]) if plans[t.number][1] == "skip" else Outcome(t)
                 for t in tasks]
     todo = [o for o in outcomes if o.status == "not run"]
-    model = tasks[0].config.model
-    device = resolve_device(model.device, "model.device")
-    dtype = resolve_dtype(model.dtype, device)
     pipe = load_pipeline(tasks[0].config, device, dtype) if todo else None
-    for o in todo:
+
+    def check_all() -> list[int]:  # each task's estimated work: frames x steps
+        plans_ = [named(o.task, lambda: check(pipe, make_job(o.task, *job_of(o), device, dtype))[2]) for o in todo]
+        return [p.total_frames * p.config.steps for p in plans_]
+
+    def job_of(o: Outcome) -> tuple[int, bool]:
         seed, how, _ = plans[o.task.number]
-        named(o.task, lambda: check(pipe, make_job(o.task, seed, how == "resume", device, dtype)))
+        return seed, how == "resume"
+
+    work = agreed(ranks, check_all, "checking the tasks")[0]  # rank 0's estimates
+    rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.world)
+    members = distributed.assign_tasks(work, world)
+    shared = {o.task.number: ranks.subgroup(m) if len(m) > 1 else None for o, m in zip(todo, members)}
+    mine = [(o, m) for o, m in zip(todo, members) if rank in m]
+    gathered = False
     try:
-        for o in todo:
-            seed, how, _ = plans[o.task.number]
-            print(f"{o.task.label}: {'resuming' if how == 'resume' else 'starting'}, seed {seed}{o.task.note}",
-                  file=sys.stderr)
+        for o, m in mine:
+            seed, resumed = job_of(o)
+            lead = m[0] == rank
+            if lead:
+                where = "" if ranks is None else f" on {ranks_label(m)}"
+                print(f"{o.task.label}: {'resuming' if resumed else 'starting'}{where}, seed {seed}{o.task.note}",
+                      file=sys.stderr)
             running = RUNNING_TASK.set(f"task {o.task.number}/{o.task.count}  ")
             try:
-                paths = write(pipe, make_job(o.task, seed, how == "resume", device, dtype))
+                with distributed.sharing(shared[o.task.number]):
+                    job = make_job(o.task, seed, resumed, device, dtype)
+                    if not lead:
+                        follow(pipe, job)
+                        continue
+                    paths = write(pipe, job)
             except (ValueError, MemoryError, RuntimeError) as err:
                 if isinstance(err, RuntimeError) and not out_of_memory(err):
                     raise
@@ -328,8 +385,19 @@ def run_all(tasks: list[Task], resume: bool, make_job: Callable, check: Callable
             o.status, o.detail = "done", ", ".join(str(p) for p in paths)
             for path in paths:
                 print(path, flush=True)
+        if ranks is not None:  # each task's result from the rank that wrote it
+            led = {o.task.number: (o.status, o.detail) for o, m in mine if m[0] == rank}
+            for part in ranks.all_gather(led, "gathering the task results"):
+                for o in todo:
+                    o.status, o.detail = part.get(o.task.number, (o.status, o.detail))
+        gathered = True
     finally:
-        print_table(outcomes)
+        if gathered and rank == 0:
+            print_table(outcomes)
+        elif not gathered and ranks is not None:  # stopped: this rank's own tasks
+            print_table([o for o, m in mine if m[0] == rank], f"tasks of rank {rank}")
+        elif not gathered:
+            print_table(outcomes)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         raise TasksFailed(f"{len(failed)} of {len(tasks)} tasks failed: "

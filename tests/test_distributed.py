@@ -60,6 +60,30 @@ def test_assign_windows_by_frames():
         distributed.assign_windows(windows, 0)
 
 
+@given(st.lists(st.integers(0, 100), max_size=12), st.integers(1, 6))
+def test_assign_tasks_every_task_and_every_rank(work, ranks):
+    """Whole tasks when there are at least as many as ranks, balanced by work; fewer: every rank in one
+    task's contiguous block, each task at least one rank."""
+    members = distributed.assign_tasks(work, ranks)
+    assert len(members) == len(work) and distributed.assign_tasks(work, ranks) == members  # deterministic
+    assert all(m and list(m) == list(range(m[0], m[-1] + 1)) for m in members)  # contiguous, not empty
+    if len(work) >= ranks or not work:
+        assert all(len(m) == 1 for m in members)
+        loads = [sum(w for w, m in zip(work, members) if m == (r,)) for r in range(ranks)]
+        assert max(loads) - min(loads) <= max(work, default=0)  # no rank a task's work above another
+    else:
+        assert sorted(r for m in members for r in m) == list(range(ranks))  # every rank, once
+
+
+def test_assign_tasks_by_work():
+    assert distributed.assign_tasks([10, 10, 10, 10], 2) == [(0,), (1,), (0,), (1,)]
+    assert distributed.assign_tasks([5, 30, 10], 2) == [(1,), (0,), (1,)]  # 30 against 15
+    assert distributed.assign_tasks([10, 30], 5) == [(0, 1), (2, 3, 4)]  # spare ranks to the most work per rank
+    assert distributed.assign_tasks([10], 3) == [(0, 1, 2)] and distributed.assign_tasks([], 2) == []
+    with pytest.raises(ValueError, match="ranks must be >= 1"):
+        distributed.assign_tasks([1], 0)
+
+
 def test_block_keeps_the_order():
     items = list(range(7))
     for world in (1, 2, 3, 8):
@@ -228,3 +252,65 @@ def test_a_lost_rank_is_a_clear_error_not_a_hang(tmp_path, mode):
     assert procs[0].returncode == 1
     assert "error: rank 0 of 2: denoising step 1/2 failed: another rank died or did not answer within 5 s" in stderr
     assert "Traceback" not in stderr
+
+
+TASKS = """
+[[task]]
+name = "a"
+[[task]]
+name = "b"
+[task.generation]
+num_frames = 13
+seed = 4
+[[task]]
+name = "c"
+[task.generation]
+seed = 5
+"""
+
+
+def frames_bytes(folder: Path, stem: str) -> dict:
+    """The bytes of a run's mp4 and PNG frames, by name."""
+    files = [folder / f"{stem}.mp4"] + sorted((folder / f"{stem}_frames").iterdir())
+    return {f.name: f.read_bytes() for f in files}
+
+
+def test_tasks_over_two_ranks_write_the_bytes_of_one_process(tmp_path):
+    """3 tasks on 2 ranks: whole tasks per rank (a and c on one, the longer b on the other), each rank writing
+    its own; rank 0 prints the end table of all. 1 task on 2 ranks: they share its windows. Both write
+    the bytes one process writes running the tasks in order at one thread."""
+    config = tmp_path / "tasks.toml"
+    config.write_text(TINY_CONFIG.format(image=REPO / "examples/face.png").replace("steps = 2", "steps = 2\nseed = 3")
+                      + TASKS)
+    one = subprocess.run([sys.executable, "-m", "musev_lite.run", str(config), "--set", f"output.dir='{tmp_path / 'one'}'"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=plain_env(OMP_NUM_THREADS="1"))
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(TORCHRUN + ["-m", "musev_lite.run", str(config), "--set", f"output.dir='{tmp_path / 'two'}'"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=plain_env())
+    assert two.returncode == 0, two.stderr
+    assert "task 2/3 (b): starting on rank 0, seed 4" in two.stderr  # 14 frames: the most work
+    assert "task 1/3 (a): starting on rank 1, seed 3" in two.stderr and "task 3/3 (c): starting on rank 1" in two.stderr
+    assert two.stderr.count("tasks: 3 done") == 1 and "  2/3  b  done" in two.stderr
+    assert sorted(Path(p).name for p in two.stdout.split()) == sorted(Path(p).name for p in one.stdout.split())
+    for stem in ("a-3", "b-4", "c-5"):
+        assert frames_bytes(tmp_path / "two", stem) == frames_bytes(tmp_path / "one", stem), stem
+    config.write_text(config.read_text().split('[[task]]\nname = "b"')[0])  # task a alone
+    shared = subprocess.run(TORCHRUN + ["-m", "musev_lite.run", str(config), "--set", f"output.dir='{tmp_path / 'shared'}'"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path, env=plain_env())
+    assert shared.returncode == 0, shared.stderr
+    assert "task 1/1 (a): starting on ranks 0-1, seed 3" in shared.stderr and "tasks: 1 done" in shared.stderr
+    assert frames_bytes(tmp_path / "shared", "a-3") == frames_bytes(tmp_path / "one", "a-3")
+
+
+def test_a_bad_task_under_torchrun_is_one_line_before_any_task_starts(tmp_path):
+    """A mistake in the last task's inputs: every rank finds it before a task starts, rank 0 alone prints it."""
+    config = tmp_path / "tasks.toml"
+    config.write_text(TINY_CONFIG.format(image=REPO / "examples/face.png") + TASKS
+                      + '[task.input]\nimage = "nope.png"\n')
+    done = subprocess.run(TORCHRUN + ["-m", "musev_lite.run", str(config), "--set", f"output.dir='{tmp_path / 'out'}'"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=plain_env())
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: task 3/3 (c): input.image: image"), done.stderr
+    assert "starting" not in done.stderr and not (tmp_path / "out").exists()
+
