@@ -119,16 +119,23 @@ def prepare(job: Job, pipe: MuseVPipeline | None = None,
 def generate(pipe: MuseVPipeline, job: Job, controls: list[ControlVideo], plan: GenerationPlan,
              checkpoint: Checkpoint | None = None) -> Iterator[np.ndarray]:
     """Each shot's frames as it is done, with progress on stderr (rank 0's). A resumed run (a checkpoint
-    with a loaded state) first decodes the shots the checkpoint holds, then continues from its state."""
+    with a loaded state) first decodes the shots the checkpoint holds, then continues from its state; under
+    torchrun rank 0 alone reads the checkpoint and sends the others its state and shots."""
     g, i, images, video = job.config.generation, job.config.input, job.inputs.images, job.inputs.video
     extra = dict(video=None if video is None else video.frames, control=controls) if plan.task == "video2video" else {}
     resume = checkpoint.saved if checkpoint is not None else None
+    finished = saved = checkpoint.finished_shots(resume.shot) if resume is not None else None
+    if job.resume and (ranks := distributed.current()) is not None:  # rank 0 read the checkpoint: the others take it
+        resume = ranks.broadcast(resume, "sharing the checkpoint")
+        finished = (ranks.broadcast(next(saved) if ranks.rank == 0 else None, f"sharing finished shot {n + 1}")
+                    for n in range(resume.shot))
     if resume is not None:
         shots = plan.shots
         where = f"shot {resume.shot + 1}/{shots} at step {resume.step}/{g.steps}" if resume.shot < shots else "all shots"
-        print(f"resuming {checkpoint.folder.name}: {resume.shot} of {shots} shots done, {where}; "
-              f"decoding the {resume.shot} done", file=sys.stderr, flush=True)
-        finished = ((index, latents.to(pipe.device)) for index, latents in checkpoint.finished_shots(resume.shot))
+        if checkpoint is not None:
+            print(f"resuming {checkpoint.folder.name}: {resume.shot} of {shots} shots done, {where}; "
+                  f"decoding the {resume.shot} done", file=sys.stderr, flush=True)
+        finished = ((index, latents.to(pipe.device)) for index, latents in finished)
         for shot in pipe.decoded(finished, plan, resume.first_condition.to(pipe.device), resume.seed):
             yield shot.frames
     result = pipe.generate(
@@ -221,12 +228,10 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> list[Pa
     try:  # under torchrun: join the other ranks; they share the work (distributed.py), rank 0 writes
         device = distributed.rank_device(resolve_device(config.model.device, "model.device"))
         distributed.init(device)
-        if (config.output.checkpoint or resume) and distributed.current() is not None:
-            raise ConfigError("output.checkpoint and --resume work in one process, not under torchrun yet; "
-                              "run with python -m musev_lite.run, or set output.checkpoint = false")
         seed = config.generation.seed
-        if seed is None:
-            seed = checkpoint_seed(out, Path(config_path).stem) if resume and not config.output.name else random.randrange(10**8)
+        if seed is None:  # under torchrun, rank 0's (pipeline.seeded_generator; a resumed state's)
+            from_checkpoint = resume and not config.output.name and distributed.is_main()
+            seed = checkpoint_seed(out, Path(config_path).stem) if from_checkpoint else random.randrange(10**8)
         job = Job(config, config_path, overrides, resume, inputs, seed, device, resolve_dtype(config.model.dtype, device))
         return write_outputs(job, out) if distributed.is_main() else follow(job)
     finally:

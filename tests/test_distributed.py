@@ -4,12 +4,15 @@
 The split runs the same UNet calls as one process and adds each frame's predictions over the ranks;
 with at most two windows on a frame the sum does not depend on the order, so the latents and frames are
 bitwise equal when both sides use one thread (a + b is b + a in IEEE arithmetic; at another thread count
-the kernels round differently). Mistakes and lost ranks end a run with one line.
+the kernels round differently). Mistakes and lost ranks end a run with one line. A task file's tasks are
+shared out whole (`assign_tasks`) to the same bytes; a checkpoint saved under torchrun resumes on 1 or 2 ranks.
 """
 
 import json
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -314,3 +317,36 @@ def test_a_bad_task_under_torchrun_is_one_line_before_any_task_starts(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: task 3/3 (c): input.image: image"), done.stderr
     assert "starting" not in done.stderr and not (tmp_path / "out").exists()
 
+
+def test_a_checkpoint_under_torchrun_resumes_on_one_rank_or_two(tmp_path):
+    """A 2-rank run with output.checkpoint, killed (SIGKILL) mid-shot 2: rank 0 saved the global state, so
+    the same command with --resume continues on 1 rank or on 2 to the bytes of a run never stopped."""
+    config = tiny_config(tmp_path)
+    args = ["-m", "musev_lite.run", str(config), "--set", "generation.n_batch=2", "--set", "generation.steps=4",
+            "--set", "generation.seed=7", "--set", "output.checkpoint=true", "--set", "output.name=v"]
+    killed = subprocess.Popen(TORCHRUN + args + ["--set", f"output.dir='{tmp_path / 'killed'}'"], cwd=tmp_path,
+                              env=plain_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in killed.stderr:
+        seen.append(line)
+        if "shot 2/2  step 2/4" in line:  # both ranks (torchrun starts each in a session of its own), at once
+            for pid in Path(f"/proc/{killed.pid}/task/{killed.pid}/children").read_text().split():
+                os.kill(int(pid), signal.SIGKILL)
+            break
+    killed.communicate(timeout=120)  # torchrun sees its ranks gone, reaps them and exits
+    assert (tmp_path / "killed" / "v.checkpoint" / "state.safetensors").exists(), "".join(seen)
+    for launcher, folder in (([sys.executable], "one"), (TORCHRUN, "two")):
+        shutil.copytree(tmp_path / "killed", tmp_path / folder)
+        done = subprocess.run(launcher + args + ["--resume", "--set", f"output.dir='{tmp_path / folder}'"],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env=plain_env(OMP_NUM_THREADS="1"))
+        assert done.returncode == 0, done.stderr
+        assert "resuming v.checkpoint: 1 of 2 shots done, shot 2/2 at step" in done.stderr
+        assert not (tmp_path / folder / "v.checkpoint").exists()
+    straight = subprocess.run([sys.executable] + args + ["--set", f"output.dir='{tmp_path / 'straight'}'"],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path, env=plain_env(OMP_NUM_THREADS="1"))
+    assert straight.returncode == 0, straight.stderr
+    expected = frames_bytes(tmp_path / "straight", "v")
+    assert len(expected) == 1 + 19  # the mp4 and every frame: the image and 2 shots of 9
+    for folder in ("one", "two"):
+        assert frames_bytes(tmp_path / folder, "v") == expected, folder
