@@ -16,7 +16,8 @@ the models are loaded once.
 
 `load_tasks` reads and checks every task's settings (None for a file without tasks: one run, as
 always). `run_all` checks every task's inputs before the first task starts, skips tasks whose outputs
-exist, runs the others (a failed task does not stop the rest) and prints a table of what each did.
+exist, runs the others (a failed task does not stop the rest) and prints a table of what each did. Under
+torchrun the tasks are shared out whole over the ranks (`distributed.assign_tasks`), each rank writing its own.
 `fill_template` and `scaled_size` are MuseV's prompt templates and img_length_ratio, read from its
 scripts/inference/text2video.py, video2video.py and musev/auto_prompt (the MuseV commit the project tracks).
 `import_tasks` (`musev-lite import-tasks example.yaml > tasks.toml`) converts MuseV's task YAML; it needs

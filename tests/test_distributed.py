@@ -350,3 +350,29 @@ def test_a_checkpoint_under_torchrun_resumes_on_one_rank_or_two(tmp_path):
     assert len(expected) == 1 + 19  # the mp4 and every frame: the image and 2 shots of 9
     for folder in ("one", "two"):
         assert frames_bytes(tmp_path / folder, "v") == expected, folder
+
+
+def test_two_nodes_on_loopback_write_the_bytes_of_one_process(tmp_path):
+    """The README's several-machines command, two torchrun agents on 127.0.0.1 as nodes 0 and 1 with one
+    process each: the video one process writes at one thread, written once (by node 0's rank 0)."""
+    config = tiny_config(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_args = ["-m", "musev_lite.run", str(config), "--set", "generation.seed=2"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r),
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--nproc-per-node", "1"] + run_args
+                              + ["--set", f"output.dir='{tmp_path / 'nodes'}'"], cwd=tmp_path,
+                              env=plain_env(OMP_NUM_THREADS="1"),  # torchrun sets it only for 2+ processes a node
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        done = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], done[0][1] + done[1][1]
+    assert "(2 UNet calls/step)" in done[0][1] and done[1][0] == ""  # 3 windows: 2 on rank 0, 1 on rank 1
+    one = subprocess.run([sys.executable] + run_args + ["--set", f"output.dir='{tmp_path / 'one'}'"], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path, env=plain_env(OMP_NUM_THREADS="1"))
+    assert one.returncode == 0, one.stderr
+    assert frames_bytes(tmp_path / "nodes", "video-2") == frames_bytes(tmp_path / "one", "video-2")
