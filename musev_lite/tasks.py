@@ -48,7 +48,7 @@ from .device import resolve_device, resolve_dtype
 from .inputs import load_pipeline, read_inputs
 from .limits import file_stem
 from .memory import out_of_memory
-from .outputs import OutputSet, check_output_dir
+from .outputs import OutputSet, RunInterrupted, check_output_dir
 from .settings import ConfigError, in_range, printable, require, suggest
 from .video_io import read_image
 
@@ -392,6 +392,10 @@ def run_planned(tasks, plans, ranks, resume, device, dtype, make_job, check, wri
                 for o in todo:
                     o.status, o.detail = part.get(o.task.number, (o.status, o.detail))
         gathered = True
+    except RunInterrupted as stop:  # under torchrun each rank has its own outputs: one that does not report says its own
+        if not distributed.reports():
+            print(f"rank {rank}: {stop.report()}", file=sys.stderr)
+        raise
     finally:
         if gathered and rank == 0:
             print_table(outcomes)

@@ -26,7 +26,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from conftest import REPO, max_abs_error, reduction_depth, rounding_tolerance
+from conftest import REPO, interrupt_when, max_abs_error, reduction_depth, rounding_tolerance
 from distributed_worker import CASES, FAST, run_case
 from musev_lite import distributed
 from musev_lite.denoise import context_windows
@@ -376,3 +376,29 @@ def test_two_nodes_on_loopback_write_the_bytes_of_one_process(tmp_path):
                          text=True, timeout=300, cwd=tmp_path, env=plain_env(OMP_NUM_THREADS="1"))
     assert one.returncode == 0, one.stderr
     assert frames_bytes(tmp_path / "nodes", "video-2") == frames_bytes(tmp_path / "one", "video-2")
+
+
+def test_an_interrupted_task_file_under_torchrun_resumes_in_one_process(tmp_path):
+    """Ctrl-C on a 2-rank task run with output.checkpoint: each rank keeps the checkpoint of the task it was
+    running and says so (rank 1 with its rank in front); --resume in one process continues both and runs
+    the last, to the bytes of a run never stopped."""
+    config = tmp_path / "tasks.toml"
+    config.write_text(TINY_CONFIG.format(image=REPO / "examples/face.png").replace("steps = 2", "steps = 6\nseed = 3")
+                      + TASKS)
+    args = ["-m", "musev_lite.run", str(config), "--set", "output.checkpoint=true", "--set", f"output.dir='{tmp_path / 'out'}'"]
+    process = subprocess.Popen(TORCHRUN + args, cwd=tmp_path, env=plain_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    code, _, err = interrupt_when(process, "task 2/3  shot 1/1  step 3/6", signal.SIGINT)
+    assert code != 0 and sorted(p.name for p in (tmp_path / "out").glob("*.checkpoint")) == ["a-3.checkpoint",
+                                                                                             "b-4.checkpoint"], err
+    assert "rank 1: interrupted (SIGINT): a-3.mp4, a-3_frames, a-3.json were not written; kept a-3.checkpoint" in err
+    assert "\ninterrupted (SIGINT): b-4.mp4, b-4_frames, b-4.json were not written; kept b-4.checkpoint" in err
+    done = subprocess.run([sys.executable] + args + ["--resume"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=plain_env(OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    assert "task 1/3 (a): resuming, seed 3" in done.stderr and "tasks: 3 done" in done.stderr
+    straight = subprocess.run([sys.executable] + args[:3] + ["--set", f"output.dir='{tmp_path / 'straight'}'"],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path, env=plain_env(OMP_NUM_THREADS="1"))
+    assert straight.returncode == 0, straight.stderr
+    for stem in ("a-3", "b-4", "c-5"):
+        assert frames_bytes(tmp_path / "out", stem) == frames_bytes(tmp_path / "straight", stem), stem
