@@ -58,7 +58,7 @@ def measure(part: str, height: int, width: int) -> None:
         part = part.removesuffix("_sd")
     h, w = height // 8, width // 8
     image = Image.fromarray(torch.randint(0, 256, (height, width, 3), dtype=torch.uint8).numpy())
-    config = GenerationConfig(num_frames=12, steps=1, seed=0)
+    config = GenerationConfig(num_frames=12, steps=1, seed=0, motion_speed=8.0)
     with torch.no_grad():
         if part == "unet":
             cond = pipe.image_conditioning(image, image, pipe.encode_text("a face", "V1"), config)

@@ -90,6 +90,30 @@ def assign_tasks(work: list[int], ranks: int) -> list[tuple[int, ...]]:
     return [tuple(range(start, start + count)) for start, count in zip(starts, counts)]
 
 
+def agreed(ranks: Ranks | None, work, what: str) -> list:
+    """`work()` on every rank, each rank's result in rank order (one process: its own, in a list). Under
+    torchrun a ValueError on any rank is raised on all of them (the lowest rank's message), so that no rank
+    goes on with what another refused, nor waits for it."""
+    try:
+        result, error = work(), None
+    except ValueError as err:
+        if ranks is None:
+            raise
+        result, error = None, str(err)
+    if ranks is None:
+        return [result]
+    results = ranks.all_gather((result, error), what)
+    errors = [error for _, error in results if error is not None]
+    if errors:
+        raise DistributedConfigError(errors[0])
+    return [result for result, _ in results]
+
+
+def ranks_label(members: tuple[int, ...]) -> str:
+    """"rank 2", or "ranks 0-3" for a block."""
+    return f"rank {members[0]}" if len(members) == 1 else f"ranks {members[0]}-{members[-1]}"
+
+
 def timeout_seconds() -> float:
     value = os.environ.get(TIMEOUT_VARIABLE, str(DEFAULT_TIMEOUT))
     try:

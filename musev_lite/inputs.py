@@ -6,6 +6,7 @@ naming the setting or the file, raised before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,21 @@ def control_videos(config: RunConfig, controls: list, height: int, width: int) -
             frames = np.stack([draw_pose(frame, height, width) for frame in source])
             out.append(ControlVideo(frames, c.controlnet, c.scale, at_video_size=True))
     return out
+
+
+def with_video_motion_speed(config: RunConfig, inputs: RunInputs, say: bool = False) -> RunConfig:
+    """A video2video run without generation.motion_speed takes the rate its frames were taken at, as MuseV's
+    video2video gives the UNet its video reader's sample rate: input.video_sample_rate, or with
+    input.video_fps the source's frame rate over it; `say`: on stderr (rank 0's)."""
+    g, i = config.generation, config.input
+    if g.motion_speed is not None or (inputs.video is None and not inputs.sources):
+        return config
+    videos = [s for s in [inputs.video, *inputs.sources] if isinstance(s, VideoFrames) and s.source_fps]
+    rate = videos[0].source_fps / i.video_fps if i.video_fps and videos else float(i.video_sample_rate)
+    if say and distributed.is_main():
+        print(f"motion_speed: {rate:.4g}, the rate the video's frames were taken at, as MuseV's video2video "
+              "(set generation.motion_speed to choose)", file=sys.stderr)
+    return dataclasses.replace(config, generation=g.replace(motion_speed=rate))
 
 
 def describe_video2video(video: VideoFrames | None, controls: list) -> str:

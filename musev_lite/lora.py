@@ -26,8 +26,8 @@ original (MuseV's `update_pipeline_lora_models` changes only `pipeline.unet` and
 A LoRA made for SDXL or SD2.x is refused, naming the base it was made for.
 
 Merging computes in float32 and writes back in the model's dtype. The first merge into a layer keeps
-its original weight (a CPU copy, on the layer as `lora_original_weight`); `unmerge_lora` puts every
-one back, so unmerging restores the weights bitwise, however many LoRAs were merged in between.
+its original weight (a CPU copy) in the caller's record `originals` (layer -> weight); `unmerge_lora`
+puts every one back, so unmerging restores the weights bitwise, however many LoRAs were merged in between.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from torch import nn
 from .limits import parse_nested
 from .weights import WeightsError, name_list, read_metadata, read_state_dict
 
-ORIGINAL = "lora_original_weight"  # attribute holding a merged layer's original weight
 TEMPORAL_MODULES = ("temp_attentions", "temp_convs", "transformer_in")  # MuseV's temporal parts of the UNet
 
 # One pattern per key family: (component, module path, role). Roles: down, up, alpha.
@@ -180,12 +179,13 @@ def _layers(path: Path, found: dict[tuple[str, str], dict], config: dict) -> dic
     return layers
 
 
-def merge_lora(unet: nn.Module, text_encoder: nn.Module | None,
-               loras: Sequence[tuple[LoRA, float]]) -> list[dict[str, int]]:
+def merge_lora(unet: nn.Module, text_encoder: nn.Module | None, loras: Sequence[tuple[LoRA, float]],
+               originals: dict[nn.Module, torch.Tensor]) -> list[dict[str, int]]:
     """Merge LoRAs, each with its own strength, into the weights of `unet` (musev_lite's UNet3D, or
     any module with diffusers' UNet names) and `text_encoder` (CLIPTextModel). Every layer is checked
     before any weight changes: layers that match nothing or do not fit raise one LoraError naming
-    them all. Can be called again to add more; `unmerge_lora` removes them all. Returns, per LoRA, the
+    them all. `originals` gets the original weight of every layer merged into for the first time. Can be
+    called again (with the same record) to add more; `unmerge_lora(originals)` removes them all. Returns, per LoRA, the
     layers it changed: {"unet": n, "unet_temporal": of those, in the temporal modules, "text_encoder": n}."""
     targets = {"unet": _named_layers(unet), "text_encoder": _named_layers(text_encoder) if text_encoder else {}}
     plan: dict[nn.Module, list[tuple[LoRALayer, float]]] = {}
@@ -216,8 +216,8 @@ def merge_lora(unet: nn.Module, text_encoder: nn.Module | None,
     with torch.no_grad():
         for module, parts in plan.items():
             weight = module.weight
-            if not hasattr(module, ORIGINAL):
-                setattr(module, ORIGINAL, weight.detach().to("cpu", copy=True))
+            if module not in originals:
+                originals[module] = weight.detach().to("cpu", copy=True)
             merged = weight.float()
             for layer, scale in parts:
                 merged = merged + scale * layer.delta(weight.device).reshape(weight.shape)
@@ -225,16 +225,12 @@ def merge_lora(unet: nn.Module, text_encoder: nn.Module | None,
     return counts
 
 
-def unmerge_lora(unet: nn.Module, text_encoder: nn.Module | None) -> None:
-    """Put back the original weights of every layer a LoRA was merged into (bitwise)."""
+def unmerge_lora(originals: dict[nn.Module, torch.Tensor]) -> None:
+    """Put back the original weights `merge_lora` recorded in `originals` (bitwise), and empty the record."""
     with torch.no_grad():
-        for model in (unet, text_encoder):
-            if model is None:
-                continue
-            for module in model.modules():
-                original = module.__dict__.pop(ORIGINAL, None)
-                if original is not None:
-                    module.weight.copy_(original)
+        for module, original in originals.items():
+            module.weight.copy_(original)
+    originals.clear()
 
 
 def _named_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -14,8 +14,8 @@ bench/bench_memory.py as the peak growth of the resident set, then rounded up; t
 where frames is the plan's video length (`GenerationPlan.total_frames`) and H, W the video's size.
 Windows are denoised one call at a time, so the UNet part does not grow with the video's length; the
 latents and frames do. The estimate is rough and errs high: for a whole tiny call (384x384 and 512x320,
-25 frames) it was 1.26-1.35x the measured peak. The parts that grow with the length are checked first,
-so an absurd length is refused at once, before its windows are listed.
+25 frames) it was 1.26-1.35x the measured peak. A first look takes the UNet call as one window (a lower
+bound that needs no list of windows), so an absurd length is refused at once, before its windows are listed.
 """
 
 from __future__ import annotations
@@ -36,30 +36,28 @@ LATENT_COPIES = 8  # the video's latents, their noise, the window sums of both h
 FRAME_COPIES = 3  # the decoded uint8 frames and the copies a writer (GIF/WebP) makes of them
 
 
-def estimate_memory(pipe, plan: GenerationPlan) -> dict[str, int]:
-    """Bytes a `pipe` call of this plan needs beyond its weights, by part (the formula above)."""
+def estimate_memory(pipe, plan: GenerationPlan, windows_listed: bool = True) -> dict[str, int]:
+    """Bytes a `pipe` call of this plan needs beyond its weights, by part (the formula above).
+    `windows_listed=False`: without listing the windows, the UNet call as one window of at most
+    context_frames frames, a lower bound (check_memory's first look)."""
+    (h, w), frames = plan.latent_hw, plan.total_frames
     vae_width = sum(pipe.vae.config.block_out_channels[:2]) / 2
     return {
-        "UNet window call": unet_call_memory(pipe, plan),
-        **length_memory(plan),
-        "decoding": int(min(DECODE_CHUNK, plan.total_frames) * plan.height * plan.width * vae_width * 4 * VAE_FACTOR),
-    }
-
-
-def length_memory(plan: GenerationPlan) -> dict[str, int]:
-    """The parts of `estimate_memory` that grow with the video's length."""
-    (h, w), frames = plan.latent_hw, plan.total_frames
-    return {
+        "UNet window call": unet_call_memory(pipe, plan, windows_listed),
         "latents": frames * 4 * h * w * 4 * LATENT_COPIES,
+        "decoding": int(min(DECODE_CHUNK, frames) * plan.height * plan.width * vae_width * 4 * VAE_FACTOR),
         "frames": (frames + plan.control_frames) * plan.height * plan.width * 3 * FRAME_COPIES,
     }
 
 
-def unet_call_memory(pipe, plan: GenerationPlan) -> int:
+def unet_call_memory(pipe, plan: GenerationPlan, windows_listed: bool = True) -> int:
     """The largest UNet call of the plan (its windows padded to one length, both guidance halves)."""
     h, w = plan.latent_hw
-    call_frames = 2 * max(len(group) * (1 + max(map(len, group)))
-                          for frames in plan.windows for group in plan.unet_calls(frames))
+    if windows_listed:
+        call_frames = 2 * max(len(group) * (1 + max(map(len, group)))
+                              for frames in plan.windows for group in plan.unet_calls(frames))
+    else:
+        call_frames = 2 * (1 + min(plan.config.context_frames, max(plan.shot_frames)))
     positions = sum(c * math.ceil(h / 2**level) * math.ceil(w / 2**level)
                     for level, c in enumerate(pipe.unet.config.block_out_channels))
     return int(call_frames * positions * UNET_FACTOR * pipe.dtype.itemsize * (1.5 if plan.control_frames else 1))
@@ -102,9 +100,9 @@ def gb(n: float) -> str:
 
 def check_memory(pipe, plan: GenerationPlan) -> None:
     """ConfigError if `estimate_memory` exceeds what `available_memory` reports (on CUDA the frames are
-    counted against the host's memory, the rest against the GPU's). The parts that grow with the length
-    are checked before the UNet call is worked out."""
-    refuse_beyond_memory(pipe, plan, length_memory(plan))
+    counted against the host's memory, the rest against the GPU's). First with a lower bound of the UNet
+    call that lists no windows, so that an absurd length is refused at once; then exactly."""
+    refuse_beyond_memory(pipe, plan, estimate_memory(pipe, plan, windows_listed=False))
     refuse_beyond_memory(pipe, plan, estimate_memory(pipe, plan))
 
 

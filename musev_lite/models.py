@@ -117,6 +117,7 @@ class MuseVModels:
         self.files: list[str] = []  # what was loaded, for the sidecar
         self.textual_inversions: dict[str, torch.Tensor] = {}  # word -> its vectors
         self.loras: list[tuple[str, float]] = []  # (file, scale) merged into the UNet and text encoder
+        self.lora_originals: dict[torch.nn.Module, torch.Tensor] = {}  # layer -> its weight before any LoRA
         self.negative_prompt = DEFAULT_NEGATIVE_PROMPT  # when a call gives none: MuseV's default preset (the demo's is V1)
 
     @property
@@ -206,12 +207,13 @@ class MuseVModels:
         the weights bitwise. `loras` is a list of (path, scale) pairs; a path alone (one file, or a list item)
         is taken at scale 1.0. Returns, per file, the layers it changed (`lora.merge_lora`)."""
         loras = lora_list(loras)
-        merged = merge_lora(self.unet, self.text_encoder, [(load_lora(path), scale) for path, scale in loras])
+        merged = merge_lora(self.unet, self.text_encoder, [(load_lora(path), scale) for path, scale in loras],
+                            self.lora_originals)
         self.loras += [(str(path), scale) for path, scale in loras]
         return merged
 
     def unload_loras(self) -> None:
-        unmerge_lora(self.unet, self.text_encoder)
+        unmerge_lora(self.lora_originals)
         self.loras = []
 
     def save_pretrained(self, weights_dir: str | Path) -> None:

@@ -264,9 +264,9 @@ class MuseVPipeline(MuseVModels):
 
     @torch.no_grad()
     def image_conditioning(self, refer_image, ip_image, text: torch.Tensor, config: GenerationConfig) -> Conditioning:
-        """The text, plus IP-Adapter tokens [proj(0); proj(clip(image))] and ReferenceNet features (of
-        the same image, made with each half's IP tokens or text) when the model has them, all batched
-        [uncond; cond]."""
+        """The text, plus IP-Adapter tokens [proj(0); proj(clip(image))] and ReferenceNet features (of the same
+        image, made with each half's IP tokens or text) when the model has them, all batched [uncond; cond].
+        `config`: a plan's, whose motion_speed is set."""
         cond = Conditioning(text, motion_speed=config.motion_speed)
         if self.image_proj is not None and ip_image is not None and config.ip_adapter_scale > 0:
             pixels = clip_image_preprocess([ip_image]).to(self.device, self.image_encoder.dtype)

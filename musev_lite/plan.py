@@ -18,13 +18,12 @@ import numpy as np
 import torch
 
 from .denoise import context_windows, window_groups
-from .settings import ConfigError, GenerationConfig
+from .settings import MOTION_SPEED, ConfigError, GenerationConfig
 from .video_io import as_pil, crop_resize, fit_image
 from .weights import CONTROLNET
 
 DEFAULT_SIZE = (512, 320)  # (height, width) without a condition image: MuseV's training size
 WORKING_SIZE = max(DEFAULT_SIZE)  # a bigger condition image is scaled down to this long side
-TASKS = ("image2video", "text2image2video", "video2video")
 
 
 @dataclass
@@ -57,7 +56,7 @@ class GenerationPlan:
     """One call, planned: what `generate` will do with these settings and inputs."""
 
     config: GenerationConfig
-    task: str  # one of TASKS: a condition image; no image (frame 0 drawn from the prompt); an input video
+    task: str  # image2video (a condition image), text2image2video (frame 0 drawn from the prompt), video2video
     height: int  # the video's size in pixels
     width: int
     shot_frames: tuple[int, ...]  # new frames of each shot (video2video: one pass over the video after frame 0)
@@ -102,7 +101,9 @@ def make_plan(config: GenerationConfig, image, video, control, condition_latents
               controlnets: Collection[str]) -> tuple[GenerationPlan, object, torch.Tensor | None, list[ControlVideo]]:
     """The plan of a call, and its inputs as checked: (plan, image, video, control). The RGB and control
     videos become uint8 tensors (`check_videos`); the RGB video's frame 0 is the condition image when none
-    is given; `controlnets` are the pipeline's ControlNet names."""
+    is given; `controlnets` are the pipeline's ControlNet names. An unset `motion_speed` becomes MuseV's:
+    MOTION_SPEED, and for video2video 1, the rate frames given as they are were taken at (MuseV's
+    video2video passes its video reader's sample rate; run.py passes the input's)."""
     control = [control] if isinstance(control, ControlVideo) else [] if control is None else control
     video, control = check_videos(video, control, image, condition_latents, controlnets)
     if video is not None and image is None and condition_latents is None:
@@ -113,13 +114,15 @@ def make_plan(config: GenerationConfig, image, video, control, condition_latents
     g = config
     if video is not None or control:
         task, shot_frames = "video2video", (len(video if video is not None else control[0].frames) - 1,)
+        g = g.replace(motion_speed=1.0) if g.motion_speed is None else g
     else:
         task = "image2video" if has_image else "text2image2video"
         shot_frames = tuple(g.num_frames - (shot == 0 and not has_image) for shot in range(g.n_batch))
+        g = g.replace(motion_speed=MOTION_SPEED) if g.motion_speed is None else g
     first_frame_steps = g.first_frame_steps if not has_image or g.redraw_condition_image else 0
     start = g.steps - min(int(g.steps * g.video_strength), g.steps) if video is not None else 0  # as diffusers' img2img
     control_frames = sum(len(c.frames) for c in control)
-    plan = GenerationPlan(config, task, height, width, shot_frames, first_frame_steps, start, control_frames)
+    plan = GenerationPlan(g, task, height, width, shot_frames, first_frame_steps, start, control_frames)
     return plan, image, video, control
 
 

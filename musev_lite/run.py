@@ -43,10 +43,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from . import __version__, distributed  # noqa: E402
-from .checkpoint import Checkpoint, checkpoint_seed, open_checkpoint, resume_command  # noqa: E402
+from .checkpoint import Checkpoint, checkpoint_seed, open_checkpoint, resume_command, resumed_state  # noqa: E402
 from .command import exit_code  # noqa: E402
 from .config import RunConfig, load_config, output_kinds  # noqa: E402
-from .inputs import RunInputs, control_videos, describe_video2video, load_pipeline, read_inputs, size_note  # noqa: E402
+from .inputs import (RunInputs, control_videos, describe_video2video, load_pipeline, read_inputs, size_note,  # noqa: E402
+                     with_video_motion_speed)
 from .limits import DiskFullError  # noqa: E402
 from .memory import out_of_memory  # noqa: E402
 from .outputs import (OutputSet, RunInterrupted, StreamedOutputs, check_output_dir, make_output_dir,  # noqa: E402
@@ -116,25 +117,15 @@ def prepare(job: Job, pipe: MuseVPipeline | None = None,
     return pipe, controls, plan
 
 
-def generate(pipe: MuseVPipeline, job: Job, controls: list[ControlVideo], plan: GenerationPlan,
+def generate(job: Job, pipe: MuseVPipeline, controls: list[ControlVideo], plan: GenerationPlan,
              checkpoint: Checkpoint | None = None) -> Iterator[np.ndarray]:
     """Each shot's frames as it is done, with progress on stderr (rank 0's). A resumed run (a checkpoint
-    with a loaded state) first decodes the shots the checkpoint holds, then continues from its state; under
-    torchrun rank 0 alone reads the checkpoint and sends the others its state and shots."""
+    with a loaded state) first decodes the shots the checkpoint holds, then continues from its state (under
+    torchrun, rank 0's: `checkpoint.resumed_state`, which says where it resumes)."""
     g, i, images, video = job.config.generation, job.config.input, job.inputs.images, job.inputs.video
     extra = dict(video=None if video is None else video.frames, control=controls) if plan.task == "video2video" else {}
-    resume = checkpoint.saved if checkpoint is not None else None
-    finished = saved = checkpoint.finished_shots(resume.shot) if resume is not None else None
-    if job.resume and (ranks := distributed.current()) is not None:  # rank 0 read the checkpoint: the others take it
-        resume = ranks.broadcast(resume, "sharing the checkpoint")
-        finished = (ranks.broadcast(next(saved) if ranks.rank == 0 else None, f"sharing finished shot {n + 1}")
-                    for n in range(resume.shot))
+    resume, finished = resumed_state(checkpoint, job.resume, plan)
     if resume is not None:
-        shots = plan.shots
-        where = f"shot {resume.shot + 1}/{shots} at step {resume.step}/{g.steps}" if resume.shot < shots else "all shots"
-        if checkpoint is not None:
-            print(f"resuming {checkpoint.folder.name}: {resume.shot} of {shots} shots done, {where}; "
-                  f"decoding the {resume.shot} done", file=sys.stderr, flush=True)
         finished = ((index, latents.to(pipe.device)) for index, latents in finished)
         for shot in pipe.decoded(finished, plan, resume.first_condition.to(pipe.device), resume.seed):
             yield shot.frames
@@ -194,7 +185,7 @@ def write_outputs(job: Job, out: Path, pipe: MuseVPipeline | None = None) -> lis
             started = time.monotonic()
             with StreamedOutputs(outputs, config.output.fps, plan.total_frames) as streams:
                 try:
-                    for frames in generate(pipe, job, controls, plan, checkpoint):
+                    for frames in generate(job, pipe, controls, plan, checkpoint):
                         streams.append(frames)
                 except KeyboardInterrupt:
                     partials = checkpoint.keep(streams) if checkpoint is not None else []
@@ -224,14 +215,15 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> list[Pa
         return run_tasks(tasks, config_path, overrides, resume)
     config = load_config(config_path, overrides)
     inputs = read_inputs(config)
+    config = with_video_motion_speed(config, inputs, say=True)
     out = check_output_dir(config.output.dir, config.path_note("output.dir"))
     try:  # under torchrun: join the other ranks; they share the work (distributed.py), rank 0 writes
         device = distributed.rank_device(resolve_device(config.model.device, "model.device"))
         distributed.init(device)
         seed = config.generation.seed
-        if seed is None:  # under torchrun, rank 0's (pipeline.seeded_generator; a resumed state's)
-            from_checkpoint = resume and not config.output.name and distributed.is_main()
-            seed = checkpoint_seed(out, Path(config_path).stem) if from_checkpoint else random.randrange(10**8)
+        if seed is None:  # under torchrun rank 0's counts (pipeline.seeded_generator; a resumed state's)
+            seed = checkpoint_seed(out, Path(config_path).stem) if resume and not config.output.name and \
+                distributed.is_main() else random.randrange(10**8)
         job = Job(config, config_path, overrides, resume, inputs, seed, device, resolve_dtype(config.model.dtype, device))
         return write_outputs(job, out) if distributed.is_main() else follow(job)
     finally:
@@ -240,8 +232,7 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> list[Pa
 
 def follow(job: Job, pipe: MuseVPipeline | None = None) -> list[Path]:
     """A rank that shares another rank's run (distributed.py): its part of the work; nothing is written."""
-    pipe, controls, plan = prepare(job, pipe)
-    for _ in generate(pipe, job, controls, plan):
+    for _ in generate(job, *prepare(job, pipe)):
         pass
     return []
 
@@ -250,7 +241,8 @@ def run_tasks(tasks: list[Task], config_path: str, overrides: list[str], resume:
     """A file of [[task]] tables: the models loaded once, each task a run of its own (`tasks.run_all`)."""
     def job(task: Task, seed: int, resume: bool, device: str, dtype: torch.dtype) -> Job:  # to check, to run
         inputs = read_inputs(task.config)
-        return Job(task.config, config_path, overrides, resume, inputs, seed, device, dtype, task.name)
+        config = with_video_motion_speed(task.config, inputs)
+        return Job(config, config_path, overrides, resume, inputs, seed, device, dtype, task.name)
 
     return run_all(tasks, resume, job, lambda pipe, job: prepare(job, pipe, say=False),
                    lambda pipe, job: write_outputs(job, Path(job.config.output.dir), pipe), lambda pipe, job: follow(job, pipe))

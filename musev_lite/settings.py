@@ -26,6 +26,7 @@ TASKS = ("auto", "image2video", "text2image2video", "video2video")
 
 MAX_GUIDANCE = 100.0  # far above anything useful (MuseV uses 3.5 and 7.5), low enough to stay finite
 MAX_STEPS = 1000  # the training schedule has 1000 timesteps
+MOTION_SPEED = 8.0  # MuseV's frame-position scale (its scripts' --motion_speed), but for video2video
 LCM_MAX_STEPS = 50  # LCM's steps are a subset of the 50 it was distilled on (its original_inference_steps)
 
 
@@ -121,7 +122,8 @@ class GenerationConfig:
     context_overlap: int = 4
     context_schedule: str = "uniform_v2"  # one of CONTEXT_SCHEDULES
     window_batch: int = 1  # windows per UNet call (same result, more memory)
-    motion_speed: float = 8.0  # frame-position scale of the referencenet models
+    motion_speed: float | None = None  # frame-position scale of the referencenet models (None: MOTION_SPEED, or
+    # for video2video the rate the video's frames were taken at, as MuseV's video2video: plan.make_plan)
     w_ind_noise: float = 0.5  # VideoFusion noise: share of per-frame noise
     img_weight: float = 0.001  # share of the condition latent in the starting noise
     ip_adapter_scale: float = 1.0
@@ -182,8 +184,9 @@ class GenerationConfig:
         in_range("generation.w_ind_noise", self.w_ind_noise, 0, 1)
         in_range("generation.img_weight", self.img_weight, 0, 1)
         in_range("generation.ip_adapter_scale", self.ip_adapter_scale, 0, 10, " (0 turns the IP-Adapter off)")
-        in_range("generation.motion_speed", self.motion_speed, 0, 100)
-        require(self.motion_speed > 0, f"generation.motion_speed = {self.motion_speed} must be > 0")
+        if self.motion_speed is not None:
+            in_range("generation.motion_speed", self.motion_speed, 0, 100)
+            require(self.motion_speed > 0, f"generation.motion_speed = {self.motion_speed} must be > 0")
         require(self.seed is None or 0 <= self.seed < 2**63, f"generation.seed = {self.seed} must be a non-negative integer")
         in_range("generation.video_strength", self.video_strength, 0, 1)
         in_range("generation.control_guidance_start", self.control_guidance_start, 0, 1)

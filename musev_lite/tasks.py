@@ -285,29 +285,6 @@ class TasksFailed(ValueError):
     """Some tasks failed (the others ran): the command's exit code is 2."""
 
 
-def agreed(ranks: distributed.Ranks | None, work: Callable, what: str):
-    """`work()` on every rank; under torchrun a ValueError on any rank is raised on all of them (the lowest
-    rank's), so that no rank starts a task the others refused, nor waits for one that stopped. Every rank's
-    result, in rank order (one process: its own, in a list)."""
-    try:
-        result, error = work(), None
-    except ValueError as err:
-        if ranks is None:
-            raise
-        result, error = None, str(err)
-    if ranks is None:
-        return [result]
-    results = ranks.all_gather((result, error), what)
-    errors = [error for _, error in results if error is not None]
-    if errors:
-        raise ConfigError(errors[0])
-    return [result for result, _ in results]
-
-
-def ranks_label(members: tuple[int, ...]) -> str:
-    return f"rank {members[0]}" if len(members) == 1 else f"ranks {members[0]}-{members[-1]}"
-
-
 def run_all(tasks: list[Task], resume: bool, make_job: Callable, check: Callable, write: Callable,
             follow: Callable | None = None) -> list:
     """Run the tasks: every task's inputs read and its outputs planned before the models load, then every
@@ -339,21 +316,20 @@ def run_all(tasks: list[Task], resume: bool, make_job: Callable, check: Callable
 
 
 def run_planned(tasks, plans, ranks, resume, device, dtype, make_job, check, write, follow) -> list:
-    """`run_all` once the ranks agree on the plans: check, share out, run, gather, report."""
+    """`run_all` once the ranks agree on the plans: check every task, share them out, run this rank's, gather
+    the results on rank 0 for the table."""
     outcomes = [Outcome(t, "skipped", plans[t.number][2]) if plans[t.number][1] == "skip" else Outcome(t)
                 for t in tasks]
     todo = [o for o in outcomes if o.status == "not run"]
     pipe = load_pipeline(tasks[0].config, device, dtype) if todo else None
+    jobs = {o.task.number: lambda o=o: make_job(o.task, plans[o.task.number][0], plans[o.task.number][1] == "resume",
+                                                device, dtype) for o in todo}
 
     def check_all() -> list[int]:  # each task's estimated work: frames x steps
-        plans_ = [named(o.task, lambda: check(pipe, make_job(o.task, *job_of(o), device, dtype))[2]) for o in todo]
-        return [p.total_frames * p.config.steps for p in plans_]
+        checked = [named(o.task, lambda: check(pipe, jobs[o.task.number]())[2]) for o in todo]
+        return [plan.total_frames * plan.config.steps for plan in checked]
 
-    def job_of(o: Outcome) -> tuple[int, bool]:
-        seed, how, _ = plans[o.task.number]
-        return seed, how == "resume"
-
-    work = agreed(ranks, check_all, "checking the tasks")[0]  # rank 0's estimates
+    work = distributed.agreed(ranks, check_all, "checking the tasks")[0]  # rank 0's estimates
     rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.world)
     members = distributed.assign_tasks(work, world)
     shared = {o.task.number: ranks.subgroup(m) if len(m) > 1 else None for o, m in zip(todo, members)}
@@ -361,34 +337,16 @@ def run_planned(tasks, plans, ranks, resume, device, dtype, make_job, check, wri
     gathered = False
     try:
         for o, m in mine:
-            seed, resumed = job_of(o)
-            lead = m[0] == rank
-            if lead:
-                where = "" if ranks is None else f" on {ranks_label(m)}"
-                print(f"{o.task.label}: {'resuming' if resumed else 'starting'}{where}, seed {seed}{o.task.note}",
+            if m[0] == rank:
+                where = "" if ranks is None else f" on {distributed.ranks_label(m)}"
+                seed, how, _ = plans[o.task.number]
+                print(f"{o.task.label}: {'resuming' if how == 'resume' else 'starting'}{where}, seed {seed}{o.task.note}",
                       file=sys.stderr)
-            running = RUNNING_TASK.set(f"task {o.task.number}/{o.task.count}  ")
-            try:
-                with distributed.sharing(shared[o.task.number]):
-                    job = make_job(o.task, seed, resumed, device, dtype)
-                    if not lead:
-                        follow(pipe, job)
-                        continue
-                    paths = write(pipe, job)
-            except (ValueError, MemoryError, RuntimeError) as err:
-                if isinstance(err, RuntimeError) and not out_of_memory(err):
-                    raise
-                o.status, o.detail = "failed", (str(err).splitlines() or [type(err).__name__])[0][:300]
-                print(f"{o.task.label} failed: {o.detail}", file=sys.stderr, flush=True)
-                continue
-            finally:
-                RUNNING_TASK.reset(running)
-            o.status, o.detail = "done", ", ".join(str(p) for p in paths)
-            for path in paths:
-                print(path, flush=True)
+            with distributed.sharing(shared[o.task.number]):
+                run_task(o, jobs[o.task.number], m[0] == rank, pipe, write, follow)
         if ranks is not None:  # each task's result from the rank that wrote it
-            led = {o.task.number: (o.status, o.detail) for o, m in mine if m[0] == rank}
-            for part in ranks.all_gather(led, "gathering the task results"):
+            for part in ranks.all_gather({o.task.number: (o.status, o.detail) for o, m in mine if m[0] == rank},
+                                         "gathering the task results"):
                 for o in todo:
                     o.status, o.detail = part.get(o.task.number, (o.status, o.detail))
         gathered = True
@@ -397,17 +355,38 @@ def run_planned(tasks, plans, ranks, resume, device, dtype, make_job, check, wri
             print(f"rank {rank}: {stop.report()}", file=sys.stderr)
         raise
     finally:
-        if gathered and rank == 0:
+        if ranks is None or (gathered and rank == 0):
             print_table(outcomes)
-        elif not gathered and ranks is not None:  # stopped: this rank's own tasks
+        elif not gathered:  # stopped: this rank's own tasks
             print_table([o for o, m in mine if m[0] == rank], f"tasks of rank {rank}")
-        elif not gathered:
-            print_table(outcomes)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         raise TasksFailed(f"{len(failed)} of {len(tasks)} tasks failed: "
                           + "; ".join(f"{o.task.label}: {o.detail}" for o in failed))
     return []
+
+
+def run_task(o: Outcome, job: Callable, lead: bool, pipe, write: Callable, follow: Callable) -> None:
+    """One task on this rank: written if this rank leads it (`write(pipe, job())`, its paths printed), else
+    this rank's share of its work (`follow`). A failure (a bad file, a full disk, out of memory) is the task's
+    outcome, not the end of the run."""
+    running = RUNNING_TASK.set(f"task {o.task.number}/{o.task.count}  ")
+    try:
+        if not lead:
+            follow(pipe, job())
+            return
+        paths = write(pipe, job())
+    except (ValueError, MemoryError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not out_of_memory(err):
+            raise
+        o.status, o.detail = "failed", (str(err).splitlines() or [type(err).__name__])[0][:300]
+        print(f"{o.task.label} failed: {o.detail}", file=sys.stderr, flush=True)
+        return
+    finally:
+        RUNNING_TASK.reset(running)
+    o.status, o.detail = "done", ", ".join(str(p) for p in paths)
+    for path in paths:
+        print(path, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

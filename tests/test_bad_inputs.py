@@ -177,6 +177,11 @@ def one_error_line(err: str, pattern: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # The run command: `--set` overrides of a valid tiny configuration, or a configuration file of its own
 
+def slow_if(case, *slow_ids):
+    """A table row (id, *arguments) as a pytest.param, marked slow when its id is one of slow_ids."""
+    return pytest.param(*case[1:], id=case[0], marks=pytest.mark.slow if case[0] in slow_ids else ())
+
+
 RUN = [
     ("guidance nan", ["generation.guidance_scale=nan"], r"generation\.guidance_scale = nan must be a finite number"),
     ("guidance inf", ["generation.guidance_scale=inf"], r"generation\.guidance_scale = inf must be a finite number"),
@@ -321,7 +326,7 @@ def config(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("overrides, pattern", [case[1:] for case in RUN], ids=[case[0] for case in RUN])
+@pytest.mark.parametrize("overrides, pattern", [slow_if(case, "length beyond memory") for case in RUN])
 def test_run_command(config, inputs, capsys, overrides, pattern):
     before = files_in(config.parent)
     argv = [str(config)]
@@ -463,7 +468,7 @@ API = [
 ]
 
 
-@pytest.mark.parametrize("call, pattern", [case[1:] for case in API], ids=[case[0] for case in API])
+@pytest.mark.parametrize("call, pattern", [slow_if(case, "scheduler.json nested deep") for case in API])
 def test_python_api(pipe, inputs, tmp_path, monkeypatch, call, pattern):
     monkeypatch.chdir(tmp_path)
     before = files_in(inputs)
@@ -660,6 +665,7 @@ def test_save_pretrained_refuses_names_that_leave_the_folder(tmp_path, part):
     assert files_in(tmp_path) == {}  # checked before anything is written
 
 
+@pytest.mark.slow
 def test_to_and_from_pretrained_take_what_diffusers_takes(inputs):
     pipe = MuseVPipeline.demo(seed=0)
     assert pipe.to("cpu").device.type == "cpu" and pipe.dtype == torch.float32
@@ -833,6 +839,7 @@ def test_a_full_disk_while_saving_the_first_state_leaves_no_checkpoint(tmp_path,
     assert list((tmp_path / "out").iterdir()) == []  # no state was whole: no checkpoint
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_a_whole_checkpoint_that_resumes(tmp_path, capsys, monkeypatch):
     """The first shot's latents cannot be saved: the state saved before stays, whole, and the command the
     error gives continues to the video an uninterrupted run writes, byte for byte."""
@@ -904,6 +911,7 @@ def test_a_real_full_disk(tmp_path, capsys, small_disk, formats, size):
     assert list(disk.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_real_full_disk_keeps_a_checkpoint_that_resumes(tmp_path, capsys, small_disk):
     """A tmpfs with room for the checkpoint but not for the contact sheet: after it is made larger, the
     command the error gives finishes the video an uninterrupted run writes."""

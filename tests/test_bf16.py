@@ -64,6 +64,7 @@ def model_outputs(pipe: MuseVPipeline, dtype: torch.dtype) -> dict:
             "image encoder": image}
 
 
+@pytest.mark.slow
 def test_every_model_in_bf16_stays_close_to_fp32(pipe):
     reference, ours = model_outputs(pipe, torch.float32), model_outputs(pipe, torch.bfloat16)
     for what in reference:
@@ -79,6 +80,7 @@ def test_a_bf16_pipeline_call_stays_close_to_fp32(pipe):
     print(f"frames: max difference {np.abs(ours.frames.astype(int) - reference.frames.astype(int)).max()} of 255")
 
 
+@pytest.mark.slow
 def test_compiled_reference_fusion_in_bf16_is_not_nan():
     """The ReferenceNet fusion compiled in bf16 (transposed tiles: its residual add reads the attention
     output across the token layout) agrees with eager to bf16 rounding. It returned NaN with
@@ -111,6 +113,7 @@ def ancestors(event) -> list[str]:
     return names
 
 
+@pytest.mark.slow
 def test_bf16_unet_keeps_convolutions_channels_last(pipe):
     """oneDNN computes bfloat16 convolutions channels-last and copies any other layout in and out on every
     call; the UNet keeps its bf16 frames and conv weights channels-last, so no convolution copies. Cast back

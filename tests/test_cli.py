@@ -27,6 +27,7 @@ def run_cli(tmp_path, *overrides, config=REPO / "examples/demo.toml"):
     return subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
+@pytest.mark.slow
 def test_end_to_end(tmp_path):
     done = run_cli(tmp_path, "generation.num_frames=5", "generation.n_batch=2", "generation.seed=4",
                    "output.fps=8", 'output.formats=["mp4", "png"]', "output.name=clip")
@@ -66,6 +67,7 @@ def test_dtype_auto_and_explicit():
     assert resolve_dtype("float16", "cpu") == torch.float16 and resolve_dtype("float32", "cuda") == torch.float32
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_same_frames(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     for out in (first, second):
@@ -136,12 +138,14 @@ def test_syntax_error_and_missing_config(setup, capsys):
     assert "config file" in capsys.readouterr().err and True
 
 
+@pytest.mark.slow
 def test_errors_from_a_subprocess_have_no_traceback(tmp_path):
     done = run_cli(tmp_path, "generation.num_frames=0")
     assert done.returncode == 2 and done.stderr.startswith("error: generation.num_frames = 0")
     assert "Traceback" not in done.stderr and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_lcm_example_runs(tmp_path):
     """examples/lcm.toml on the tiny preset: 4 LCM steps, with its LoRA entry pointed at a tiny file in
     lcm-lora-sdv1-5's layout (kohya keys, alpha) for two layers of the demo UNet."""

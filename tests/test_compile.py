@@ -27,8 +27,9 @@ from test_bf16 import check
 
 FLOAT32_TOLERANCE = 1e-4
 
-pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
-                                reason="torch.compile needs a C++ compiler on a CPU")
+pytestmark = [pytest.mark.slow,  # each compiles with inductor: tens of seconds to minutes
+              pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                                 reason="torch.compile needs a C++ compiler on a CPU")]
 
 
 def test_the_compile_cache_keeps_vector_isas_apart(monkeypatch):
@@ -54,7 +55,6 @@ def test_the_compile_cache_keeps_vector_isas_apart(monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_compiled_demo_unet_equals_eager(dtype):
     """The UNet `model.compile = true` gives (load_pipeline, tiny preset) on one window call with every

@@ -14,7 +14,7 @@ def write(tmp_path, text):
 def test_defaults_are_musevs():
     config = load_config(None)
     g = config.generation
-    assert (g.steps, g.guidance_scale, g.context_frames, g.context_overlap, g.motion_speed) == (10, 3.5, 12, 4, 8.0)
+    assert (g.steps, g.guidance_scale, g.context_frames, g.context_overlap, g.motion_speed) == (10, 3.5, 12, 4, None)
     assert (g.w_ind_noise, g.img_weight, g.num_frames, g.sampler) == (0.5, 0.001, 12, "euler")
     assert config.input.negative_prompt is None and config.output.formats == ["mp4"]  # unset: the model's, MuseV's V2
     assert load_config(None, ["input.negative_prompt=none"]).input.negative_prompt == "none"  # text, not "unset"

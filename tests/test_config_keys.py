@@ -542,6 +542,7 @@ def test_every_documented_key_has_a_case():
     assert sorted(keys) == sorted(CASES), "a key of the README's Configuration table needs a case here (or is gone)"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", list(CASES))
 def test_key_takes_effect(key, cli, files, request):
     case = CASES[key]

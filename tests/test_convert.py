@@ -78,6 +78,7 @@ def converted(release, tmp_path_factory):
     return dest
 
 
+@pytest.mark.slow
 def test_release_converts_to_a_complete_folder(converted, release):
     _, unet = release
     names = sorted(p.name for p in converted.iterdir())
@@ -93,6 +94,7 @@ def test_release_converts_to_a_complete_folder(converted, release):
     assert "decoder.mid_block.attentions.0.to_q.weight" in vae and vae["decoder.mid_block.attentions.0.to_q.weight"].ndim == 2
 
 
+@pytest.mark.slow
 def test_converted_unet_reproduces_the_original(converted, shared):
     """From the converted folder, the UNet and ReferenceNet give the original's recorded outputs, to the
     rounding through their reductions (fp32, conftest.rounding_tolerance)."""
@@ -114,6 +116,7 @@ def test_converted_unet_reproduces_the_original(converted, shared):
     assert max_abs_error(features.mid, reference, "converted ReferenceNet") <= tolerance
 
 
+@pytest.mark.slow
 def test_converted_folder_runs_the_pipeline(converted):
     import numpy as np
 
@@ -166,6 +169,7 @@ def test_vae_folder_replaces_the_base_vae(tmp_path):
     assert tuple(base.vae_config.block_out_channels) != VAEConfig().block_out_channels  # the folder's config came along
 
 
+@pytest.mark.slow
 def test_embeddings_are_checked_and_converted(release, tmp_path, capsys):
     root, _ = release
     args = ["--motion", str(root / "motion/musev_referencenet"), "--base", str(root / "t2i/sd1.5/majicmixRealv6Fp16"),

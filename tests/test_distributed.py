@@ -106,6 +106,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_two_ranks_make_the_video_one_process_makes(tmp_path, one_thread):
     """i2v, t2i2v and two shots, each rank returning all frames; and window_batch 2, where a rank stacks
     other windows in a call than one process does (here windows 0 and 2 against 0 and 1), so the
@@ -156,6 +157,7 @@ def plain_env(**variables) -> dict:
     return dict(env, **variables)
 
 
+@pytest.mark.slow
 def test_torchrun_and_one_process_at_one_thread_write_the_same_bytes(tmp_path):
     """The README's promise: the same video for any number of ranks, bitwise at the same thread count per
     process. torchrun starts each rank with OMP_NUM_THREADS=1, so one process with OMP_NUM_THREADS=1 writes
@@ -180,6 +182,7 @@ def test_torchrun_and_one_process_at_one_thread_write_the_same_bytes(tmp_path):
         assert json.loads((tmp_path / folder / f"{stem}.json").read_text())["threads"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mistake, message", [
     ("generation.stepz=2", "error: unknown key generation.stepz"),  # found before the ranks join
     ("model.preset=musev_referencenet", "error: model.weights_dir 'weights/musev_referencenet' lacks"),  # after
@@ -198,6 +201,7 @@ def test_a_mistake_under_torchrun_is_one_line_and_exit_code_2(tmp_path, mistake,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_distributed_variables_without_torchrun_are_one_line_at_once(tmp_path):
     """WORLD_SIZE left in the environment of a plain run: exit code 2 and what is missing, not a wait for
     the timeout (600 s by default; the subprocess timeout would end the test long before)."""
@@ -212,6 +216,7 @@ def test_distributed_variables_without_torchrun_are_one_line_at_once(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_rank_alone_gives_up_joining(tmp_path):
     """Rank 0 of 2 with an address but no other rank: one line after the join timeout, exit code 1 (a rank
     lost), nothing written."""
@@ -242,6 +247,7 @@ def start_ranks(mode: str, out) -> list[subprocess.Popen]:
     return procs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["die", "hang"])
 def test_a_lost_rank_is_a_clear_error_not_a_hang(tmp_path, mode):
     procs = start_ranks(mode, tmp_path)
@@ -278,6 +284,7 @@ def frames_bytes(folder: Path, stem: str) -> dict:
     return {f.name: f.read_bytes() for f in files}
 
 
+@pytest.mark.slow
 def test_tasks_over_two_ranks_write_the_bytes_of_one_process(tmp_path):
     """3 tasks on 2 ranks: whole tasks per rank (a and c on one, the longer b on the other), each rank writing
     its own; rank 0 prints the end table of all. 1 task on 2 ranks: they share its windows. Both write
@@ -305,6 +312,7 @@ def test_tasks_over_two_ranks_write_the_bytes_of_one_process(tmp_path):
     assert frames_bytes(tmp_path / "shared", "a-3") == frames_bytes(tmp_path / "one", "a-3")
 
 
+@pytest.mark.slow
 def test_a_bad_task_under_torchrun_is_one_line_before_any_task_starts(tmp_path):
     """A mistake in the last task's inputs: every rank finds it before a task starts, rank 0 alone prints it."""
     config = tmp_path / "tasks.toml"
@@ -318,6 +326,7 @@ def test_a_bad_task_under_torchrun_is_one_line_before_any_task_starts(tmp_path):
     assert "starting" not in done.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_under_torchrun_resumes_on_one_rank_or_two(tmp_path):
     """A 2-rank run with output.checkpoint, killed (SIGKILL) mid-shot 2: rank 0 saved the global state, so
     the same command with --resume continues on 1 rank or on 2 to the bytes of a run never stopped."""
@@ -352,6 +361,7 @@ def test_a_checkpoint_under_torchrun_resumes_on_one_rank_or_two(tmp_path):
         assert frames_bytes(tmp_path / folder, "v") == expected, folder
 
 
+@pytest.mark.slow
 def test_two_nodes_on_loopback_write_the_bytes_of_one_process(tmp_path):
     """The README's several-machines command, two torchrun agents on 127.0.0.1 as nodes 0 and 1 with one
     process each: the video one process writes at one thread, written once (by node 0's rank 0)."""
@@ -378,6 +388,7 @@ def test_two_nodes_on_loopback_write_the_bytes_of_one_process(tmp_path):
     assert frames_bytes(tmp_path / "nodes", "video-2") == frames_bytes(tmp_path / "one", "video-2")
 
 
+@pytest.mark.slow
 def test_an_interrupted_task_file_under_torchrun_resumes_in_one_process(tmp_path):
     """Ctrl-C on a 2-rank task run with output.checkpoint: each rank keeps the checkpoint of the task it was
     running and says so (rank 1 with its rank in front); --resume in one process continues both and runs

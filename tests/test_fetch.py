@@ -144,6 +144,7 @@ def release(tmp_path):
     return root, make_release(root, SHARED)
 
 
+@pytest.mark.slow
 def test_fetch_downloads_and_converts(release, tmp_path, capsys):
     root, unet = release
     dest, downloads = tmp_path / "weights", tmp_path / "checkpoints"
@@ -198,6 +199,7 @@ def pose_release(root):
     return weights
 
 
+@pytest.mark.slow
 def test_fetch_pose_model_with_its_controlnet(release, tmp_path, capsys):
     root, _ = release
     weights = pose_release(root)

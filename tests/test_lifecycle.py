@@ -55,6 +55,7 @@ WRITING = ("writing v.gif", ["generation.num_frames=40", "generation.context_fra
                                 'output.formats=["png", "gif", "webp", "mp4"]'])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("stage", [GENERATING, WRITING], ids=["generating", "writing"])
 def test_interrupt_leaves_nothing(tmp_path, signum, stage):
@@ -113,6 +114,7 @@ def test_signal_while_writing_in_process(tmp_path, monkeypatch, capsys):
 # Existing outputs, locks, stale temporaries
 
 
+@pytest.mark.slow
 def test_existing_output_is_refused_then_overwritten_with_the_key(tmp_path, capsys):
     out = tmp_path / "out"
     assert run_main(out, "generation.seed=1") == 0
@@ -174,6 +176,7 @@ def test_stale_lock_and_temporaries_of_a_killed_run_are_cleaned(tmp_path, capsys
 # Paths relative to the config file
 
 
+@pytest.mark.slow
 def test_demo_runs_from_another_folder(tmp_path):
     """examples/demo.toml names its image relative to itself; the outputs go to outputs/ in the working directory."""
     done = subprocess.run([sys.executable, "-m", "musev_lite.run", str(DEMO)] + sets(TINY), cwd=tmp_path,
@@ -230,6 +233,7 @@ def test_too_small_a_size_is_refused():
         fit_video_size((5, 10), 0, 0, 8)
 
 
+@pytest.mark.slow
 def test_run_says_the_size_it_chose(tmp_path, capsys):
     big = tmp_path / "big.png"
     Image.new("RGB", (1000, 625), (90, 120, 150)).save(big)

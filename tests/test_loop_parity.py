@@ -17,6 +17,8 @@ from musev_lite.denoise import WindowedDenoiser, context_windows, sample
 from musev_lite.samplers import EulerSampler, SchedulerConfig
 from musev_lite.unet import Conditioning, ReferenceFeatures
 
+pytestmark = pytest.mark.slow  # every case runs the whole loop
+
 
 @pytest.fixture(scope="module")
 def unets():

@@ -53,7 +53,8 @@ def test_merge_matches_diffusers_fuse(case):
     unet_out = fused.pop("unet_out")
     unet, text_encoder = models()
     before = weights(unet, text_encoder)
-    merge_lora(unet, text_encoder, loras(case))
+    originals = {}  # each merged layer's weight before, for unmerge_lora
+    merge_lora(unet, text_encoder, loras(case), originals)
     after = weights(unet, text_encoder)
     # exactly the layers diffusers changed: no temporal layer, no bias, nothing else
     assert changed(before, after) == set(fused)
@@ -75,13 +76,14 @@ def test_unmerge_restores_bitwise(dtype):
     """Two merge calls, then unmerge: every weight is bitwise what it was; merging again works."""
     unet, text_encoder = (m.to(dtype) for m in models())
     before = weights(unet, text_encoder)
-    merge_lora(unet, text_encoder, loras("kohya"))
-    merge_lora(unet, text_encoder, [(load_lora(LORA / "peft.safetensors"), -0.5)])
+    originals = {}  # each merged layer's weight before, for unmerge_lora
+    merge_lora(unet, text_encoder, loras("kohya"), originals)
+    merge_lora(unet, text_encoder, [(load_lora(LORA / "peft.safetensors"), -0.5)], originals)
     assert changed(before, weights(unet, text_encoder))
-    unmerge_lora(unet, text_encoder)
+    unmerge_lora(originals)
     assert not changed(before, weights(unet, text_encoder))
-    merge_lora(unet, text_encoder, loras("peft"))
-    unmerge_lora(unet, text_encoder)
+    merge_lora(unet, text_encoder, loras("peft"), originals)
+    unmerge_lora(originals)
     assert not changed(before, weights(unet, text_encoder))
 
 
@@ -92,8 +94,9 @@ def test_fp16_merges_in_float32():
         for p in [*unet32.parameters(), *text32.parameters()]:
             p.copy_(p.half().float())  # the clip_text fixture is float32
     unet16, text16 = (copy.deepcopy(m).half() for m in (unet32, text32))
-    merge_lora(unet32, text32, loras("both"))
-    merge_lora(unet16, text16, loras("both"))
+    originals = {}  # each merged layer's weight before, for unmerge_lora
+    merge_lora(unet32, text32, loras("both"), originals)
+    merge_lora(unet16, text16, loras("both"), originals)
     want, got = weights(unet32, text32), weights(unet16, text16)
     assert all(got[k].dtype == torch.float16 for k in want)
     assert all(torch.equal(got[k], want[k].half()) for k in want)
@@ -104,6 +107,7 @@ def _save(path, tensors, metadata=None):
     return path
 
 
+@pytest.mark.slow
 def test_spellings_agree(tmp_path):
     """The same tensors under other key spellings merge to the same weights: diffusers' `.lora.down` /
     `.lora_linear_layer.down` and old attention-processor names (`processor.to_q_lora`) with the PEFT
@@ -137,7 +141,8 @@ def test_spellings_agree(tmp_path):
 
     def merged(path):
         unet, text_encoder = models()
-        merge_lora(unet, text_encoder, [(load_lora(path), 0.8)])
+        originals = {}  # each merged layer's weight before, for unmerge_lora
+        merge_lora(unet, text_encoder, [(load_lora(path), 0.8)], originals)
         return weights(unet, text_encoder)
 
     pairs = [(LORA / "peft.safetensors", old_path), (LORA / "kohya.safetensors", peft_path), (rank_path, bare_path)]
@@ -162,7 +167,8 @@ def test_unmatched_layers_are_listed_and_nothing_merges(tmp_path):
     unet, text_encoder = models()
     before = weights(unet, text_encoder)
     with pytest.raises(LoraError) as err:
-        merge_lora(unet, text_encoder, [(lora, 1.0)])
+        originals = {}  # each merged layer's weight before, for unmerge_lora
+        merge_lora(unet, text_encoder, [(lora, 1.0)], originals)
     message = str(err.value)
     print(message)
     assert "2 LoRA layer(s) match no layer" in message and "1 LoRA layer(s) do not fit" in message
@@ -171,7 +177,7 @@ def test_unmatched_layers_are_listed_and_nothing_merges(tmp_path):
         assert name in message
     assert not changed(before, weights(unet, text_encoder))
     with pytest.raises(LoraError, match="not a finite number"):
-        merge_lora(unet, text_encoder, [(load_lora(LORA / "kohya.safetensors"), float("nan"))])
+        merge_lora(unet, text_encoder, [(load_lora(LORA / "kohya.safetensors"), float("nan"))], originals)
 
 
 @pytest.mark.parametrize("tensors, metadata, base", [
@@ -254,7 +260,8 @@ def test_lcm_lora_layout_merges_into_every_layer_it_names(tmp_path):
     path = _save(tmp_path / "pytorch_lora_weights.safetensors", tensors)
     unet, text_encoder = models()
     before = weights(unet, text_encoder)
-    counts = merge_lora(unet, text_encoder, [(load_lora(path), 1.0)])
+    originals = {}  # each merged layer's weight before, for unmerge_lora
+    counts = merge_lora(unet, text_encoder, [(load_lora(path), 1.0)], originals)
     assert counts == [{"unet": len(modules), "unet_temporal": 0, "text_encoder": 0}]
     after = weights(unet, text_encoder)
     assert changed(before, after) == {f"unet.{m}.weight" for m in modules}
@@ -266,5 +273,5 @@ def test_lcm_lora_layout_merges_into_every_layer_it_names(tmp_path):
     ours, reference = torch.cat([after[f"unet.{m}.weight"].flatten() for m in modules]), torch.cat(reference)
     what = f"{len(modules)} layers merged from the LCM-LoRA layout vs W + alpha / r * up @ down"
     assert max_abs_error(ours, reference, what) <= rounding_tolerance(reference, rank + 3)
-    unmerge_lora(unet, text_encoder)
+    unmerge_lora(originals)
     assert not changed(before, weights(unet, text_encoder))

@@ -19,6 +19,7 @@ def pipe():
     return MuseVPipeline.demo(seed=0)
 
 
+@pytest.mark.slow
 def test_frame_counts_and_size(pipe):
     with_image = pipe("a face", image=IMAGE, num_frames=5, n_batch=2, seed=1, **FAST)
     assert with_image.frames.shape == (2 * 5 + 1, 40, 72, 3) and with_image.frames.dtype == np.uint8
@@ -116,6 +117,7 @@ def test_bad_arguments(pipe, kwargs, message):
         pipe("a face", image=IMAGE, **args)
 
 
+@pytest.mark.slow
 def test_save_and_load_a_weights_folder(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     loaded = MuseVPipeline.from_pretrained(tmp_path)
@@ -131,6 +133,7 @@ def test_save_and_load_a_weights_folder(pipe, tmp_path):
         MuseVPipeline.from_pretrained(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_loaded_folder_holds_the_saved_weights(pipe, tmp_path, dtype):
     """from_pretrained (models built on the meta device, then given the file's tensors) gives every model
@@ -150,6 +153,7 @@ def test_a_loaded_folder_holds_the_saved_weights(pipe, tmp_path, dtype):
             assert tensors[key].stride() == value.stride() and torch.equal(tensors[key], value), (name, key)
 
 
+@pytest.mark.slow
 def test_textual_inversions_are_saved_beside_the_base_vocabulary(tmp_path):
     """An embedding loaded into a pipeline travels as embeddings/<word>.safetensors; the text encoder and
     tokenizer are saved without it, and loading the folder adds it back with all its vectors."""

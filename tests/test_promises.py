@@ -85,6 +85,7 @@ def test_resume_without_the_folder_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "gone").exists()
 
 
+@pytest.mark.slow
 def test_the_demo_says_its_dtype_and_agrees_with_the_command_line(tmp_path, one_thread, capsys):
     """MuseVPipeline.demo() is float32 unless told (as from_pretrained); the command line's demo runs in
     model.dtype and says so. At the same dtype both make the same frames."""
@@ -99,6 +100,7 @@ def test_the_demo_says_its_dtype_and_agrees_with_the_command_line(tmp_path, one_
     assert np.array_equal(api.frames, cli_frames)
 
 
+@pytest.mark.slow
 def test_the_demo_default_negative_prompt_fits_its_tokenizer(tmp_path, capsys):
     """The byte-level tokenizer would cut MuseV's V2 preset (a token per letter): the demo's default is V1,
     with no warning, from Python and from the command line; a real model's default stays V2."""

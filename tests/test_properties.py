@@ -54,6 +54,7 @@ def test_text_without_syntax_round_trips(text):
     assert parse_weights(text) == [(text, 1.0)]
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(st.text(max_size=30))
 def test_escaped_text_round_trips(text):
@@ -177,6 +178,7 @@ def check_loaded(config: RunConfig) -> None:
     assert again.generation == config.generation and again.input.prompt == config.input.prompt
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(config_tables())
 def test_any_config_file_loads_or_is_a_config_error(tables):
@@ -185,6 +187,7 @@ def test_any_config_file_loads_or_is_a_config_error(tables):
         check_loaded(config)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(st.text(max_size=60))
 @example("[generation]\nsteps = 1e400")  # a TOML float that overflows
@@ -195,6 +198,7 @@ def test_any_text_as_a_config_file_loads_or_is_a_config_error(text):
         check_loaded(config)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(st.lists(st.one_of(st.text(max_size=30), st.builds("{}.{}={}".format, st.sampled_from(sorted(FIELDS)),
                                                           st.sampled_from(sorted({k for f in FIELDS.values() for k in f})),

@@ -48,6 +48,7 @@ def uninterrupted(tmp_path_factory):
     return outputs(out)
 
 
+@pytest.mark.slow
 def test_killed_mid_shot_resumes_to_the_same_bytes(tmp_path, uninterrupted):
     out = tmp_path / "out"
     code, _, err = interrupt_when(start(out, "output.checkpoint=true"), MID_SHOT_2, signal.SIGKILL)
@@ -63,6 +64,7 @@ def test_killed_mid_shot_resumes_to_the_same_bytes(tmp_path, uninterrupted):
     assert names == ["v.json", "v.mp4", "v_frames", "v_sheet.png"]  # checkpoint and lock gone
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_finished_shots_and_says_how_to_resume(tmp_path, uninterrupted):
     out = tmp_path / "out"
     code, _, err = interrupt_when(start(out, "output.checkpoint=true"), MID_SHOT_2, signal.SIGINT)
@@ -84,6 +86,7 @@ def test_ctrl_c_keeps_the_finished_shots_and_says_how_to_resume(tmp_path, uninte
     assert json.loads((out / "v.json").read_text())["frames"] == 10
 
 
+@pytest.mark.slow
 def test_a_checkpoint_resumes_only_with_its_settings(tmp_path, capsys):
     out = tmp_path / "out"
     code, _, _ = interrupt_when(start(out, "output.checkpoint=true"), "shot 1/3  step 2/3", signal.SIGINT)
@@ -124,6 +127,7 @@ def test_resume_finds_a_drawn_seed(tmp_path, capsys):
     assert code == 2 and f"{out / 'noseed-123.checkpoint'}: no checkpoint to resume" in err, err
 
 
+@pytest.mark.slow
 def test_shots_are_streamed_to_the_outputs(tmp_path, monkeypatch):
     """Each shot's frames reach the mp4 encoder and the PNG folder before the next shot is denoised."""
     events = []

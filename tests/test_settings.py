@@ -51,6 +51,7 @@ def test_motion_speed_walks_from_the_toml_file_to_the_frame_embedding(tmp_path, 
     assert {len(t) for t in frame_positions} == {4, 3}  # windows [0,1,2], [2,3,4], [4,5] + the condition frame
 
 
+@pytest.mark.slow
 def test_window_batch_changes_the_calls_not_the_video(tmp_path, monkeypatch):
     calls = []
     original = MuseVPipeline._unet
@@ -106,6 +107,7 @@ def test_fitted_images_are_used_as_they_are(pipe):
         pipe("a face", fitted, num_frames=2, height=32, width=64, fit_images=False, **FAST)
 
 
+@pytest.mark.slow
 def test_to_and_torch_dtype(tmp_path):
     pipe = MuseVPipeline.demo(seed=0)
     pipe.save_pretrained(tmp_path)
@@ -128,6 +130,7 @@ def test_print_config_round_trips():
     assert "# seed = (unset)" not in text and "[[" not in text
 
 
+@pytest.mark.slow
 def test_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "musev_lite", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == f"musev_lite {__version__}"

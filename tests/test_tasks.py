@@ -102,6 +102,7 @@ def sidecar(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_example_runs_three_tasks_then_skips_them(tmp_path):
     """examples/tasks.toml: three tasks, each its own output set <name>-<seed>; the template filled, the size
     img_length_ratio gives; progress and the end table say which task. A second run skips all three."""
@@ -167,6 +168,7 @@ MISTAKES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(MISTAKES))
 def test_a_bad_task_stops_the_run_before_any_task_starts(folder, kind):
     """Every task's settings and inputs are checked first: a mistake in task 3 is one error naming it, exit
@@ -178,11 +180,13 @@ def test_a_bad_task_stops_the_run_before_any_task_starts(folder, kind):
     assert out == "" and not (folder / "out").exists()
 
 
+@pytest.mark.slow
 def test_output_name_is_refused(folder):
     code, _, err = cli(write(folder, THREE), "--set", "output.name=v")
     assert code == 2 and "task 1/3 (a): output.name = 'v' is set, but each task writes <task name>-<seed>" in err
 
 
+@pytest.mark.slow
 def test_a_failed_task_does_not_stop_the_others(folder, monkeypatch):
     """A task that fails while it runs (here a file error, as a full disk would give) is a line in the end
     table; the others run; the exit code is 2 with one error line naming it."""
@@ -228,6 +232,7 @@ def test_print_config_round_trips(folder):
     assert tasks_toml(after) == out and "[[task]]\nname = \"c\"\n[task.input]\n" in out and "[task.vars]\nblink = 2\n" in out
 
 
+@pytest.mark.slow
 def test_resume_continues_the_interrupted_task(folder):
     """With output.checkpoint, an interrupt in task 2 keeps its checkpoint; the same command with --resume
     skips task 1 (done), continues task 2 from its checkpoint to the frames a run never stopped makes, and

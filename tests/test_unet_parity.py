@@ -90,7 +90,7 @@ def test_fixture_config_and_keys(shared, variant):
 
 
 @pytest.mark.parametrize("variant", ["musev", "musev_referencenet"])
-@pytest.mark.parametrize("run", RUNS)
+@pytest.mark.parametrize("run", [pytest.param(run, marks=pytest.mark.slow) if run.startswith("t20") else run for run in RUNS])
 def test_unet_window_calls(shared, models, variant, run):
     tensors = load_file(shared / "reference/fixtures" / variant / f"{run}.safetensors")
     recorded = [c for c in manifest(shared)["variants"][variant]["runs"][run]["unet_calls"] if "tensors" in c]

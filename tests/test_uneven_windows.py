@@ -45,6 +45,7 @@ def padded_vs_alone(unet, condition, frames, cond, lengths):
             torch.cat([rows(without, j).flatten() for j in range(k)]), ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny", "musev"])
 def test_padded_call_equals_each_window_alone(preset):
     torch.manual_seed(0)
@@ -69,6 +70,7 @@ def test_padded_call_equals_each_window_alone(preset):
     assert max_abs_error(naive, alone, f"{preset}: padded without lengths vs alone") > 1e-2  # the pad matters
 
 
+@pytest.mark.slow
 def test_padded_call_equals_each_window_alone_original_weights(shared):
     """The original's fixture UNets (temporal gates 0.3-0.7) on frames of the t13 run, windows of 8 and 3
     (the loop with its own 12 + 5 windows batched is tests/test_loop_parity.py's t13 case)."""
@@ -96,6 +98,7 @@ def test_lengths_are_checked():
             unet(sample, 500, cond, lengths=bad)
 
 
+@pytest.mark.slow
 def test_uneven_windows_share_one_call_and_give_the_same_video():
     """The tiny pipeline, 9 frames in windows of 4, 4, 4 and 3: one UNet call per step with
     window_batch 8, four with window_batch 1, the same latents (to the rounding of 2 steps through the UNet,

@@ -43,6 +43,7 @@ def run_cli(tmp_path, capsys, *overrides):
     return code, capsys.readouterr()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["pose video", "keypoint JSON", "rgb video", "rgb + pose"])
 def test_cli_video2video(tmp_path, capsys, kind):
     pose = write_lossless(tmp_path / "pose.mkv", FRAMES)
@@ -60,6 +61,28 @@ def test_cli_video2video(tmp_path, capsys, kind):
     sidecar = json.loads((tmp_path / "out.json").read_text())
     size = (48, 64) if kind == "rgb video" else (128, 96)  # the video's size, else examples/face.png's
     assert (sidecar["frames"], sidecar["height"], sidecar["width"]) == (7, *size)
+
+
+@pytest.mark.slow
+def test_motion_speed_defaults_to_the_sample_rate_and_an_explicit_value_wins(tmp_path, capsys):
+    """MuseV's video2video gives the UNet the video's sample rate as the frame rate, not image2video's 8."""
+    rgb = write_lossless(tmp_path / "rgb.mkv", FRAMES)
+    runs = {"default": [], "sampled": ["input.video_sample_rate=2"], "explicit": ["generation.motion_speed=3.0"]}
+    for name, extra in runs.items():
+        code, out = run_cli(tmp_path, capsys, f"input.video={rgb}", "input.image=", f"output.name={name}", *extra)
+        assert code == 0, out.err
+        runs[name] = (json.loads((tmp_path / f"{name}.json").read_text())["config"]["generation"]["motion_speed"], out.err)
+    assert runs["default"][0] == 1.0 and runs["sampled"][0] == 2.0 and runs["explicit"][0] == 3.0
+    assert "motion_speed: 1, the rate the video's frames were taken at, as MuseV's video2video" in runs["default"][1]
+    assert "motion_speed: 2, the rate" in runs["sampled"][1] and "motion_speed:" not in runs["explicit"][1]
+
+
+def test_api_video2video_takes_motion_speed_1_unless_told(pipe):
+    default = pipe("a face", IMAGE, video=FRAMES, seed=1, **FAST)
+    assert torch.equal(default.latents, pipe("a face", IMAGE, video=FRAMES, seed=1, motion_speed=1.0, **FAST).latents)
+    assert not torch.equal(default.latents, pipe("a face", IMAGE, video=FRAMES, seed=1, motion_speed=8.0, **FAST).latents)
+    image2video = pipe("a face", IMAGE, seed=1, num_frames=4, **FAST)
+    assert torch.equal(image2video.latents, pipe("a face", IMAGE, seed=1, num_frames=4, motion_speed=8.0, **FAST).latents)
 
 
 def test_strength_zero_returns_the_video_through_the_vae(pipe):

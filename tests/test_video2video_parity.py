@@ -25,12 +25,13 @@ from musev_lite.denoise import (
     window_groups,
 )
 from musev_lite.pipeline import MuseVPipeline
-from musev_lite.plan import fitted_videos
+from musev_lite.plan import ControlVideo, fitted_videos, make_plan
 from musev_lite.samplers import SD15_SCHEDULER, EulerSampler, SchedulerConfig, video_fusion_noise
+from musev_lite.settings import GenerationConfig
 from musev_lite.unet import Conditioning
 from musev_lite.vae import AutoencoderKL, VAEConfig
 from musev_lite.video_io import crop_resize
-from musev_lite.weights import config_from_dict, load_weights, read_state_dict
+from musev_lite.weights import CONTROLNET, config_from_dict, load_weights, read_state_dict
 
 ROOT = FIXTURES / "video2video"
 MANIFEST = json.loads((ROOT / "manifest.json").read_text())
@@ -60,6 +61,7 @@ def models():
     return unet, referencenet, net
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window_batch", [1, 2])
 @pytest.mark.parametrize("case", ["video_middle", "video"])
 def test_video2video_loop_equals_the_original(models, case, window_batch):
@@ -74,7 +76,12 @@ def test_video2video_loop_equals_the_original(models, case, window_batch):
     ip_tokens = INPUTS["ip.image_emb"]
     with torch.no_grad():
         refer = referencenet(INPUTS["refnet.refer_latent"].repeat(2, 1, 1, 1), 0.0, ip_tokens)
-    cond = Conditioning(INPUTS["text.prompt_embeds"], motion_speed=float(kwargs["motion_speed"]), ip_tokens=ip_tokens,
+    # motion_speed as a call without it gets it: MuseV's video2video passes its sample rate (1), not 8
+    rgb = raw_frames("rgb_video").numpy() if case == "video" else None
+    plan = make_plan(GenerationConfig(), None, rgb, [ControlVideo(control_video().numpy())],
+                     INPUTS["cond.condition_latents"], [CONTROLNET])[0]
+    assert plan.config.motion_speed == kwargs["motion_speed"] == 1
+    cond = Conditioning(INPUTS["text.prompt_embeds"], motion_speed=plan.config.motion_speed, ip_tokens=ip_tokens,
                         ip_scale=kwargs["ip_adapter_scale"], refer=refer)
     control = WindowControl(MultiControlNet([net]), [control_video()], [kwargs["controlnet_conditioning_scale"]],
                             kwargs["control_guidance_start"], kwargs["control_guidance_end"])
