@@ -12,8 +12,10 @@ A run with `output.checkpoint = true` keeps a folder `NAME.checkpoint/`:
 Every file is written atomically (a temporary name, then a rename), so a run killed at any moment, even
 by SIGKILL, leaves the last complete state. A finished run removes the folder. Here too: the fingerprint
 (`fingerprint`: the settings, the resolved dtype, the seed, the input files' sha256), the seed of a resumed
-run whose seed was drawn (`checkpoint_seed`), the command that continues a run (`resume_command`), and a
-run's checkpoint opened, or an old one refused or cleared (`open_checkpoint`).
+run whose seed was drawn (`checkpoint_seed`), the command that continues a run (`resume_command`), a
+run's checkpoint opened, or an old one refused or cleared (`open_checkpoint`), and under torchrun rank 0's
+checkpoint sent to the other ranks (`resumed_state`): the state is the same on every rank, so rank 0 alone
+saves it and any number of ranks resumes it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import re
 import shlex
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,10 +33,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .config import RunConfig
 from .limits import folder_problem, parse_nested, room_for
 from .outputs import ROOM_FIX, OutputSet, StreamedOutputs, signals_held
-from .plan import RunState
+from .plan import GenerationPlan, RunState
 from .settings import ConfigError
 from .weights import atomic_path
 
@@ -254,3 +258,24 @@ def open_checkpoint(config: RunConfig, outputs: OutputSet, seed: int, dtype: tor
         checkpoint.remove()
     outputs.remove_partials()
     return checkpoint if config.output.checkpoint else None
+
+
+def resumed_state(checkpoint: Checkpoint | None, resuming: bool,
+                  plan: GenerationPlan) -> tuple[RunState | None, Iterator | None]:
+    """The state a run continues from and an iterator of its finished shots `(index, latents)`: the loaded
+    checkpoint's (None, None when not resuming), said on stderr. Under torchrun rank 0 alone has opened the
+    checkpoint; every rank calls this and the others get the state and, as they are taken, each finished shot
+    from it."""
+    state = checkpoint.saved if checkpoint is not None else None
+    shots = checkpoint.finished_shots(state.shot) if state is not None else None
+    if state is not None:
+        where = (f"shot {state.shot + 1}/{plan.shots} at step {state.step}/{plan.config.steps}"
+                 if state.shot < plan.shots else "all shots")
+        print(f"resuming {checkpoint.folder.name}: {state.shot} of {plan.shots} shots done, {where}; "
+              f"decoding the {state.shot} done", file=sys.stderr, flush=True)
+    ranks = distributed.current()
+    if not resuming or ranks is None:
+        return state, shots
+    state = ranks.broadcast(state, "sharing the checkpoint")
+    return state, (ranks.broadcast(next(shots) if ranks.rank == 0 else None, f"sharing finished shot {n + 1}")
+                   for n in range(state.shot))

@@ -10,6 +10,10 @@ the ranks (one all-reduce of a latent-sized tensor per step) and every rank take
 on the same latents. Every rank draws the same noise from rank 0's seed, so the video does not depend on
 the number of ranks. The VAE decode is shared out by chunks of frames; rank 0 writes the files.
 
+A task file shares out whole tasks instead (`assign_tasks`): with at least as many tasks as ranks each task
+runs on one rank alone, with no communication (`sharing(None)`); with fewer, the ranks of a task share its
+windows over a process group of their own (`Ranks.subgroup`).
+
 Launched without torchrun (no WORLD_SIZE > 1 in the environment) none of this runs. From Python, a
 pipeline called inside an initialised process group (`init()`, or torch's own) shares its work the same way.
 """
@@ -17,6 +21,9 @@ pipeline called inside an initialised process group (`init()`, or torch's own) s
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -27,6 +34,10 @@ TIMEOUT_VARIABLE = "MUSEV_LITE_DIST_TIMEOUT"  # seconds a rank waits for the oth
 DEFAULT_TIMEOUT = 600.0
 JOIN_TIMEOUT = 60.0  # seconds the ranks wait for each other to start (at most the timeout above)
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets; env:// reads them
+
+
+_WORLD = object()  # `current()` as the process group says, outside `sharing(...)`
+SHARING: ContextVar = ContextVar("musev_lite_sharing", default=_WORLD)
 
 
 class RankLostError(RuntimeError):
@@ -43,14 +54,64 @@ def assign_windows(windows: list[list[int]], ranks: int) -> list[list[int]]:
     the same split. Longest window first, each to the rank with the fewest frames so far (ties: the
     lower rank); no rank ends more than one window's length above another. Each rank's list is in
     window order."""
+    return balance([len(window) for window in windows], ranks)
+
+
+def balance(sizes: list[int], ranks: int) -> list[list[int]]:
+    """Items of these sizes (indices into `sizes`) over `ranks`: largest first, each to the rank with the
+    least so far (ties: the lower rank). Every item exactly once, each rank's list in item order."""
     if ranks < 1:
         raise ValueError(f"ranks must be >= 1, got {ranks}")
     load, mine = [0] * ranks, [[] for _ in range(ranks)]
-    for i in sorted(range(len(windows)), key=lambda i: (-len(windows[i]), i)):
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
         rank = min(range(ranks), key=lambda r: (load[r], r))
         mine[rank].append(i)
-        load[rank] += len(windows[i])
+        load[rank] += sizes[i]
     return [sorted(indices) for indices in mine]
+
+
+def assign_tasks(work: list[int], ranks: int) -> list[tuple[int, ...]]:
+    """Which ranks run each task of a task file, given each task's estimated work (frames x steps): a
+    pure function of its arguments, so every rank computes the same assignment.
+    At least as many tasks as ranks: each task on one rank, balanced by work as `balance` does (no rank
+    ends more than one task's work above another). Fewer: every rank runs one task, each task on a
+    contiguous block of ranks that share its windows; the spare ranks go one by one to the task with the
+    most work per rank (ties: the earlier task)."""
+    if ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
+    if len(work) >= ranks or not work:
+        owner = {task: rank for rank, tasks in enumerate(balance(work, ranks)) for task in tasks}
+        return [(owner[task],) for task in range(len(work))]
+    counts = [1] * len(work)
+    for _ in range(ranks - len(work)):
+        task = max(range(len(work)), key=lambda t: (work[t] / counts[t], -t))
+        counts[task] += 1
+    starts = [sum(counts[:t]) for t in range(len(work))]
+    return [tuple(range(start, start + count)) for start, count in zip(starts, counts)]
+
+
+def agreed(ranks: Ranks | None, work, what: str) -> list:
+    """`work()` on every rank, each rank's result in rank order (one process: its own, in a list). Under
+    torchrun a ValueError on any rank is raised on all of them (the lowest rank's message), so that no rank
+    goes on with what another refused, nor waits for it."""
+    try:
+        result, error = work(), None
+    except ValueError as err:
+        if ranks is None:
+            raise
+        result, error = None, str(err)
+    if ranks is None:
+        return [result]
+    results = ranks.all_gather((result, error), what)
+    errors = [error for _, error in results if error is not None]
+    if errors:
+        raise DistributedConfigError(errors[0])
+    return [result for result, _ in results]
+
+
+def ranks_label(members: tuple[int, ...]) -> str:
+    """"rank 2", or "ranks 0-3" for a block."""
+    return f"rank {members[0]}" if len(members) == 1 else f"ranks {members[0]}-{members[-1]}"
 
 
 def timeout_seconds() -> float:
@@ -71,6 +132,7 @@ class Ranks:
     rank: int
     world: int
     timeout: float
+    group: object = None  # a torch ProcessGroup of some of the ranks (`subgroup`); None: all of them
 
     @property
     def device(self) -> torch.device:
@@ -88,19 +150,32 @@ class Ranks:
 
     def all_reduce(self, tensor: torch.Tensor, what: str) -> None:
         """Sum `tensor` over the ranks, in place."""
-        self._collective(what, lambda: dist.all_reduce(tensor))
+        self._collective(what, lambda: dist.all_reduce(tensor, group=self.group))
 
     def broadcast_seed(self, seed: int) -> int:
         """Rank 0's seed, on every rank."""
         value = torch.tensor([seed], dtype=torch.int64, device=self.device)
-        self._collective("sharing the seed", lambda: dist.broadcast(value, 0))
+        self._collective("sharing the seed", lambda: dist.broadcast(value, group=self.group, group_src=0))
         return int(value.item())
+
+    def broadcast(self, obj, what: str):
+        """Rank 0's `obj` (any picklable value; tensors on the CPU), on every rank."""
+        box = [obj if self.rank == 0 else None]
+        self._collective(what, lambda: dist.broadcast_object_list(box, group=self.group, group_src=0))
+        return box[0]
 
     def all_gather(self, obj, what: str) -> list:
         """Every rank's `obj` (any picklable value), in rank order."""
         out = [None] * self.world
-        self._collective(what, lambda: dist.all_gather_object(out, obj))
+        self._collective(what, lambda: dist.all_gather_object(out, obj, group=self.group))
         return out
+
+    def subgroup(self, members: tuple[int, ...]) -> Ranks | None:
+        """The ranks `members` (of the whole group) as a group of their own: this rank's place in it, or
+        None if it is not one of them. Every rank of the whole group must call this, in the same order."""
+        group = self._collective(f"making a group of ranks {members[0]}-{members[-1]}", lambda: dist.new_group(
+            list(members), timeout=timedelta(seconds=self.timeout)))
+        return Ranks(members.index(self.rank), len(members), self.timeout, group) if self.rank in members else None
 
     def _collective(self, what: str, fn):
         try:
@@ -113,10 +188,23 @@ class Ranks:
 
 
 def current() -> Ranks | None:
-    """The ranks of the initialised default process group, or None without one (or with one rank)."""
+    """The ranks this process shares its work with: inside `sharing(...)` the ranks given, else those of the
+    initialised default process group; None without one (or with one rank)."""
+    if (shared := SHARING.get()) is not _WORLD:
+        return shared
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
     return Ranks(dist.get_rank(), dist.get_world_size(), timeout_seconds())
+
+
+@contextmanager
+def sharing(ranks: Ranks | None) -> Iterator[None]:
+    """Inside: `current()` is `ranks` (None: this process works alone, as for a task it runs by itself)."""
+    token = SHARING.set(ranks)
+    try:
+        yield
+    finally:
+        SHARING.reset(token)
 
 
 def launched() -> bool:
@@ -132,7 +220,10 @@ def reports() -> bool:
 
 
 def is_main() -> bool:
-    """True on rank 0, or when not distributed: the process that prints and writes."""
+    """True on rank 0, or when not distributed: the process that prints and writes. Inside `sharing(...)`,
+    rank 0 of the ranks given (or this process, alone)."""
+    if (shared := SHARING.get()) is not _WORLD:
+        return shared is None or shared.rank == 0
     return int(os.environ.get("RANK", "0")) == 0 if not dist.is_initialized() else dist.get_rank() == 0
 
 

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from . import __version__, distributed  # noqa: E402
-from .checkpoint import Checkpoint, checkpoint_seed, open_checkpoint, resume_command  # noqa: E402
+from .checkpoint import Checkpoint, checkpoint_seed, open_checkpoint, resume_command, resumed_state  # noqa: E402
 from .command import exit_code  # noqa: E402
 from .config import RunConfig, load_config, output_kinds  # noqa: E402
 from .inputs import (RunInputs, control_videos, describe_video2video, load_pipeline, read_inputs, size_note,  # noqa: E402
@@ -121,16 +121,14 @@ def prepare(job: Job, pipe: MuseVPipeline | None = None,
 def generate(job: Job, pipe: MuseVPipeline, controls: list[ControlVideo], plan: GenerationPlan,
              checkpoint: Checkpoint | None = None) -> Iterator[np.ndarray]:
     """Each shot's frames as it is done, with progress on stderr (rank 0's). A resumed run (a checkpoint
-    with a loaded state) first decodes the shots the checkpoint holds, then continues from its state."""
+    with a loaded state) first decodes the shots the checkpoint holds, then continues from its state (under
+    torchrun, rank 0's: `checkpoint.resumed_state`, which says where it resumes)."""
     g, i, images, video = job.config.generation, job.config.input, job.inputs.images, job.inputs.video
     extra = dict(video=None if video is None else video.frames, control=controls) if plan.task == "video2video" else {}
-    resume = checkpoint.saved if checkpoint is not None else None
+    resume, finished = resumed_state(checkpoint, job.resume, plan)
     if resume is not None:
-        shots = plan.shots
-        where = f"shot {resume.shot + 1}/{shots} at step {resume.step}/{g.steps}" if resume.shot < shots else "all shots"
-        print(f"resuming {checkpoint.folder.name}: {resume.shot} of {shots} shots done, {where}; "
-              f"decoding the {resume.shot} done", file=sys.stderr, flush=True)
-        for shot in pipe.decoded(checkpoint.finished_shots(resume.shot, pipe.device), plan, resume.first_condition, resume.seed):
+        finished = ((index, latents.to(pipe.device)) for index, latents in finished)
+        for shot in pipe.decoded(finished, plan, resume.first_condition, resume.seed):
             yield shot.frames
     result = pipe.generate(
         i.prompt, images.get("image"), g.replace(seed=job.seed), negative_prompt=i.negative_prompt,
@@ -223,20 +221,21 @@ def run(config_path: str, overrides: list[str], resume: bool = False) -> list[Pa
     try:  # under torchrun: join the other ranks; they share the work (distributed.py), rank 0 writes
         device = distributed.rank_device(resolve_device(config.model.device, "model.device"))
         distributed.init(device)
-        if (config.output.checkpoint or resume) and distributed.current() is not None:
-            raise ConfigError("output.checkpoint and --resume work in one process, not under torchrun yet; "
-                              "run with python -m musev_lite.run, or set output.checkpoint = false")
         seed = config.generation.seed
-        if seed is None:
-            seed = checkpoint_seed(out, Path(config_path).stem) if resume and not config.output.name else random.randrange(10**8)
+        if seed is None:  # under torchrun rank 0's counts (pipeline.seeded_generator; a resumed state's)
+            seed = checkpoint_seed(out, Path(config_path).stem) if resume and not config.output.name and \
+                distributed.is_main() else random.randrange(10**8)
         job = Job(config, config_path, overrides, resume, inputs, seed, device, resolve_dtype(config.model.dtype, device))
-        if not distributed.is_main():
-            for _ in generate(job, *prepare(job)):  # the other ranks' share of the work
-                pass
-            return []
-        return write_outputs(job, out)
+        return write_outputs(job, out) if distributed.is_main() else follow(job)
     finally:
         distributed.shutdown()
+
+
+def follow(job: Job, pipe: MuseVPipeline | None = None) -> list[Path]:
+    """A rank that shares another rank's run (distributed.py): its part of the work; nothing is written."""
+    for _ in generate(job, *prepare(job, pipe)):
+        pass
+    return []
 
 
 def run_tasks(tasks: list[Task], config_path: str, overrides: list[str], resume: bool) -> list[Path]:
@@ -247,7 +246,7 @@ def run_tasks(tasks: list[Task], config_path: str, overrides: list[str], resume:
         return Job(config, config_path, overrides, resume, inputs, seed, device, dtype, task.name)
 
     return run_all(tasks, resume, job, lambda pipe, job: prepare(job, pipe, say=False),
-                   lambda pipe, job: write_outputs(job, Path(job.config.output.dir), pipe))
+                   lambda pipe, job: write_outputs(job, Path(job.config.output.dir), pipe), lambda pipe, job: follow(job, pipe))
 
 
 def command(args: argparse.Namespace) -> list[Path]:

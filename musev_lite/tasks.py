@@ -16,7 +16,8 @@ the models are loaded once.
 
 `load_tasks` reads and checks every task's settings (None for a file without tasks: one run, as
 always). `run_all` checks every task's inputs before the first task starts, skips tasks whose outputs
-exist, runs the others (a failed task does not stop the rest) and prints a table of what each did.
+exist, runs the others (a failed task does not stop the rest) and prints a table of what each did. Under
+torchrun the tasks are shared out whole over the ranks (`distributed.assign_tasks`), each rank writing its own.
 `fill_template` and `scaled_size` are MuseV's prompt templates and img_length_ratio, read from its
 scripts/inference/text2video.py, video2video.py and musev/auto_prompt (the MuseV commit the project tracks).
 `import_tasks` (`musev-lite import-tasks example.yaml > tasks.toml`) converts MuseV's task YAML; it needs
@@ -38,6 +39,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import distributed
 from .checkpoint import checkpoint_seed
 from .command import exit_code
 from .config import (RunConfig, config_from, load_config, output_kinds, read_tables, relative_paths, resolve_paths,
@@ -46,7 +48,7 @@ from .device import resolve_device, resolve_dtype
 from .inputs import load_pipeline, read_inputs
 from .limits import file_stem
 from .memory import out_of_memory
-from .outputs import OutputSet, check_output_dir
+from .outputs import OutputSet, RunInterrupted, check_output_dir
 from .settings import ConfigError, in_range, printable, require, suggest
 from .video_io import read_image
 
@@ -174,9 +176,6 @@ def load_tasks(path: str | Path | None, overrides: list[str]) -> list[Task] | No
         return None
     tables = data.pop("task")
     require(isinstance(tables, list) and len(tables) > 0, f"config file {path}: task must be [[task]] tables")
-    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
-        raise ConfigError("[[task]] files run in one process, not under torchrun yet; run each task's "
-                          "configuration on its own, or run the file with python -m musev_lite.run")
     tasks, names = [], {}
     for number, table in enumerate(tables, start=1):
         name = table.get("name") if isinstance(table, dict) else None
@@ -272,11 +271,11 @@ def named(task: Task, work: Callable):
         raise ConfigError(f"{task.label}: {err}") from None
 
 
-def print_table(outcomes: list[Outcome]) -> None:
+def print_table(outcomes: list[Outcome], title: str = "tasks") -> None:
     """The end of a task run on stderr: one line per task, what became of it."""
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "failed", "skipped", "not run")}
-    print("tasks: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), file=sys.stderr)
-    width = max(len(o.task.name) for o in outcomes)
+    print(f"{title}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), file=sys.stderr)
+    width = max((len(o.task.name) for o in outcomes), default=0)
     for o in outcomes:
         print(f"  {o.task.number:>{len(str(o.task.count))}}/{o.task.count}  {o.task.name:<{width}}  {o.status:<7}  "
               f"{o.detail}", file=sys.stderr, flush=True)
@@ -286,55 +285,108 @@ class TasksFailed(ValueError):
     """Some tasks failed (the others ran): the command's exit code is 2."""
 
 
-def run_all(tasks: list[Task], resume: bool, make_job: Callable, check: Callable, write: Callable) -> list:
+def run_all(tasks: list[Task], resume: bool, make_job: Callable, check: Callable, write: Callable,
+            follow: Callable | None = None) -> list:
     """Run the tasks: every task's inputs read and its outputs planned before the models load, then every
     task that runs checked against them (size, ControlNets, memory) before the first one starts; an error
     there names the task and nothing is written. Then each task writes its own output set, its paths printed
     as it finishes; a failed task (a bad file, a full disk, out of memory) does not stop the others. The
     end prints a table of every task; any failure raises TasksFailed.
     The models are loaded once, from the tasks' shared [model]. `make_job(task, seed, resume, device, dtype)`
-    makes a task's run (`run.Job`), `check(pipe, job)` checks it, `write(pipe, job) -> paths` does it."""
+    makes a task's run (`run.Job`), `check(pipe, job) -> (pipe, controls, plan)` checks it, `write(pipe, job)
+    -> paths` does it, and `follow(pipe, job)` does a rank's share of it where another rank writes.
+    Under torchrun the ranks join first; rank 0's plan (seeds drawn, skips) holds for all, the tasks are
+    shared out by `distributed.assign_tasks` (each rank writes its own tasks' outputs) and rank 0 prints
+    the end table of every rank's results."""
+    model = tasks[0].config.model
+    device = distributed.rank_device(resolve_device(model.device, "model.device"))
+    dtype = resolve_dtype(model.dtype, device)
     out = check_output_dir(tasks[0].config.output.dir, tasks[0].config.path_note("output.dir"))
     plans = {}
     for task in tasks:
         named(task, lambda: read_inputs(task.config))  # read again when the task starts; not kept meanwhile
         plans[task.number] = named(task, lambda: plan_task(task, out, resume))
+    try:
+        ranks = distributed.init(device)
+        if ranks is not None:  # one plan for all: the seeds rank 0 drew, what it found in output.dir
+            plans = ranks.broadcast(plans, "sharing the task plan")
+        return run_planned(tasks, plans, ranks, resume, device, dtype, make_job, check, write, follow)
+    finally:
+        distributed.shutdown()
+
+
+def run_planned(tasks, plans, ranks, resume, device, dtype, make_job, check, write, follow) -> list:
+    """`run_all` once the ranks agree on the plans: check every task, share them out, run this rank's, gather
+    the results on rank 0 for the table."""
     outcomes = [Outcome(t, "skipped", plans[t.number][2]) if plans[t.number][1] == "skip" else Outcome(t)
                 for t in tasks]
     todo = [o for o in outcomes if o.status == "not run"]
-    model = tasks[0].config.model
-    device = resolve_device(model.device, "model.device")
-    dtype = resolve_dtype(model.dtype, device)
     pipe = load_pipeline(tasks[0].config, device, dtype) if todo else None
-    for o in todo:
-        seed, how, _ = plans[o.task.number]
-        named(o.task, lambda: check(pipe, make_job(o.task, seed, how == "resume", device, dtype)))
+    jobs = {o.task.number: lambda o=o: make_job(o.task, plans[o.task.number][0], plans[o.task.number][1] == "resume",
+                                                device, dtype) for o in todo}
+
+    def check_all() -> list[int]:  # each task's estimated work: frames x steps
+        checked = [named(o.task, lambda: check(pipe, jobs[o.task.number]())[2]) for o in todo]
+        return [plan.total_frames * plan.config.steps for plan in checked]
+
+    work = distributed.agreed(ranks, check_all, "checking the tasks")[0]  # rank 0's estimates
+    rank, world = (0, 1) if ranks is None else (ranks.rank, ranks.world)
+    members = distributed.assign_tasks(work, world)
+    shared = {o.task.number: ranks.subgroup(m) if len(m) > 1 else None for o, m in zip(todo, members)}
+    mine = [(o, m) for o, m in zip(todo, members) if rank in m]
+    gathered = False
     try:
-        for o in todo:
-            seed, how, _ = plans[o.task.number]
-            print(f"{o.task.label}: {'resuming' if how == 'resume' else 'starting'}, seed {seed}{o.task.note}",
-                  file=sys.stderr)
-            running = RUNNING_TASK.set(f"task {o.task.number}/{o.task.count}  ")
-            try:
-                paths = write(pipe, make_job(o.task, seed, how == "resume", device, dtype))
-            except (ValueError, MemoryError, RuntimeError) as err:
-                if isinstance(err, RuntimeError) and not out_of_memory(err):
-                    raise
-                o.status, o.detail = "failed", (str(err).splitlines() or [type(err).__name__])[0][:300]
-                print(f"{o.task.label} failed: {o.detail}", file=sys.stderr, flush=True)
-                continue
-            finally:
-                RUNNING_TASK.reset(running)
-            o.status, o.detail = "done", ", ".join(str(p) for p in paths)
-            for path in paths:
-                print(path, flush=True)
+        for o, m in mine:
+            if m[0] == rank:
+                where = "" if ranks is None else f" on {distributed.ranks_label(m)}"
+                seed, how, _ = plans[o.task.number]
+                print(f"{o.task.label}: {'resuming' if how == 'resume' else 'starting'}{where}, seed {seed}{o.task.note}",
+                      file=sys.stderr)
+            with distributed.sharing(shared[o.task.number]):
+                run_task(o, jobs[o.task.number], m[0] == rank, pipe, write, follow)
+        if ranks is not None:  # each task's result from the rank that wrote it
+            for part in ranks.all_gather({o.task.number: (o.status, o.detail) for o, m in mine if m[0] == rank},
+                                         "gathering the task results"):
+                for o in todo:
+                    o.status, o.detail = part.get(o.task.number, (o.status, o.detail))
+        gathered = True
+    except RunInterrupted as stop:  # under torchrun each rank has its own outputs: one that does not report says its own
+        if not distributed.reports():
+            print(f"rank {rank}: {stop.report()}", file=sys.stderr)
+        raise
     finally:
-        print_table(outcomes)
+        if ranks is None or (gathered and rank == 0):
+            print_table(outcomes)
+        elif not gathered:  # stopped: this rank's own tasks
+            print_table([o for o, m in mine if m[0] == rank], f"tasks of rank {rank}")
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         raise TasksFailed(f"{len(failed)} of {len(tasks)} tasks failed: "
                           + "; ".join(f"{o.task.label}: {o.detail}" for o in failed))
     return []
+
+
+def run_task(o: Outcome, job: Callable, lead: bool, pipe, write: Callable, follow: Callable) -> None:
+    """One task on this rank: written if this rank leads it (`write(pipe, job())`, its paths printed), else
+    this rank's share of its work (`follow`). A failure (a bad file, a full disk, out of memory) is the task's
+    outcome, not the end of the run."""
+    running = RUNNING_TASK.set(f"task {o.task.number}/{o.task.count}  ")
+    try:
+        if not lead:
+            follow(pipe, job())
+            return
+        paths = write(pipe, job())
+    except (ValueError, MemoryError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not out_of_memory(err):
+            raise
+        o.status, o.detail = "failed", (str(err).splitlines() or [type(err).__name__])[0][:300]
+        print(f"{o.task.label} failed: {o.detail}", file=sys.stderr, flush=True)
+        return
+    finally:
+        RUNNING_TASK.reset(running)
+    o.status, o.detail = "done", ", ".join(str(p) for p in paths)
+    for path in paths:
+        print(path, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

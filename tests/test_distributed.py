@@ -4,12 +4,15 @@
 The split runs the same UNet calls as one process and adds each frame's predictions over the ranks;
 with at most two windows on a frame the sum does not depend on the order, so the latents and frames are
 bitwise equal when both sides use one thread (a + b is b + a in IEEE arithmetic; at another thread count
-the kernels round differently). Mistakes and lost ranks end a run with one line.
+the kernels round differently). Mistakes and lost ranks end a run with one line. A task file's tasks are
+shared out whole (`assign_tasks`) to the same bytes; a checkpoint saved under torchrun resumes on 1 or 2 ranks.
 """
 
 import json
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +26,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from conftest import REPO, max_abs_error, reduction_depth, rounding_tolerance
+from conftest import REPO, interrupt_when, max_abs_error, reduction_depth, rounding_tolerance
 from distributed_worker import CASES, FAST, run_case
 from musev_lite import distributed
 from musev_lite.denoise import context_windows
@@ -58,6 +61,30 @@ def test_assign_windows_by_frames():
     assert distributed.assign_windows(windows[:1], 2) == [[0], []]  # more ranks than windows: some idle
     with pytest.raises(ValueError, match="ranks must be >= 1"):
         distributed.assign_windows(windows, 0)
+
+
+@given(st.lists(st.integers(0, 100), max_size=12), st.integers(1, 6))
+def test_assign_tasks_every_task_and_every_rank(work, ranks):
+    """Whole tasks when there are at least as many as ranks, balanced by work; fewer: every rank in one
+    task's contiguous block, each task at least one rank."""
+    members = distributed.assign_tasks(work, ranks)
+    assert len(members) == len(work) and distributed.assign_tasks(work, ranks) == members  # deterministic
+    assert all(m and list(m) == list(range(m[0], m[-1] + 1)) for m in members)  # contiguous, not empty
+    if len(work) >= ranks or not work:
+        assert all(len(m) == 1 for m in members)
+        loads = [sum(w for w, m in zip(work, members) if m == (r,)) for r in range(ranks)]
+        assert max(loads) - min(loads) <= max(work, default=0)  # no rank a task's work above another
+    else:
+        assert sorted(r for m in members for r in m) == list(range(ranks))  # every rank, once
+
+
+def test_assign_tasks_by_work():
+    assert distributed.assign_tasks([10, 10, 10, 10], 2) == [(0,), (1,), (0,), (1,)]
+    assert distributed.assign_tasks([5, 30, 10], 2) == [(1,), (0,), (1,)]  # 30 against 15
+    assert distributed.assign_tasks([10, 30], 5) == [(0, 1), (2, 3, 4)]  # spare ranks to the most work per rank
+    assert distributed.assign_tasks([10], 3) == [(0, 1, 2)] and distributed.assign_tasks([], 2) == []
+    with pytest.raises(ValueError, match="ranks must be >= 1"):
+        distributed.assign_tasks([1], 0)
 
 
 def test_block_keeps_the_order():
@@ -234,3 +261,155 @@ def test_a_lost_rank_is_a_clear_error_not_a_hang(tmp_path, mode):
     assert procs[0].returncode == 1
     assert "error: rank 0 of 2: denoising step 1/2 failed: another rank died or did not answer within 5 s" in stderr
     assert "Traceback" not in stderr
+
+
+TASKS = """
+[[task]]
+name = "a"
+[[task]]
+name = "b"
+[task.generation]
+num_frames = 13
+seed = 4
+[[task]]
+name = "c"
+[task.generation]
+seed = 5
+"""
+
+
+def frames_bytes(folder: Path, stem: str) -> dict:
+    """The bytes of a run's mp4 and PNG frames, by name."""
+    files = [folder / f"{stem}.mp4"] + sorted((folder / f"{stem}_frames").iterdir())
+    return {f.name: f.read_bytes() for f in files}
+
+
+@pytest.mark.slow
+def test_tasks_over_two_ranks_write_the_bytes_of_one_process(tmp_path):
+    """3 tasks on 2 ranks: whole tasks per rank (a and c on one, the longer b on the other), each rank writing
+    its own; rank 0 prints the end table of all. 1 task on 2 ranks: they share its windows. Both write
+    the bytes one process writes running the tasks in order at one thread."""
+    config = tmp_path / "tasks.toml"
+    config.write_text(TINY_CONFIG.format(image=REPO / "examples/face.png").replace("steps = 2", "steps = 2\nseed = 3")
+                      + TASKS)
+    one = subprocess.run([sys.executable, "-m", "musev_lite.run", str(config), "--set", f"output.dir='{tmp_path / 'one'}'"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=plain_env(OMP_NUM_THREADS="1"))
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(TORCHRUN + ["-m", "musev_lite.run", str(config), "--set", f"output.dir='{tmp_path / 'two'}'"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=plain_env())
+    assert two.returncode == 0, two.stderr
+    assert "task 2/3 (b): starting on rank 0, seed 4" in two.stderr  # 14 frames: the most work
+    assert "task 1/3 (a): starting on rank 1, seed 3" in two.stderr and "task 3/3 (c): starting on rank 1" in two.stderr
+    assert two.stderr.count("tasks: 3 done") == 1 and "  2/3  b  done" in two.stderr
+    assert sorted(Path(p).name for p in two.stdout.split()) == sorted(Path(p).name for p in one.stdout.split())
+    for stem in ("a-3", "b-4", "c-5"):
+        assert frames_bytes(tmp_path / "two", stem) == frames_bytes(tmp_path / "one", stem), stem
+    config.write_text(config.read_text().split('[[task]]\nname = "b"')[0])  # task a alone
+    shared = subprocess.run(TORCHRUN + ["-m", "musev_lite.run", str(config), "--set", f"output.dir='{tmp_path / 'shared'}'"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path, env=plain_env())
+    assert shared.returncode == 0, shared.stderr
+    assert "task 1/1 (a): starting on ranks 0-1, seed 3" in shared.stderr and "tasks: 1 done" in shared.stderr
+    assert frames_bytes(tmp_path / "shared", "a-3") == frames_bytes(tmp_path / "one", "a-3")
+
+
+@pytest.mark.slow
+def test_a_bad_task_under_torchrun_is_one_line_before_any_task_starts(tmp_path):
+    """A mistake in the last task's inputs: every rank finds it before a task starts, rank 0 alone prints it."""
+    config = tmp_path / "tasks.toml"
+    config.write_text(TINY_CONFIG.format(image=REPO / "examples/face.png") + TASKS
+                      + '[task.input]\nimage = "nope.png"\n')
+    done = subprocess.run(TORCHRUN + ["-m", "musev_lite.run", str(config), "--set", f"output.dir='{tmp_path / 'out'}'"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=plain_env())
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: task 3/3 (c): input.image: image"), done.stderr
+    assert "starting" not in done.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_under_torchrun_resumes_on_one_rank_or_two(tmp_path):
+    """A 2-rank run with output.checkpoint, killed (SIGKILL) mid-shot 2: rank 0 saved the global state, so
+    the same command with --resume continues on 1 rank or on 2 to the bytes of a run never stopped."""
+    config = tiny_config(tmp_path)
+    args = ["-m", "musev_lite.run", str(config), "--set", "generation.n_batch=2", "--set", "generation.steps=4",
+            "--set", "generation.seed=7", "--set", "output.checkpoint=true", "--set", "output.name=v"]
+    killed = subprocess.Popen(TORCHRUN + args + ["--set", f"output.dir='{tmp_path / 'killed'}'"], cwd=tmp_path,
+                              env=plain_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in killed.stderr:
+        seen.append(line)
+        if "shot 2/2  step 2/4" in line:  # both ranks (torchrun starts each in a session of its own), at once
+            for pid in Path(f"/proc/{killed.pid}/task/{killed.pid}/children").read_text().split():
+                os.kill(int(pid), signal.SIGKILL)
+            break
+    killed.communicate(timeout=120)  # torchrun sees its ranks gone, reaps them and exits
+    assert (tmp_path / "killed" / "v.checkpoint" / "state.safetensors").exists(), "".join(seen)
+    for launcher, folder in (([sys.executable], "one"), (TORCHRUN, "two")):
+        shutil.copytree(tmp_path / "killed", tmp_path / folder)
+        done = subprocess.run(launcher + args + ["--resume", "--set", f"output.dir='{tmp_path / folder}'"],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env=plain_env(OMP_NUM_THREADS="1"))
+        assert done.returncode == 0, done.stderr
+        assert "resuming v.checkpoint: 1 of 2 shots done, shot 2/2 at step" in done.stderr
+        assert not (tmp_path / folder / "v.checkpoint").exists()
+    straight = subprocess.run([sys.executable] + args + ["--set", f"output.dir='{tmp_path / 'straight'}'"],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path, env=plain_env(OMP_NUM_THREADS="1"))
+    assert straight.returncode == 0, straight.stderr
+    expected = frames_bytes(tmp_path / "straight", "v")
+    assert len(expected) == 1 + 19  # the mp4 and every frame: the image and 2 shots of 9
+    for folder in ("one", "two"):
+        assert frames_bytes(tmp_path / folder, "v") == expected, folder
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_write_the_bytes_of_one_process(tmp_path):
+    """The README's several-machines command, two torchrun agents on 127.0.0.1 as nodes 0 and 1 with one
+    process each: the video one process writes at one thread, written once (by node 0's rank 0)."""
+    config = tiny_config(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_args = ["-m", "musev_lite.run", str(config), "--set", "generation.seed=2"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r),
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--nproc-per-node", "1"] + run_args
+                              + ["--set", f"output.dir='{tmp_path / 'nodes'}'"], cwd=tmp_path,
+                              env=plain_env(OMP_NUM_THREADS="1"),  # torchrun sets it only for 2+ processes a node
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        done = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], done[0][1] + done[1][1]
+    assert "(2 UNet calls/step)" in done[0][1] and done[1][0] == ""  # 3 windows: 2 on rank 0, 1 on rank 1
+    one = subprocess.run([sys.executable] + run_args + ["--set", f"output.dir='{tmp_path / 'one'}'"], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path, env=plain_env(OMP_NUM_THREADS="1"))
+    assert one.returncode == 0, one.stderr
+    assert frames_bytes(tmp_path / "nodes", "video-2") == frames_bytes(tmp_path / "one", "video-2")
+
+
+@pytest.mark.slow
+def test_an_interrupted_task_file_under_torchrun_resumes_in_one_process(tmp_path):
+    """Ctrl-C on a 2-rank task run with output.checkpoint: each rank keeps the checkpoint of the task it was
+    running and says so (rank 1 with its rank in front); --resume in one process continues both and runs
+    the last, to the bytes of a run never stopped."""
+    config = tmp_path / "tasks.toml"
+    config.write_text(TINY_CONFIG.format(image=REPO / "examples/face.png").replace("steps = 2", "steps = 6\nseed = 3")
+                      + TASKS)
+    args = ["-m", "musev_lite.run", str(config), "--set", "output.checkpoint=true", "--set", f"output.dir='{tmp_path / 'out'}'"]
+    process = subprocess.Popen(TORCHRUN + args, cwd=tmp_path, env=plain_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    code, _, err = interrupt_when(process, "task 2/3  shot 1/1  step 3/6", signal.SIGINT)
+    assert code != 0 and sorted(p.name for p in (tmp_path / "out").glob("*.checkpoint")) == ["a-3.checkpoint",
+                                                                                             "b-4.checkpoint"], err
+    assert "rank 1: interrupted (SIGINT): a-3.mp4, a-3_frames, a-3.json were not written; kept a-3.checkpoint" in err
+    assert "\ninterrupted (SIGINT): b-4.mp4, b-4_frames, b-4.json were not written; kept b-4.checkpoint" in err
+    done = subprocess.run([sys.executable] + args + ["--resume"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=plain_env(OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    assert "task 1/3 (a): resuming, seed 3" in done.stderr and "tasks: 3 done" in done.stderr
+    straight = subprocess.run([sys.executable] + args[:3] + ["--set", f"output.dir='{tmp_path / 'straight'}'"],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path, env=plain_env(OMP_NUM_THREADS="1"))
+    assert straight.returncode == 0, straight.stderr
+    for stem in ("a-3", "b-4", "c-5"):
+        assert frames_bytes(tmp_path / "out", stem) == frames_bytes(tmp_path / "straight", stem), stem

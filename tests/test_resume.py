@@ -142,12 +142,3 @@ def test_shots_are_streamed_to_the_outputs(tmp_path, monkeypatch):
     assert order == [("video", 0), ("decode", 0), ("mp4", 4), ("video", 1), ("decode", 1), ("mp4", 3),
                      ("video", 2), ("decode", 2), ("mp4", 3)], order
     assert len(read_video(tmp_path / "v.mp4").frames) == 10 == len(list((tmp_path / "v_frames").iterdir()))
-
-
-def test_checkpoints_are_refused_under_torchrun(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(run.distributed, "current", lambda: object())  # as if under torchrun
-    code = run.main([str(DEMO)] + sets(SHOTS + [f"output.dir={tmp_path}", "output.checkpoint=true"]))
-    assert code == 2 and capsys.readouterr().err == ("error: output.checkpoint and --resume work in one process, not "
-                                                     "under torchrun yet; run with python -m musev_lite.run, or set "
-                                                     "output.checkpoint = false\n")
-    assert list(tmp_path.iterdir()) == []

@@ -181,13 +181,9 @@ def test_a_bad_task_stops_the_run_before_any_task_starts(folder, kind):
 
 
 @pytest.mark.slow
-def test_output_name_and_torchrun_are_refused(folder, monkeypatch):
-    path = write(folder, THREE)
-    code, _, err = cli(path, "--set", "output.name=v")
+def test_output_name_is_refused(folder):
+    code, _, err = cli(write(folder, THREE), "--set", "output.name=v")
     assert code == 2 and "task 1/3 (a): output.name = 'v' is set, but each task writes <task name>-<seed>" in err
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    code, _, err = cli(path)
-    assert code == 2 and "[[task]] files run in one process, not under torchrun yet" in err
 
 
 @pytest.mark.slow
