@@ -128,6 +128,8 @@ def relative_paths(data: dict):
             places = [(table, name, f"{section}.{name}")]
         for holder, field_name, where in places:
             value = holder.get(field_name)
+            if isinstance(value, str) and "\x00" in value:
+                raise ConfigError(f"{where} = {printable(value)} holds a NUL character, which no file path can hold")
             if isinstance(value, str) and value and not Path(value).is_absolute():
                 yield holder, field_name, where
 

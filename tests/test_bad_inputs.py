@@ -353,6 +353,8 @@ CONFIG_FILES = [
      r"model\.lora\[0\]\.path: .*style\.safetensors: no such file \(model\.lora\[0\]\.path = 'style\.safetensors' is "
      r"relative to the config file's folder"),
     ("empty: default weights missing", "", None, r"model\.weights_dir 'weights/musev_referencenet' lacks unet\.safetensors"),
+    ("a path holding a NUL", '[input]\nface_embedding = "face\\u0000.npy"\n', None,
+     r"input\.face_embedding = 'face\\x00\.npy' holds a NUL character, which no file path can hold"),
     ("TOML nested 40 deep", '[output]\nformats = ' + "[" * 40 + "]" * 40 + "\n", None,
      r"config file .*c\.toml: arrays or tables are nested more than 32 levels deep"),
     ("TOML nested 10,000 deep", '[output]\nformats = ' + "[" * 10_000 + "]" * 10_000 + "\n", None,
