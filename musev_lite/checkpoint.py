@@ -152,8 +152,8 @@ class Checkpoint:
         self.saved = self.latest = state
         return state
 
-    def finished_shots(self, before: int, device="cpu") -> Iterator[tuple[int, torch.Tensor]]:
-        """(index, clean latents on `device`) of the shots before `before`, as saved."""
+    def finished_shots(self, before: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(index, clean latents) of the shots before `before`, as saved."""
         for index in range(before):
             path = self.folder / f"shot_{index:05d}.safetensors"
             try:
@@ -167,7 +167,7 @@ class Checkpoint:
                 raise CheckpointError(f"{path}: shot {index + 1} holds {latents.dtype} latents {tuple(latents.shape)}, "
                                       f"not float32 (1, 4, frames, {size[0]}, {size[1]}) as the saved state; delete "
                                       "the folder to start over")
-            yield index, latents.to(device)
+            yield index, latents
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
