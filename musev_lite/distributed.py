@@ -10,6 +10,9 @@ the ranks (one all-reduce of a latent-sized tensor per step) and every rank take
 on the same latents. Every rank draws the same noise from rank 0's seed, so the video does not depend on
 the number of ranks. The VAE decode is shared out by chunks of frames; rank 0 writes the files.
 
+Every rank beats a heartbeat in the rendezvous store (`Heartbeat`), so that when a collective fails the
+others can say which rank is lost, the one whose heartbeat stopped, rather than only that one is.
+
 A task file shares out whole tasks instead (`assign_tasks`): with at least as many tasks as ranks each task
 runs on one rank alone, with no communication (`sharing(None)`); with fewer, the ranks of a task share its
 windows over a process group of their own (`Ranks.subgroup`).
@@ -21,6 +24,10 @@ pipeline called inside an initialised process group (`init()`, or torch's own) s
 from __future__ import annotations
 
 import os
+import re
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -34,6 +41,8 @@ TIMEOUT_VARIABLE = "MUSEV_LITE_DIST_TIMEOUT"  # seconds a rank waits for the oth
 DEFAULT_TIMEOUT = 600.0
 JOIN_TIMEOUT = 60.0  # seconds the ranks wait for each other to start (at most the timeout above)
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets; env:// reads them
+HEARTBEAT_SECONDS = 1.0  # how often each rank says in the rendezvous store that it is alive
+LOST_AFTER = 3  # heartbeats a rank may miss, once a collective failed, before the others call it lost
 
 
 _WORLD = object()  # `current()` as the process group says, outside `sharing(...)`
@@ -46,6 +55,50 @@ class RankLostError(RuntimeError):
 
 class DistributedConfigError(ValueError):
     """A distributed launch this configuration cannot run."""
+
+
+class Heartbeat:
+    """This rank's heartbeat: a daemon thread adds 1 to the rank's counter in the rendezvous store every
+    HEARTBEAT_SECONDS for as long as the process lives (on a store of its own, `Store.clone`, as torch asks
+    of a second thread). A rank that is alive, even stuck, keeps beating; a killed process or a lost
+    machine stops. `stopped()` watches every counter once a collective has failed."""
+
+    def __init__(self, store, rank: int, world: int):
+        self.store, self.rank, self.world = store, rank, world
+        self.done = threading.Event()
+        threading.Thread(target=self.beat, args=(store.clone(),), name="musev_lite heartbeat", daemon=True).start()
+
+    def beat(self, store) -> None:
+        try:
+            while not self.done.is_set() and store_answers():
+                store.add(f"musev_lite/heartbeat/{self.rank}", 1)
+                self.done.wait(HEARTBEAT_SECONDS)
+        except (RuntimeError, OSError):  # the store went in between: stop beating
+            pass
+
+    def stopped(self) -> list[int] | None:
+        """The other ranks whose counters did not move in LOST_AFTER heartbeats; None if the store does not
+        answer (it lives on rank 0's machine, which may be the one lost)."""
+        try:
+            counts = [self.store.add(f"musev_lite/heartbeat/{r}", 0) for r in range(self.world)]
+            time.sleep(LOST_AFTER * HEARTBEAT_SECONDS)
+            now = [self.store.add(f"musev_lite/heartbeat/{r}", 0) for r in range(self.world)] if store_answers() else None
+        except (RuntimeError, OSError):
+            return None
+        return None if now is None else [r for r in range(self.world) if r != self.rank and now[r] == counts[r]]
+
+
+def store_answers() -> bool:
+    """Whether the rendezvous store's address takes a connection. Asked before the store is used once the
+    ranks have started: a store operation on a lost connection prints a C++ stack trace on stderr."""
+    try:
+        socket.create_connection((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])), HEARTBEAT_SECONDS).close()
+        return True
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+HEARTBEAT: Heartbeat | None = None  # this process's, from `init` to `shutdown`
 
 
 def assign_windows(windows: list[list[int]], ranks: int) -> list[list[int]]:
@@ -181,10 +234,30 @@ class Ranks:
         try:
             return fn()
         except RuntimeError as err:  # gloo and NCCL report a lost peer or a timeout as RuntimeError (DistError)
-            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise RankLostError(
-                f"rank {self.rank} of {self.world}: {what} failed: another rank died or did not answer within "
-                f"{self.timeout:g} s (set {TIMEOUT_VARIABLE} to wait longer). ({detail})") from None
+            raise RankLostError(f"rank {self.rank} of {self.world}: {what} failed ({error_detail(err)}): "
+                                f"{lost_ranks(self.timeout)}") from None
+
+
+def error_detail(err: Exception) -> str:
+    """The first sentence of a collective's error, without gloo's [source file:line] in front."""
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return re.sub(r"^\[[^\]]*\]\s*", "", line).split(". ")[0].rstrip(".")
+
+
+def lost_ranks(timeout: float) -> str:
+    """Which rank is lost, as the heartbeats say (`Heartbeat.stopped`), and how long a rank waits."""
+    wait = f"ranks wait {TIMEOUT_VARIABLE} = {timeout:g} s for a silent one"
+    stopped = None if HEARTBEAT is None or not store_answers() else HEARTBEAT.stopped()
+    if stopped:
+        return (f"lost rank{'s' * (len(stopped) > 1)} {', '.join(map(str, stopped))}, whose heartbeat stopped: the "
+                f"process or its machine is gone ({wait})")
+    if stopped == []:
+        return (f"every rank's heartbeat goes on, so one is stuck or slower than {timeout:g} s: set {TIMEOUT_VARIABLE} "
+                "to wait longer")
+    if HEARTBEAT is not None:
+        return (f"lost rank 0's process or machine ({os.environ['MASTER_ADDR']}): the rendezvous store there does not "
+                f"answer ({wait})")
+    return f"another rank died or did not answer within {timeout:g} s (set {TIMEOUT_VARIABLE} to wait longer)"
 
 
 def current() -> Ranks | None:
@@ -237,7 +310,8 @@ def rank_device(device: str) -> str:
 def init(device: str) -> Ranks | None:
     """Join the process group torchrun set up (NCCL for CUDA devices, gloo for the CPU); None when not
     launched by torchrun. The ranks wait JOIN_TIMEOUT seconds for each other to start; collectives give
-    up after MUSEV_LITE_DIST_TIMEOUT seconds (default 600)."""
+    up after MUSEV_LITE_DIST_TIMEOUT seconds (default 600). Starts this rank's `Heartbeat`."""
+    global HEARTBEAT
     if not launched():
         return None
     check_launch()
@@ -254,6 +328,7 @@ def init(device: str) -> Ranks | None:
         store.set_timeout(timedelta(seconds=timeout))
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", store=store, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout))
+        HEARTBEAT = Heartbeat(store, rank, world)
     except RuntimeError as err:  # torch's DistStoreError / DistNetworkError
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         raise RankLostError(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: could not join the other ranks "
@@ -283,5 +358,9 @@ def check_launch() -> None:
 
 
 def shutdown() -> None:
+    global HEARTBEAT
+    if HEARTBEAT is not None:
+        HEARTBEAT.done.set()
+        HEARTBEAT = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

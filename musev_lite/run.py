@@ -165,8 +165,8 @@ def write_outputs(job: Job, out: Path, pipe: MuseVPipeline | None = None) -> lis
     """Rank 0's part: take the outputs' name, load the models, generate shot by shot into the streamed
     outputs, publish them. In an existing folder the refusals (outputs, or a checkpoint, of this name) come
     before the models load; a new folder is made only once they are loaded and the run passed its checks.
-    A full disk keeps a checkpoint that holds a whole state and says how to continue; an interrupt leaves
-    as a RunInterrupted saying what was written and what was kept."""
+    A full disk or a lost rank keeps a checkpoint that holds a whole state and says how to continue; an
+    interrupt leaves as a RunInterrupted saying what was written and what was kept."""
     config = job.config
     stem = config.output.name or f"{job.name or Path(job.config_path).stem}-{job.seed}"
     outputs = OutputSet(out, stem, output_kinds(config.output, stem))
@@ -196,13 +196,14 @@ def write_outputs(job: Job, out: Path, pipe: MuseVPipeline | None = None) -> lis
             if checkpoint is not None:
                 checkpoint.done(outputs)
             return paths
-    except DiskFullError as err:  # a checkpoint stays only if it holds a whole saved state
+    except (DiskFullError, distributed.RankLostError) as err:  # a checkpoint stays only if it holds a whole state
         if checkpoint is None or checkpoint.saved is None:
             if checkpoint is not None:
                 checkpoint.remove()
             raise
-        raise DiskFullError(f"{err}; {checkpoint.folder.name} keeps the last saved step: once there is room, "
-                            f"continue with: {job.resume_command()}") from None
+        room = "once there is room, " if isinstance(err, DiskFullError) else ""
+        raise type(err)(f"{err}; {checkpoint.folder.name} keeps the last saved step: {room}continue with: "
+                        f"{job.resume_command()}") from None
     except KeyboardInterrupt as stop:
         saved = checkpoint is not None and checkpoint.saved is not None
         raise RunInterrupted.of(stop, outputs, partials + [checkpoint.folder] if saved else [],

@@ -11,6 +11,7 @@ shared out whole (`assign_tasks`) to the same bytes; a checkpoint saved under to
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -248,8 +249,14 @@ def start_ranks(mode: str, out) -> list[subprocess.Popen]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["die", "hang"])
-def test_a_lost_rank_is_a_clear_error_not_a_hang(tmp_path, mode):
+@pytest.mark.parametrize("mode, says", [
+    ("die", "lost rank 1, whose heartbeat stopped: the process or its machine is gone (ranks wait "
+            "MUSEV_LITE_DIST_TIMEOUT = 5 s for a silent one)"),
+    ("hang", "every rank's heartbeat goes on, so one is stuck or slower than 5 s: set MUSEV_LITE_DIST_TIMEOUT to wait "
+             "longer"),  # a hung rank's heartbeat thread still beats
+])
+def test_a_lost_rank_is_a_clear_error_not_a_hang(tmp_path, mode, says):
+    """Rank 1 exits at once, or hangs: rank 0 gives up on it with one line that says which (`Heartbeat`)."""
     procs = start_ranks(mode, tmp_path)
     started = time.monotonic()
     try:
@@ -259,7 +266,8 @@ def test_a_lost_rank_is_a_clear_error_not_a_hang(tmp_path, mode):
         procs[1].wait()
     print(f"{mode}: rank 0 gave up after {time.monotonic() - started:.1f} s: {stderr.strip()[-300:]}")
     assert procs[0].returncode == 1
-    assert "error: rank 0 of 2: denoising step 1/2 failed: another rank died or did not answer within 5 s" in stderr
+    [line] = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: rank 0 of 2: denoising step 1/2 failed (") and line.endswith(f"): {says}"), line
     assert "Traceback" not in stderr
 
 
@@ -413,3 +421,75 @@ def test_an_interrupted_task_file_under_torchrun_resumes_in_one_process(tmp_path
     assert straight.returncode == 0, straight.stderr
     for stem in ("a-3", "b-4", "c-5"):
         assert frames_bytes(tmp_path / "out", stem) == frames_bytes(tmp_path / "straight", stem), stem
+
+
+def kill_node(agent: subprocess.Popen) -> None:
+    """SIGKILL a torchrun agent's whole node: its ranks (each in a session of its own) and the agent."""
+    ranks = Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()
+    for pid in ranks + [str(agent.pid)]:
+        os.killpg(int(pid), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_lost_node_ends_the_run_with_one_line_and_resume_continues(tmp_path):
+    """Two torchrun agents on 127.0.0.1 as nodes 0 and 1; node 1 (agent and rank) SIGKILLed while the video
+    is denoised. Node 0's rank prints one `error:` line naming the lost rank (its heartbeat stopped), the
+    timeout variable and the resume command, with no traceback (torchrun's agent adds its own report, with
+    torchrun's traceback, on its stderr: `--tee` keeps the rank's stderr apart in a file), and node 0 ends,
+    torchrun exiting 1, within MUSEV_LITE_DIST_TIMEOUT (gloo sees the closed connection at once; naming the
+    rank takes LOST_AFTER heartbeats). The command of the line continues in one process to the bytes of a
+    run never stopped."""
+    config, timeout = tiny_config(tmp_path), 20
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["-m", "musev_lite.run", str(config), "--set", "generation.steps=6", "--set", "generation.seed=7",
+            "--set", "output.checkpoint=true", "--set", "output.name=v"]
+    env = plain_env(OMP_NUM_THREADS="1", **{distributed.TIMEOUT_VARIABLE: str(timeout)})
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r),
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--nproc-per-node", "1",
+                               "--log-dir", str(tmp_path / f"logs{r}"), "--tee", "2"]  # the rank's own stderr, apart
+                              + args + ["--set", f"output.dir='{tmp_path / 'out'}'"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for r in range(2)]
+    try:
+        seen = []
+        for line in nodes[0].stderr:
+            seen.append(line)
+            if "shot 1/1  step 1/6" in line:  # denoising has started on both nodes
+                kill_node(nodes[1])
+                killed = time.monotonic()
+                break
+        else:
+            pytest.fail("node 0 ended before denoising:\n" + "".join(seen))
+        agent_err = "".join(seen) + nodes[0].communicate(timeout=timeout + 60)[1]
+        ended = time.monotonic() - killed
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                kill_node(node)
+            node.wait()
+    [log] = (tmp_path / "logs0").rglob("0/stderr.log")  # node 0's rank, as it wrote its stderr
+    rank_err = log.read_text()
+    print(f"node 0 ended {ended:.1f} s after the kill, torchrun exit {nodes[0].returncode}\n"
+          f"--- rank 0's stderr:\n{rank_err}--- the agent's stderr:\n{agent_err}")
+    assert nodes[0].returncode == 1  # torchrun: a rank failed
+    errors = [line for line in rank_err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, rank_err
+    assert errors[0].startswith("error: rank 0 of 2: denoising step ") and "lost rank 1, whose heartbeat stopped" \
+        in errors[0] and f"{distributed.TIMEOUT_VARIABLE} = {timeout} s" in errors[0], errors[0]
+    assert "Traceback" not in rank_err
+    assert [line for line in agent_err.splitlines() if "error:" in line] == [f"[default0]:{errors[0]}"]  # tee'd
+    assert agent_err.count("Traceback") == 1 and "ChildFailedError" in agent_err  # torchrun's own report: exit 1
+    assert ended < timeout + 15
+    assert (tmp_path / "out" / "v.checkpoint" / "state.safetensors").exists()
+    command = errors[0].split("; v.checkpoint keeps the last saved step: continue with: ")[1]  # the line's own
+    assert shlex.split(command) == ["python"] + args + ["--set", f"output.dir='{tmp_path / 'out'}'", "--resume"]
+    resumed = subprocess.run([sys.executable] + shlex.split(command)[1:], capture_output=True, text=True, timeout=300,
+                             cwd=tmp_path, env=plain_env(OMP_NUM_THREADS="1"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming v.checkpoint: 0 of 1 shots done, shot 1/1 at step" in resumed.stderr
+    straight = subprocess.run([sys.executable] + args + ["--set", f"output.dir='{tmp_path / 'straight'}'"],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path, env=plain_env(OMP_NUM_THREADS="1"))
+    assert straight.returncode == 0, straight.stderr
+    assert frames_bytes(tmp_path / "out", "v") == frames_bytes(tmp_path / "straight", "v")
