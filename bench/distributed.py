@@ -1,17 +1,34 @@
-"""Time per denoising step with the windows shared over 1 and 2 processes (musev_lite/distributed.py).
+"""Speed over 1 and 2 processes (musev_lite/distributed.py): `--part steps` (the default) times denoising
+steps with one video's windows shared out; `--part tasks` times whole commands on a task file.
 
-    python bench/distributed.py [--frames 20] [--latent 32x20] [--steps 2]
+    python bench/distributed.py [--part steps] [--frames 20] [--latent 32x20] [--steps 2] [--rounds 2]
+    python bench/distributed.py --part tasks [--frames 17] [--steps 8] [--size 64x64] [--rounds 2]
 
-Runs, one after the other, the same steps of the denoising loop (random weights; speed does not depend
-on the values) on the `tiny` preset's UNet and on a UNet with SD1.5's structure at reduced width
+`--part steps` runs, one after the other, the same steps of the denoising loop (random weights; speed does
+not depend on the values) on the `tiny` preset's UNet and on a UNet with SD1.5's structure at reduced width
 (64-256 channels), interleaved over `--rounds`, as:
   * 1 process, 1 thread (one "device");
   * 1 process, 2 threads (the whole 2-core machine, one process);
   * 2 processes of 1 thread each, launched by torchrun, gloo (two "devices").
 and prints seconds per step, the ratios, the time of the step's one all-reduce, and the conditioning
-(text, IP-Adapter image tokens, ReferenceNet) computed on every rank vs on rank 0 and broadcast. Prints
-the load average before and after, since the machine is shared. `--worker` is the internal entry of
-one rank. Tests never assert times; this script only reports them.
+(text, IP-Adapter image tokens, ReferenceNet) computed on every rank vs on rank 0 and broadcast.
+`--worker` is the internal entry of one rank.
+
+`--part tasks` writes a task file of 4 tasks (the `tiny` preset, examples/face.png, `--frames` new frames,
+`--steps` Euler steps at `--size`, seeds 1-4) and times `python -m musev_lite.run` on it as a whole command
+(start, model load, the 4 videos, their files), interleaved over `--rounds` (A, B, C, D, E, A, ...):
+  A. 1 process, 1 thread;  B. 1 process, 2 threads;
+  C. 2 processes x 1 thread, torchrun: whole tasks per rank (2 each, no communication);
+  D. window sharing: 4 torchrun launches of 2 ranks, one task each (the ranks share its windows; with
+     at least as many tasks as ranks a task file shares whole tasks, so one task per launch is how the
+     command shares windows), and
+  E. its baseline, the same 4 one-task launches in 1 process x 1 thread: D and E pay the same 4 starts
+     and model loads, so E / D is what sharing the windows gains.
+It prints the median seconds, the ratios to A and the scaling efficiency time(1 rank) / (N x time(N ranks))
+for N = 1, 2 (whole tasks: A over C; windows: E over D).
+
+Both parts print the CPU model and the load average before and after, since the machine is shared. Tests
+never assert times; this script only reports them.
 """
 
 import argparse
@@ -19,7 +36,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -155,19 +174,116 @@ def launch(args, world: int, threads: int) -> dict:
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
 
 
+TASK_NAMES = ["a", "b", "c", "d"]
+TASK_FILE = """[model]
+preset = "tiny"
+[input]
+image = "{image}"
+prompt = "a face"
+[generation]
+num_frames = {frames}
+steps = {steps}
+height = {height}
+width = {width}
+[output]
+formats = ["mp4"]
+contact_sheet = false
+"""
+
+
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown CPU"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+
+
+def write_tasks(folder: Path, args, names: list[str]) -> Path:
+    """A task file of the tasks `names` (seeds 1, 2, ... in the order of TASK_NAMES)."""
+    height, width = map(int, args.size.split("x"))
+    text = TASK_FILE.format(image=Path(__file__).resolve().parents[1] / "examples/face.png", frames=args.frames,
+                            steps=args.steps, height=height, width=width)
+    for name in names:
+        text += f'[[task]]\nname = "{name}"\n[task.generation]\nseed = {TASK_NAMES.index(name) + 1}\n'
+    path = folder / f"tasks-{'-'.join(names)}.toml"
+    path.write_text(text)
+    return path
+
+
+def timed_command(config: Path, world: int, threads: int, out: Path) -> float:
+    """Wall seconds of `python -m musev_lite.run config` (under torchrun with `world` > 1 ranks)."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"] if world > 1 else []
+    command = [sys.executable] + launcher + ["-m", "musev_lite.run", str(config), "--set", f"output.dir='{out}'"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    start = time.perf_counter()
+    done = subprocess.run(command, env=dict(env, OMP_NUM_THREADS=str(threads)), capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return seconds
+
+
+def tasks_part(args):
+    """Setups A-E of the module docstring, interleaved over the rounds; medians, ratios, efficiencies."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        every = write_tasks(folder, args, TASK_NAMES)
+        alone = [write_tasks(folder, args, [name]) for name in TASK_NAMES]
+        g = GenerationConfig()  # the task file leaves the windows at their defaults
+        windows = context_windows(g.context_schedule, args.frames, g.context_frames, g.context_overlap)
+        split = [[len(windows[i]) for i in mine] for mine in distributed.assign_windows(windows, 2)]
+        print(f"{len(TASK_NAMES)} tasks of {args.frames} new frames, {args.steps} steps, {args.size}, tiny preset: windows "
+              f"of {[len(w) for w in windows]} frames; 2 ranks sharing a task's windows get {split}")
+        setups = {  # label: the commands, (task file, ranks, threads)
+            "A 1 process x 1 thread": [(every, 1, 1)],
+            "B 1 process x 2 threads": [(every, 1, 2)],
+            "C 2 ranks x 1 thread, whole tasks": [(every, 2, 1)],
+            "D 2 ranks x 1 thread, windows": [(path, 2, 1) for path in alone],
+            "E 1 process x 1 thread, 4 launches": [(path, 1, 1) for path in alone],
+        }
+        runs = {label: [] for label in setups}
+        for r in range(args.rounds):  # interleaved, so a change in the machine's load hits every setup alike
+            for label, commands in setups.items():
+                runs[label].append(sum(timed_command(config, world, threads, folder / f"out{r}{label[0]}{n}")
+                                       for n, (config, world, threads) in enumerate(commands)))
+    median = {label[0]: float(np.median(seconds)) for label, seconds in runs.items()}
+    print(f"\nwhole commands, seconds (median of {args.rounds} rounds):")
+    for label, seconds in runs.items():
+        print(f"  {label:<36} {median[label[0]]:7.2f} s   x{median['A'] / median[label[0]]:.2f} vs A   "
+              f"(rounds: {', '.join(f'{x:.2f}' for x in seconds)})")
+    print("scaling efficiency time(1 rank) / (N x time(N ranks)): N = 1: 1.00 by definition; N = 2: whole tasks "
+          f"A / 2C = {median['A'] / (2 * median['C']):.2f}, window sharing E / 2D = {median['E'] / (2 * median['D']):.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--frames", type=int, default=20, help="new frames: 20 -> two windows of 12")
-    parser.add_argument("--latent", default="32x20", help="latent height x width (pixels / 8)")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of the three setups, interleaved")
+    parser.add_argument("--part", choices=("steps", "tasks"), default="steps",
+                        help="steps: seconds per denoising step, windows shared; tasks: whole commands on 4 tasks")
+    parser.add_argument("--frames", type=int, default=None, help="new frames (steps: 20 -> two windows of 12; tasks: 17)")
+    parser.add_argument("--latent", default="32x20", help="steps: latent height x width (pixels / 8)")
+    parser.add_argument("--size", default="64x64", help="tasks: height x width in pixels")
+    parser.add_argument("--steps", type=int, default=None, help="steps: timed steps after one warm-up (2); tasks: "
+                                                                "sampler steps of each task (8)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the setups, interleaved")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--worker", action="store_true")
     args = parser.parse_args()
+    args.frames = args.frames or (17 if args.part == "tasks" else 20)
+    args.steps = args.steps or (8 if args.part == "tasks" else 2)
     if args.worker:
         return worker(args)
+    print(f"torch {torch.__version__}; {cpu_model()}, {os.cpu_count()} CPUs; load average before: {os.getloadavg()}")
+    if args.part == "tasks":
+        tasks_part(args)
+    else:
+        steps_part(args)
+    print(f"load average after: {os.getloadavg()}")
+
+
+def steps_part(args):
     windows = context_windows("uniform_v2", args.frames, 12, 4)
-    print(f"torch {torch.__version__}; {os.cpu_count()} CPUs; load average before: {os.getloadavg()}")
     print(f"latent {args.latent}, {args.frames} frames -> windows of {[len(x) for x in windows]}; "
           f"2 ranks get {[[len(windows[i]) for i in m] for m in distributed.assign_windows(windows, 2)]}")
     setups = {"1 process, 1 thread": (1, 1), "1 process, 2 threads": (1, 2), "2 processes x 1 thread": (2, 1)}
@@ -186,7 +302,6 @@ def main():
         print(f"{key}: {two[key]['bytes'] / 1e6:.2f} MB in {two[key]['seconds'] * 1e3:.2f} ms")
     print(f"conditioning (tiny CLIP towers + reduced-width ReferenceNet) on every rank at once: "
           f"{two['conditioning_every_rank']:.3f} s; on rank 0, then broadcast: {two['conditioning_broadcast']:.3f} s")
-    print(f"load average after: {os.getloadavg()}")
 
 
 if __name__ == "__main__":
