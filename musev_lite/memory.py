@@ -28,7 +28,7 @@ import torch
 
 from .plan import GenerationPlan
 from .settings import ConfigError
-from .vae import DECODE_CHUNK
+from .vae import decode_chunk
 
 UNET_FACTOR = 32  # measured 23.3-25.4 at the tiny preset, 25.5-29.4 with SD1.5's channel doubling (64-256)
 VAE_FACTOR = 6  # measured 5.3-5.6 for the tiny VAE, 4.7 for SD's VAE
@@ -45,7 +45,7 @@ def estimate_memory(pipe, plan: GenerationPlan, windows_listed: bool = True) -> 
     return {
         "UNet window call": unet_call_memory(pipe, plan, windows_listed),
         "latents": frames * 4 * h * w * 4 * LATENT_COPIES,
-        "decoding": int(min(DECODE_CHUNK, frames) * plan.height * plan.width * vae_width * 4 * VAE_FACTOR),
+        "decoding": int(min(decode_chunk(plan.height, plan.width), frames) * plan.height * plan.width * vae_width * 4 * VAE_FACTOR),
         "frames": (frames + plan.control_frames) * plan.height * plan.width * 3 * FRAME_COPIES,
     }
 

@@ -45,7 +45,7 @@ from .prompts import encode_prompt_pair
 from .samplers import make_sampler, video_fusion_noise
 from .settings import OUTPUT_TYPES, ConfigError, GenerationConfig
 from .unet import Conditioning
-from .vae import DECODE_CHUNK
+from .vae import decode_chunk
 from .weights import check_finite
 
 GUIDANCE_FIX = "lower generation.guidance_scale / guidance_scale_end / ip_adapter_scale"
@@ -422,22 +422,25 @@ class MuseVPipeline(MuseVModels):
                 generated[:] = match_frames(generated, reference)
             yield Shot(index, frames, latents, seed)
 
-    def frame_0(self, condition: torch.Tensor, shot_0_frames: int, chunk_size: int = DECODE_CHUNK) -> np.ndarray:
+    def frame_0(self, condition: torch.Tensor, shot_0_frames: int) -> np.ndarray:
         """Frame 0 (H, W, 3) bit for bit as `decode` made it at the head of shot 0 (`shot_0_frames` latents):
         in a chunk of as many frames as shot 0's first, since the VAE may round one frame alone differently."""
-        return self.decode(condition.to(self.device).expand(-1, -1, min(chunk_size, shot_0_frames), -1, -1), chunk_size)[0]
+        chunk_size = decode_chunk(8 * condition.shape[-2], 8 * condition.shape[-1])
+        return self.decode(condition.to(self.device).expand(-1, -1, min(chunk_size, shot_0_frames), -1, -1))[0]
 
     @torch.no_grad()
-    def encode_frames(self, frames: torch.Tensor, chunk_size: int = DECODE_CHUNK) -> torch.Tensor:
-        """uint8 frames (F, H, W, 3) -> clean latents (1, 4, F, h, w), `chunk_size` frames at a time."""
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames (F, H, W, 3) -> clean latents (1, 4, F, h, w), `decode_chunk` frames at a time."""
+        chunk_size = decode_chunk(*frames.shape[1:3])
         chunks = [self.encode_images(list(frames[i : i + chunk_size].numpy())) for i in range(0, len(frames), chunk_size)]
         return torch.cat(chunks).transpose(0, 1)[None]
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, chunk_size: int = DECODE_CHUNK, progress=None) -> np.ndarray:
-        """(1, 4, F, h, w) -> uint8 (F, H, W, 3), `chunk_size` frames in float at a time. Distributed,
+    def decode(self, latents: torch.Tensor, progress=None) -> np.ndarray:
+        """(1, 4, F, h, w) -> uint8 (F, H, W, 3), `decode_chunk` frames in float at a time. Distributed,
         each rank decodes a block of the chunks and every rank gets all frames."""
         frames = latents[0].transpose(0, 1)  # f 4 h w
+        chunk_size = decode_chunk(8 * frames.shape[-2], 8 * frames.shape[-1])
         starts = list(range(0, len(frames), chunk_size))
         ranks = distributed.current()
         if ranks is not None:  # distributed: this rank's block of chunks

@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DECODE_CHUNK = 8  # frames decoded at a time by default: the peak memory of decoding does not grow with the video
+DECODE_CHUNK = 8  # frames decoded at a time at most: the peak memory of decoding does not grow with the video
+DECODE_PIXELS = 2 * 512 * 320  # and pixels at a time at most: 2 frames of 512x320, about 1 GB of float32 activations
+
+
+def decode_chunk(height: int, width: int) -> int:
+    """Frames of `height` x `width` pixels the pipeline decodes (and encodes) at a time: DECODE_CHUNK, fewer for
+    frames larger than 256x160, so that a 512x320 video's decode adds about 1 GB, not 4 (bench/time_to_video.py)."""
+    return max(1, min(DECODE_CHUNK, DECODE_PIXELS // (height * width)))
 
 
 @dataclass

@@ -63,3 +63,22 @@ def test_wrong_shape_names_the_key(vae):
     state["decoder.conv_in.weight"] = torch.zeros(3, 3, 3, 3)
     with pytest.raises(WeightsError, match=r"decoder.conv_in.weight \(file \(3, 3, 3, 3\)"):
         load_weights(AutoencoderKL(vae.config), state, "vae")
+
+
+def test_large_frames_are_decoded_a_few_at_a_time():
+    """The pipeline decodes at most DECODE_PIXELS pixels per VAE call (a 512x320 video 2 frames at a time), so
+    decoding a long video at full size adds about 1 GB, not the 4 GB of 8 frames; small frames go 8 at a time."""
+    from musev_lite.pipeline import MuseVPipeline
+    from musev_lite.vae import DECODE_CHUNK, DECODE_PIXELS
+
+    pipe = MuseVPipeline.demo(seed=0)
+    calls = []
+    decode = pipe.vae.decode
+    pipe.vae.decode = lambda z, chunk_size: calls.append(tuple(z.shape)) or decode(z, chunk_size)
+    for (h, w), frames, most in (((40, 64), 5, 2), ((8, 8), 11, DECODE_CHUNK)):  # 512x320: 2 at a time
+        calls.clear()
+        out = pipe.decode(torch.randn(1, 4, frames, h, w))
+        assert out.shape == (frames, 8 * h, 8 * w, 3)
+        assert sum(n for n, *_ in calls) == frames
+        assert all(n * 64 * h * w <= DECODE_PIXELS or n == 1 for n, *_ in calls), calls
+        assert max(n for n, *_ in calls) == most
