@@ -38,7 +38,7 @@ from .controlnet import MultiControlNet
 from .denoise import ImageDenoiser, WindowControl, WindowedDenoiser, guidance_scales, initial_latents, sample
 from .histmatch import match_frames
 from .ip_adapter import face_embedding_checked
-from .memory import check_memory
+from .memory import check_memory, return_freed_memory
 from .models import MuseVModels
 from .plan import ControlVideo, GenerationPlan, RunState, check_resume, fitted_images, fitted_videos, make_plan
 from .prompts import encode_prompt_pair
@@ -412,6 +412,7 @@ class MuseVPipeline(MuseVModels):
         latent, decoded again when the shots start after shot 0 (a resumed run)."""
         decoded, reference = 0, None
         for index, latents in shots:
+            return_freed_memory()  # the denoising's activations, before the decode adds its own
             frames = self.decode(latents, progress=report and (lambda done, _: report(
                 Progress("decode", index, plan.shots, decoded + done, plan.total_frames, 0))))
             decoded += len(frames)
