@@ -2,11 +2,21 @@
 plain matmul-softmax-matmul computed a few batch rows at a time (scores kept under `--budget` floats).
 
     python bench/bench_attention.py [--channels 320,640,1280,1280] [--latent 32x20] [--dtypes float32,bfloat16]
+    python bench/bench_attention.py --floor [--latent 40x64]
+
 
 The shapes are those `F.scaled_dot_product_attention` gets in one `musev_referencenet` window call
 (2 guidance halves x 13 frames, 8 heads; collected on the meta device), the batch cut to at most
 `--rows` so one measurement stays short; each distinct shape is timed interleaved (fused, chunked,
 fused, ...), and the two results compared.
+
+`--floor`: what bounds the fused bfloat16 kernel on the call's largest attention (the full-resolution
+reference-only one, Lk = twice Lq): the kernel as called; the kernel at head dim 8, where its two matrix
+products nearly vanish and what is left is its softmax; the kernel on the own-frame and condition-frame
+key blocks separately (one call each, the condition block one long sequence per sample since its keys are
+the same for every frame) merged by log-sum-exp; and `torch.exp` over as many scores in pieces that stay in
+the L2 cache, each thread's share on one thread: the cost of the exps alone, one per score, which exact
+attention cannot skip (ATen's exp, more exact than the kernel's own, so an upper bound of that cost).
 """
 
 import argparse
@@ -48,6 +58,53 @@ def chunked(q, k, v, budget: int):
     return out
 
 
+def floor(q_shape, lk: int, frames: int, repeats: int) -> None:
+    """The fused kernel on the largest shape next to its softmax-only cost and the cost of its exps alone."""
+    n, heads, lq, d = q_shape
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, heads, length, d, generator=g).bfloat16() for length in (lq, lk, lk))
+    for x in (k, v):  # keys [own frame; the sample's condition frame], as SpatialSelfAttention builds them
+        x[:, :, lk // 2 :] = x[::frames, :, : lk // 2].repeat_interleave(frames, 0)
+    q8, k8, v8 = (x[..., :8].contiguous() for x in (q, k, v))
+    scores = n * heads * lq * lk
+    piece, out = torch.randn(1 << 18), torch.empty(1 << 18)  # 1 MB of float32 each: they stay in L2
+    pieces = scores // piece.numel()
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    def split():  # own block per frame, condition block (frame 0's keys) once per sample, merged by log-sum-exp
+        own, own_lse = flash(q, k[:, :, : lk // 2], v[:, :, : lk // 2])
+        samples = n // frames
+        q_all = q.unflatten(0, (samples, frames)).transpose(1, 2).flatten(2, 3)  # b heads (t Lq) d
+        cond = [x[::frames, :, lk // 2 :] for x in (k, v)]
+        shared, shared_lse = flash(q_all, *cond)
+        shared = shared.unflatten(2, (frames, lq)).transpose(1, 2).flatten(0, 1)  # (b t) heads Lq d
+        shared_lse = shared_lse.unflatten(2, (frames, lq)).transpose(1, 2).flatten(0, 1)
+        weight = torch.sigmoid(own_lse - shared_lse).unsqueeze(-1)
+        return torch.lerp(shared.float(), own.float(), weight).bfloat16()
+
+    threads = torch.get_num_threads()
+
+    def exps():  # on one thread, 1 / threads of the exps: what each thread of the kernel has to compute
+        torch.set_num_threads(1)
+        for _ in range(pieces // threads):
+            torch.exp(piece, out=out)
+        torch.set_num_threads(threads)
+
+    times = interleaved({"fused": lambda: F.scaled_dot_product_attention(q, k, v),
+                         "fused, head dim 8": lambda: F.scaled_dot_product_attention(q8, k8, v8),
+                         "split + merge": split, "exps alone": exps}, repeats)
+    fused = median(times["fused"][0])
+    print(f"bfloat16 {tuple(q.shape)} x Lk {lk}: {scores / 1e9:.2f} G scores, {torch.get_num_threads()} threads")
+    for name, (seconds, out) in times.items():
+        extra = ""
+        if name == "split + merge":
+            exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+            extra = (f"; max abs error vs float32 {(out.float() - exact).abs().max().item():.1e} (fused: "
+                     f"{(times['fused'][1].float() - exact).abs().max().item():.1e})")
+        print(f"  {name:<18} {median(seconds):6.3f} s  {scores / median(seconds) / 1e9:5.2f} G scores/s  "
+              f"{median(seconds) / fused:5.0%} of fused  fused {ratio(times['fused'][0], seconds)}{extra}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--channels", default="320,640,1280,1280")
@@ -56,6 +113,7 @@ def main():
     parser.add_argument("--rows", type=int, default=64, help="at most this many batch rows per measured shape")
     parser.add_argument("--budget", type=int, default=1 << 20, help="score elements per chunk")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--floor", action="store_true", help="what bounds the largest bfloat16 attention (above)")
     args = parser.parse_args()
     h, w = map(int, args.latent.split("x"))
     cfg = UNet3DConfig.preset("musev_referencenet")
@@ -64,6 +122,10 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; UNet {cfg.block_out_channels}, latent "
           f"{h}x{w}: {sum(shapes.values())} attention calls, {len(shapes)} shapes; batch cut to {args.rows} rows")
     print(f"before: {load()}")
+    if args.floor:
+        (q_shape, lk), _ = max(shapes.items(), key=lambda s: s[0][0][0] * s[0][0][2] * s[0][1])
+        floor((min(q_shape[0], args.rows), *q_shape[1:]), lk, 13, args.repeats)
+        return print(f"after:  {load()}")
     print("| dtype | q (N, heads, Lq, d) | Lk | calls | fused ms | chunked ms | fused / chunked | max abs diff |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.dtypes.split(","):
