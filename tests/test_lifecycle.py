@@ -250,8 +250,11 @@ def test_a_size_beyond_memory_is_refused_before_generating(tmp_path, capsys, mon
     assert run_main(tmp_path / "out", "generation.height=512", "generation.width=512", "generation.num_frames=12") == 2
     [line] = error_lines(capsys.readouterr().err)
     assert line.startswith("error: a 512x512 video of 1 x 12 frames needs about ")
-    assert "(decoding " in line and "UNet window call " in line, line  # the tiny UNet is narrower than its VAE
-    assert line.endswith("but 50 MB is available (MemAvailable in /proc/meminfo); lower generation.height/width"), line
+    detail = line.split(" (", 1)[1].split(") but ", 1)[0]  # "UNet window call 0.1 GB, decoding 0.1 GB, ..."
+    parts = [part.rsplit(" ", 2)[0] for part in detail.split(", ")]
+    assert sorted(parts) == ["UNet window call", "decoding", "frames", "latents"], line
+    assert "but 50 MB is available (MemAvailable in /proc/meminfo); " in line
+    assert line.endswith(memory.FIXES[parts[0]]), line  # the fix for the largest part, which is listed first
     assert steps == [] and everything_in(tmp_path / "out") == []
 
 
